@@ -1,0 +1,37 @@
+"""Argument checks shared by the public launchers (SPEC 7): each error names the argument."""
+
+import torch
+
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = (64, 128)
+
+
+def check_tensor(name, t, *, dtypes=None, ndim=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (same device as q)")
+
+
+def check_shape(name, t, expected):
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(expected)}")
+
+
+def check_unit_stride_last(name, t):
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_head_dim(name, head_dim, supported=HEAD_DIMS):
+    if head_dim not in supported:
+        raise ValueError(f"{name}: head dim {head_dim} is not supported; supported: {supported}")
+
+
+def check_power_of_two(name, value):
+    if not isinstance(value, int) or value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a positive power of two, got {value!r}")

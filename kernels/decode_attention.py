@@ -1,0 +1,285 @@
+"""Decode attention (SPEC 2.1): one query token per sequence over a variable-length KV cache.
+
+Layouts: contiguous k/v [B, Hkv, L_max, D], or paged k/v [num_pages, page_size, Hkv, D] with a
+block table [B, max_pages] (int32). GQA: query head h reads KV head h // (Hq // Hkv).
+
+Both Triton variants split every sequence into CHUNK-position tiles per KV head; a tile attends
+all g = Hq // Hkv query heads of its KV head at once (K and V are read once per tile) and writes
+a normalized partial output and its log-sum-exp; `_merge` combines the chunks of a sequence.
+- triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks); tiles past a sequence's end exit.
+- triton_persistent: grid = SM count; each program walks a work list of (sequence, KV head,
+  chunk) tiles built in-kernel from seq_lens, so every program gets the same number of
+  equal-sized tiles however unequal the lengths are.
+
+Each launcher checks its arguments (one device sync for the value checks), allocates output and
+workspace, and returns a zero-argument `launch()` so benchmarks time kernel launches only.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import hw
+from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check_power_of_two, check_tensor,
+                            check_unit_stride_last)
+
+BLOCK_N = 64  # KV positions per inner step
+MIN_CHUNK = 64
+MAX_CHUNK = 4096
+TILES_PER_PROGRAM = 4  # the chunk heuristic aims for at least this many tiles per SM
+MERGE_BLOCK = 16  # chunks merged per step
+MAX_BATCH = 4096  # the persistent kernel holds all seq_lens of the batch in one vector
+
+
+@triton.jit
+def _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
+                 b, kvh, chunk, seq_len, qk_scale,
+                 stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+                 page_size, max_chunks, num_q_heads,
+                 GROUP: tl.constexpr, CHUNK: tl.constexpr, PAGED: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Attend the GROUP query heads of KV head `kvh` over positions [chunk*CHUNK, min(+CHUNK, len)).
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None], other=0.0)
+
+    start = chunk * CHUNK
+    end = tl.minimum(start + CHUNK, seq_len)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        if PAGED:
+            page = tl.load(block_table_ptr + b * stride_bt + pos // page_size, mask=valid, other=0)
+            rows = page.to(tl.int64) * stride_kx + (pos % page_size).to(tl.int64) * stride_ky
+        else:
+            rows = b.to(tl.int64) * stride_kx + pos.to(tl.int64) * stride_ky
+        rows += kvh * stride_kh
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # part_o: [B, Hq, max_chunks, D] fp32; part_lse: [B, Hq, max_chunks] fp32 (log2 units)
+    part = (b * num_q_heads + heads).to(tl.int64) * max_chunks + chunk
+    tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=h_mask)
+    tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
+             mask=h_mask[:, None])
+
+
+@triton.jit
+def _split_kv(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
+              qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+              page_size, max_chunks, num_q_heads, num_kv_heads,
+              GROUP: tl.constexpr, CHUNK: tl.constexpr, PAGED: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0) // num_kv_heads
+    kvh = tl.program_id(0) % num_kv_heads
+    chunk = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    if chunk * CHUNK < seq_len:
+        _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
+                     b, kvh, chunk, seq_len, qk_scale,
+                     stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+                     page_size, max_chunks, num_q_heads,
+                     GROUP, CHUNK, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+
+
+@triton.jit
+def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
+                qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+                page_size, max_chunks, num_q_heads, num_kv_heads, batch,
+                GROUP: tl.constexpr, CHUNK: tl.constexpr, PAGED: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_B: tl.constexpr):
+    # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
+    # cdiv(len_b, CHUNK) * Hkv tiles. Every program derives it from seq_lens (no host planning).
+    offs_b = tl.arange(0, BLOCK_B)
+    lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
+    n_chunks = tl.cdiv(lens, CHUNK)
+    tiles = n_chunks * num_kv_heads
+    ends = tl.cumsum(tiles, 0)
+    total = tl.sum(tiles, 0)
+    for t in tl.range(tl.program_id(0), total, tl.num_programs(0)):
+        b = tl.sum((ends <= t).to(tl.int32), 0)
+        this = offs_b == b
+        local = t - tl.sum(tl.where(this, ends - tiles, 0), 0)
+        nc = tl.sum(tl.where(this, n_chunks, 0), 0)
+        seq_len = tl.sum(tl.where(this, lens, 0), 0)
+        _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
+                     b, local // nc, local % nc, seq_len, qk_scale,
+                     stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+                     page_size, max_chunks, num_q_heads,
+                     GROUP, CHUNK, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+
+
+@triton.jit
+def _merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
+           num_q_heads, max_chunks,
+           CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    # out[b, h] = sum_c 2^(lse_c) * o_c / sum_c 2^(lse_c) over the chunks of sequence b.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.cdiv(tl.load(seq_lens_ptr + b), CHUNK)
+    base = (b * num_q_heads + h).to(tl.int64) * max_chunks
+    offs_c = tl.arange(0, MERGE_BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for c0 in range(0, n, MERGE_BLOCK):
+        c = c0 + offs_c
+        lse = tl.load(part_lse_ptr + base + c, mask=c < n, other=float("-inf"))
+        o = tl.load(part_o_ptr + (base + c)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=(c < n)[:, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        alpha = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(lse - m_new)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m_i = m_new
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
+             (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+class DecodeDims(NamedTuple):
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    capacity: int  # most positions a sequence may hold
+    min_len: int
+    max_len: int
+
+
+def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out) -> DecodeDims:
+    """Validate a decode-attention call (SPEC 7). Syncs once, for the value checks."""
+    check_tensor("q", q, dtypes=ATTENTION_DTYPES, ndim=3)
+    batch, num_q_heads, head_dim = q.shape
+    check_head_dim("q", head_dim)
+    check_unit_stride_last("q", q)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, dtypes=(q.dtype,), ndim=4, device=q.device)
+        check_unit_stride_last(name, cache)
+    check_shape("v_cache", v_cache, k_cache.shape)
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache strides {v_cache.stride()} must equal k_cache strides {k_cache.stride()}")
+    paged = block_table is not None
+    if paged:
+        num_pages, page_size, num_kv_heads, _ = k_cache.shape
+        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=q.device)
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table has {block_table.shape[0]} rows, expected batch {batch}")
+        check_unit_stride_last("block_table", block_table)
+        capacity = block_table.shape[1] * page_size
+        check_shape("k_cache", k_cache, (num_pages, page_size, num_kv_heads, head_dim))
+    else:
+        check_shape("k_cache", k_cache, (batch, k_cache.shape[1], k_cache.shape[2], head_dim))
+        num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q has {num_q_heads} heads, not a multiple of k_cache's {num_kv_heads} KV heads")
+    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=q.device)
+    check_shape("seq_lens", seq_lens, (batch,))
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
+        check_shape("out", out, q.shape)
+        check_unit_stride_last("out", out)
+
+    # One sync for every value check: [min len, max len, first bad block-table flat index].
+    stats = [seq_lens.min(), seq_lens.max()]
+    if paged:
+        pages_used = torch.arange(block_table.shape[1], device=q.device)[None, :] < \
+            (seq_lens[:, None] + page_size - 1) // page_size
+        bad = pages_used & ((block_table < 0) | (block_table >= num_pages))
+        stats.append(torch.where(bad.flatten(), torch.arange(bad.numel(), device=q.device), bad.numel()).min())
+    stats = torch.stack([s.to(torch.int64) for s in stats]).tolist()
+    if stats[0] < 1:
+        raise ValueError(f"seq_lens must be >= 1 (attention covers at least the new token), got min {stats[0]}")
+    if stats[1] > capacity:
+        raise ValueError(f"seq_lens max {stats[1]} exceeds the cache capacity {capacity}")
+    if paged and stats[2] < block_table.numel():
+        row, col = divmod(stats[2], block_table.shape[1])
+        raise ValueError(f"block_table[{row}, {col}] = {int(block_table[row, col])} is outside "
+                         f"[0, {num_pages}) (k_cache has {num_pages} pages)")
+    return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1])
+
+
+def choose_chunk(batch, num_kv_heads, capacity, sms):
+    """Largest power-of-two chunk that still gives every SM TILES_PER_PROGRAM tiles."""
+    chunk = MAX_CHUNK
+    while chunk > MIN_CHUNK and batch * num_kv_heads * triton.cdiv(capacity, chunk) < TILES_PER_PROGRAM * sms:
+        chunk //= 2
+    return chunk
+
+
+def _chunk(chunk, batch, num_kv_heads, capacity, sms):
+    if chunk is None:
+        return choose_chunk(batch, num_kv_heads, capacity, sms)
+    check_power_of_two("chunk", chunk)
+    return chunk
+
+
+def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims):
+    batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
+    paged = block_table is not None
+    max_chunks = triton.cdiv(capacity, chunk)
+    out = torch.empty_like(q) if out is None else out
+    part_o = torch.empty(batch, num_q_heads, max_chunks, head_dim, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(batch, num_q_heads, max_chunks, device=q.device, dtype=torch.float32)
+    if paged:
+        strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0))
+        page_size, table = k_cache.shape[1], block_table
+    else:
+        strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), 0)
+        page_size, table = 1, seq_lens  # table is unused when not PAGED
+    group = num_q_heads // num_kv_heads
+    args = (q, k_cache, v_cache, seq_lens, table, part_o, part_lse,
+            math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
+            page_size, max_chunks, num_q_heads, num_kv_heads, *extra_args)
+    meta = dict(GROUP=group, CHUNK=chunk, PAGED=paged, HEAD_DIM=head_dim,
+                BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, **extra_meta)
+    merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, max_chunks)
+
+    def launch():
+        kernel[grid(max_chunks)](*args, **meta)
+        _merge[(batch, num_q_heads)](*merge_args, CHUNK=chunk, HEAD_DIM=head_dim, MERGE_BLOCK=MERGE_BLOCK)
+        return out
+
+    return launch
+
+
+def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, chunk=None):
+    # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D]; seq_lens: [B] int32
+    dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out)
+    batch, _, num_kv_heads, _, capacity = dims[:5]
+    chunk = _chunk(chunk, batch, num_kv_heads, capacity, hw.num_sms(q.device))
+    return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), (), {},
+                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims)
+
+
+def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, chunk=None):
+    # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D]; seq_lens: [B] int32
+    dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out)
+    batch, _, num_kv_heads, _, capacity = dims[:5]
+    if batch > MAX_BATCH:
+        raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
+    sms = hw.num_sms(q.device)
+    chunk = _chunk(chunk, batch, num_kv_heads, capacity, sms)
+    max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
+    return _bind(_persistent, lambda _: (min(sms, max_tiles),),
+                 (batch,), dict(BLOCK_B=triton.next_power_of_2(batch)),
+                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims)

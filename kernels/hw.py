@@ -1,0 +1,120 @@
+"""Hardware predicates. Each returns (ok, what_was_probed) so a skip can say both.
+
+Probes that launch kernels run once per process (functools.cache).
+"""
+
+import functools
+import glob
+import os
+import shutil
+
+import torch
+
+# Programs per "SM" when Triton runs in the interpreter on the CPU: small, so that persistent
+# loops really iterate over several tiles per program on tiny test shapes.
+INTERPRETER_SMS = 4
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_cuda():
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    return True, f"CUDA device 0: {torch.cuda.get_device_name(0)}"
+
+
+def capability():
+    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (0, 0)
+
+
+def num_sms(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def l2_bytes(device) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
+
+
+@functools.cache
+def tma_ready():
+    ok, why = has_cuda()
+    if not ok:
+        return False, why
+    if capability() < (9, 0):
+        return False, f"compute capability {capability()} < (9, 0)"
+    if interpreting():
+        return False, "TRITON_INTERPRET=1 emulates tensor descriptors without TMA"
+    from kernels.probes import tma_copy_probe
+
+    try:
+        tma_copy_probe()
+    except Exception as exc:  # the probe's failure is the finding: report it, don't raise
+        return False, f"TMA probe kernel failed: {type(exc).__name__}: {exc}"
+    return True, "TMA probe kernel (Triton tensor descriptor copy) compiled and ran exactly"
+
+
+@functools.cache
+def fp8_fused_ready():
+    ok, why = has_cuda()
+    if not ok:
+        return False, why
+    if capability() < (8, 9):
+        return False, f"compute capability {capability()} < (8, 9) has no fp8-e4m3 conversion"
+    if interpreting():
+        return False, "TRITON_INTERPRET=1 does not compile for the device"
+    from kernels.probes import fp8_dequant_probe
+
+    try:
+        fp8_dequant_probe()
+    except Exception as exc:
+        return False, f"fp8 dequantizing probe kernel failed: {type(exc).__name__}: {exc}"
+    return True, "fp8-e4m3 dequantizing probe kernel compiled and ran exactly"
+
+
+def numa_nodes_with_memory() -> int:
+    nodes = 0
+    for meminfo in glob.glob("/sys/devices/system/node/node*/meminfo"):
+        with open(meminfo) as f:
+            for line in f:
+                if "MemTotal:" in line and int(line.split()[-2]) > 0:
+                    nodes += 1
+    return nodes
+
+
+def numa_remote():
+    nodes = numa_nodes_with_memory()
+    if nodes < 2:
+        return False, f"/sys/devices/system/node lists {nodes} NUMA node(s) with memory"
+    return True, f"{nodes} NUMA nodes with memory"
+
+
+def multi_gpu():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return False, f"torch.cuda.device_count() == {count}"
+    if not torch.cuda.can_device_access_peer(0, 1):
+        return False, "GPUs 0 and 1 have no peer access"
+    return True, f"{count} GPUs, 0 <-> 1 peer access"
+
+
+def nvcc():
+    path = shutil.which("nvcc")
+    if path is None:
+        return False, "nvcc not found on PATH"
+    return True, f"nvcc at {path}"
+
+
+# marker name -> predicate; conftest turns a False into a skip with "needs <feature>: <probe>".
+PREDICATES = {
+    "requires_cuda": ("a CUDA device", has_cuda),
+    "requires_tma": ("TMA (sm_90+ and a TMA probe kernel)", tma_ready),
+    "requires_fp8_fused": ("fused FP8 decode (sm_89+)", fp8_fused_ready),
+    "requires_numa_remote": ("a remote NUMA node", numa_remote),
+    "requires_multi_gpu": ("two GPUs with peer access", multi_gpu),
+    "requires_nvcc": ("nvcc", nvcc),
+}
