@@ -3,7 +3,7 @@
 Layouts: contiguous k/v [B, Hkv, L_max, D], or paged k/v [num_pages, page_size, Hkv, D] with a
 block table [B, max_pages] (int32). GQA: query head h reads KV head h // (Hq // Hkv).
 
-Both Triton variants split every sequence into CHUNK-position tiles per KV head; a tile attends
+Both Triton variants split every sequence into chunk-sized tiles per KV head; a tile attends
 all g = Hq // Hkv query heads of its KV head at once (K and V are read once per tile) and writes
 a normalized partial output and its log-sum-exp; `_merge` combines the chunks of a sequence.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks); tiles past a sequence's end exit.
@@ -39,9 +39,10 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
                  b, kvh, chunk, seq_len, qk_scale,
                  stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
                  page_size, max_chunks, num_q_heads,
-                 GROUP: tl.constexpr, CHUNK: tl.constexpr, PAGED: tl.constexpr,
+                 chunk_size,
+                 GROUP: tl.constexpr, PAGED: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Attend the GROUP query heads of KV head `kvh` over positions [chunk*CHUNK, min(+CHUNK, len)).
+    # Attend the GROUP query heads of KV head `kvh` over [chunk * chunk_size, +chunk_size) within len.
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + offs_h
@@ -49,8 +50,8 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None], other=0.0)
 
-    start = chunk * CHUNK
-    end = tl.minimum(start + CHUNK, seq_len)
+    start = chunk * chunk_size
+    end = tl.minimum(start + chunk_size, seq_len)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
@@ -85,32 +86,34 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
 def _split_kv(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
               qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
               page_size, max_chunks, num_q_heads, num_kv_heads,
-              GROUP: tl.constexpr, CHUNK: tl.constexpr, PAGED: tl.constexpr,
+              chunk_size,
+              GROUP: tl.constexpr, PAGED: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
     chunk = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    if chunk * CHUNK < seq_len:
+    if chunk * chunk_size < seq_len:
         _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
                      b, kvh, chunk, seq_len, qk_scale,
                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                     page_size, max_chunks, num_q_heads,
-                     GROUP, CHUNK, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+                     page_size, max_chunks, num_q_heads, chunk_size,
+                     GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
 
 
 @triton.jit
 def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
                 qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
                 page_size, max_chunks, num_q_heads, num_kv_heads, batch,
-                GROUP: tl.constexpr, CHUNK: tl.constexpr, PAGED: tl.constexpr,
+                chunk_size,
+                GROUP: tl.constexpr, PAGED: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_B: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
-    # cdiv(len_b, CHUNK) * Hkv tiles. Every program derives it from seq_lens (no host planning).
+    # cdiv(len_b, chunk_size) * Hkv tiles. Every program derives it from seq_lens (no host planning).
     offs_b = tl.arange(0, BLOCK_B)
     lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
-    n_chunks = tl.cdiv(lens, CHUNK)
+    n_chunks = tl.cdiv(lens, chunk_size)
     tiles = n_chunks * num_kv_heads
     ends = tl.cumsum(tiles, 0)
     total = tl.sum(tiles, 0)
@@ -123,18 +126,18 @@ def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, 
         _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
                      b, local // nc, local % nc, seq_len, qk_scale,
                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                     page_size, max_chunks, num_q_heads,
-                     GROUP, CHUNK, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+                     page_size, max_chunks, num_q_heads, chunk_size,
+                     GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
 
 
 @triton.jit
 def _merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
-           num_q_heads, max_chunks,
-           CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+           num_q_heads, max_chunks, chunk_size,
+           HEAD_DIM: tl.constexpr, MERGE_BLOCK: tl.constexpr):
     # out[b, h] = sum_c 2^(lse_c) * o_c / sum_c 2^(lse_c) over the chunks of sequence b.
     b = tl.program_id(0)
     h = tl.program_id(1)
-    n = tl.cdiv(tl.load(seq_lens_ptr + b), CHUNK)
+    n = tl.cdiv(tl.load(seq_lens_ptr + b), chunk_size)
     base = (b * num_q_heads + h).to(tl.int64) * max_chunks
     offs_c = tl.arange(0, MERGE_BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -250,13 +253,13 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, b
     args = (q, k_cache, v_cache, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
             page_size, max_chunks, num_q_heads, num_kv_heads, *extra_args)
-    meta = dict(GROUP=group, CHUNK=chunk, PAGED=paged, HEAD_DIM=head_dim,
+    meta = dict(GROUP=group, chunk_size=chunk, PAGED=paged, HEAD_DIM=head_dim,
                 BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, **extra_meta)
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, max_chunks)
 
     def launch():
         kernel[grid(max_chunks)](*args, **meta)
-        _merge[(batch, num_q_heads)](*merge_args, CHUNK=chunk, HEAD_DIM=head_dim, MERGE_BLOCK=MERGE_BLOCK)
+        _merge[(batch, num_q_heads)](*merge_args, chunk_size=chunk, HEAD_DIM=head_dim, MERGE_BLOCK=MERGE_BLOCK)
         return out
 
     return launch

@@ -1,0 +1,130 @@
+"""Regression gates keyed by hardware (SPEC 5).
+
+A file `expectations/<key>.json` per GPU (key from the GPU name), `default.json` for the rest:
+
+    {"gates": {"<workload>/<variant>/<layout>/<case>": {
+        "speedup_vs_anchor": {"floor": 0.95, "measured": 1.07},
+        "roofline_fraction": {"floor": 0.80, "measured": 0.91},
+        "provenance": {"commit": ..., "date": ..., "gpu": ..., "driver": ..., "torch": ..., "triton": ...}},
+      "<pattern with * or ?>": {"hw_skip_reason": "why this cannot run on this GPU"}}}
+
+Every gate metric is a ratio where higher is better. Exact keys win over patterns.
+"""
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS = ("speedup_vs_anchor", "roofline_fraction")
+ENTRY_KEYS = set(METRICS) | {"provenance", "hw_skip_reason"}
+KNOWN_GPUS = (("GB10", "gb10"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100"))
+DEFAULT_KEY = "default"
+
+
+class ExpectationsError(Exception):
+    pass
+
+
+def hardware_key(gpu_name: str) -> str:
+    for marker, key in KNOWN_GPUS:
+        if marker.lower() in gpu_name.lower():
+            return key
+    return re.sub(r"[^a-z0-9]+", "_", gpu_name.lower()).strip("_")
+
+
+@dataclass
+class Verdict:
+    gate_id: str
+    metric: str
+    measured: float
+    floor: float
+    path: Path
+
+    @property
+    def ok(self):
+        return self.measured >= self.floor
+
+    def __str__(self):
+        word = "ok" if self.ok else "FAILED"
+        return (f"gate {word}: {self.gate_id} {self.metric} measured {self.measured:.3f}, "
+                f"floor {self.floor:.3f} ({self.path})")
+
+
+def _validate(path, data):
+    if not isinstance(data, dict) or not isinstance(data.get("gates"), dict):
+        raise ExpectationsError(f"{path}: key 'gates': expected an object of gate entries")
+    for gate_id, entry in data["gates"].items():
+        where = f"{path}: key 'gates.{gate_id}'"
+        if not isinstance(entry, dict):
+            raise ExpectationsError(f"{where}: expected an object")
+        unknown = set(entry) - ENTRY_KEYS
+        if unknown:
+            raise ExpectationsError(f"{where}: unknown field(s) {sorted(unknown)}; allowed {sorted(ENTRY_KEYS)}")
+        if "hw_skip_reason" in entry and not isinstance(entry["hw_skip_reason"], str):
+            raise ExpectationsError(f"{where}.hw_skip_reason: expected a string")
+        for metric in METRICS:
+            if metric in entry:
+                floor = entry[metric].get("floor") if isinstance(entry[metric], dict) else None
+                if not isinstance(floor, (int, float)) or isinstance(floor, bool) or floor < 0:
+                    raise ExpectationsError(f"{where}.{metric}.floor: expected a number >= 0, got {floor!r}")
+
+
+class Expectations:
+    def __init__(self, path: Path, key: str, gates: dict):
+        self.path, self.key, self.gates = path, key, gates
+
+    @classmethod
+    def load(cls, directory, key):
+        directory = Path(directory)
+        path = directory / f"{key}.json"
+        if not path.exists():
+            path = directory / f"{DEFAULT_KEY}.json"
+        if not path.exists():
+            return cls(path, key, {})
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ExpectationsError(f"{path}: not valid JSON: {exc}") from exc
+        _validate(path, data)
+        return cls(path, key, data["gates"])
+
+    def entry(self, gate_id):
+        if gate_id in self.gates:
+            return self.gates[gate_id]
+        for pattern, entry in self.gates.items():
+            if fnmatch.fnmatchcase(gate_id, pattern):
+                return entry
+        return None
+
+    def hw_skip_reason(self, gate_id):
+        return (self.entry(gate_id) or {}).get("hw_skip_reason")
+
+    def check(self, gate_id, measured: dict) -> list:
+        entry = self.entry(gate_id) or {}
+        return [Verdict(gate_id, m, measured[m], entry[m]["floor"], self.path)
+                for m in METRICS if m in entry and measured.get(m) is not None]
+
+
+def update(directory, key, measured: dict, *, margin: float, provenance: dict, allow_lower=False) -> Path:
+    """Write floors = measured * (1 - margin) into <directory>/<key>.json.
+
+    An existing floor is never lowered unless allow_lower. Returns the path written.
+    """
+    path = Path(directory) / f"{key}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"gates": {}}
+    _validate(path, data)
+    for gate_id, metrics in sorted(measured.items()):
+        entry = data["gates"].setdefault(gate_id, {})
+        for metric, value in metrics.items():
+            if metric not in METRICS or value is None:
+                continue
+            floor = round(value * (1 - margin), 3)
+            old = entry.get(metric, {}).get("floor")
+            if old is not None and floor < old and not allow_lower:
+                floor = old
+            entry[metric] = {"floor": floor, "measured": round(value, 4), "margin": margin}
+        entry["provenance"] = provenance
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,105 @@
+"""The `perf` fixture's recorder: metrics into extra_info, gates, baselines, the end-of-run table."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from suite import roofline
+from suite.expectations import Expectations
+
+
+@dataclass
+class Row:
+    gate_id: str
+    seconds: float
+    throughput: str
+    roofline_pct: str
+    speedup: str
+    verdict: str
+
+
+class PerfRecorder:
+    def __init__(self, device, expectations: Expectations, updating: bool):
+        self.device = torch.device(device)
+        self.expectations = expectations
+        self.updating = updating
+        self.rows = []
+        self.measured = {}  # gate_id -> metrics, for --expectations-update
+        self.baselines = {}  # (workload, case) -> seconds
+        self._roofline = None
+        self.update_path = None  # set when --expectations-update wrote a file
+
+    @property
+    def on_gpu(self):
+        return self.device.type == "cuda"
+
+    def roofline(self):
+        """Calibrated on first use, once per session; None without a GPU."""
+        if self._roofline is None and self.on_gpu:
+            self._roofline = roofline.calibrate(self.device)
+        return self._roofline
+
+    def skip_if_not_applicable(self, gate_id):
+        reason = self.expectations.hw_skip_reason(gate_id) if self.on_gpu else None
+        if reason:
+            self.rows.append(Row(gate_id, float("nan"), "", "", "", f"N/A: {reason}"))
+            pytest.skip(f"N/A on this GPU ({self.expectations.path}): {reason}")
+
+    def baseline(self, workload, case, measure):
+        """Seconds of the workload's baseline at `case`: recorded by its own benchmark, or measured now."""
+        key = (workload, case)
+        if key not in self.baselines:
+            self.baselines[key] = measure()
+        return self.baselines[key]
+
+    def record(self, benchmark, gate_id, seconds, *, shape, bytes_moved=None, flops=None,
+               roofline_kind="read", baseline_seconds=None):
+        extra = benchmark.extra_info
+        extra.update(shape=shape, gpu_time_s=seconds, gate_id=gate_id)
+        metrics, throughput, pct, speedup = {}, "", "", ""
+        if bytes_moved is not None:
+            achieved = bytes_moved / seconds / 1e9
+            extra.update(bytes_moved=bytes_moved, achieved_gbps=achieved)
+            throughput = f"{achieved:,.0f} GB/s"
+        if flops is not None:
+            achieved = flops / seconds / 1e12
+            extra.update(flops=flops, achieved_tflops=achieved)
+            throughput = f"{achieved:,.1f} TFLOP/s"
+        roof = self.roofline()
+        if roof is not None:
+            fraction = achieved / roof.ceiling(roofline_kind)
+            extra.update(roofline=roof.as_dict(), roofline_kind=roofline_kind, roofline_fraction=fraction)
+            metrics["roofline_fraction"] = fraction
+            pct = f"{100 * fraction:.0f}%"
+        if baseline_seconds is not None:
+            metrics["speedup_vs_anchor"] = baseline_seconds / seconds
+            extra["speedup_vs_anchor"] = metrics["speedup_vs_anchor"]
+            speedup = f"{metrics['speedup_vs_anchor']:.2f}x"
+
+        verdicts = self.expectations.check(gate_id, metrics) if self.on_gpu else []
+        failed = [v for v in verdicts if not v.ok]
+        if self.updating and self.on_gpu:
+            self.measured[gate_id] = metrics
+            verdict = "recorded"
+        elif not self.on_gpu:
+            verdict = "smoke (no GPU)"
+        elif not verdicts:
+            verdict = "no gate"
+        else:
+            verdict = "FAIL" if failed else "pass"
+        extra["gate"] = verdict
+        self.rows.append(Row(gate_id, seconds, throughput, pct, speedup, verdict))
+        if failed and not self.updating:
+            pytest.fail("\n".join(str(v) for v in failed), pytrace=False)
+
+    def table(self):
+        if not self.rows:
+            return []
+        unit = "GPU us" if self.on_gpu else "host us"
+        header = ("workload/variant/layout/case", unit, "achieved", "% roofline", "speedup", "gate")
+        cells = [header] + [(r.gate_id, f"{r.seconds * 1e6:,.1f}", r.throughput, r.roofline_pct, r.speedup,
+                             r.verdict) for r in self.rows]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+        return ["  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                for row in cells]

@@ -1,0 +1,147 @@
+"""The suite's pytest plugin: options, hardware markers, machine info, gates and the end table."""
+
+import datetime
+import shutil
+import subprocess
+
+import pytest
+import torch
+import triton
+from hypothesis import HealthCheck, settings
+
+from kernels import hw
+from suite import options
+from suite.expectations import Expectations, ExpectationsError, hardware_key, update
+from suite.perf import PerfRecorder
+
+DEFAULT_STORAGE = "file://./.benchmarks"
+HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 20, "full": 200}  # max_examples
+ROUNDS = {"minimal": 30, "full": 200}
+RECORDER = pytest.StashKey[PerfRecorder]()
+CLOCK_BEFORE = pytest.StashKey[str]()
+
+for _name, _examples in HYPOTHESIS_PROFILES.items():
+    settings.register_profile(_name, max_examples=_examples, deadline=None,
+                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def device_name():
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def nvidia_smi(field):
+    if shutil.which("nvidia-smi") is None:
+        return "unavailable (no nvidia-smi)"
+    result = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else f"unavailable ({result.stderr.strip()})"
+
+
+def pytest_addoption(parser):
+    options.add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark opens its storage
+def pytest_configure(config):
+    options.validate(config)
+    key = hardware_key(device_name())
+    # Saved runs live per GPU, so --benchmark-compare only ever finds runs from this kind of GPU.
+    if config.getoption("benchmark_storage") == DEFAULT_STORAGE:
+        config.option.benchmark_storage = f"{DEFAULT_STORAGE}/{key}"
+    on_gpu = torch.cuda.is_available()
+    settings.load_profile(config.getoption("profile") if on_gpu else "cpu")
+    try:
+        expectations = Expectations.load(config.getoption("expectations_dir"), key)
+    except ExpectationsError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    config.stash[RECORDER] = PerfRecorder("cuda" if on_gpu else "cpu", expectations,
+                                          config.getoption("expectations_update"))
+    config.stash[CLOCK_BEFORE] = nvidia_smi("clocks.sm") if on_gpu else "n/a"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker, (feature, predicate) in hw.PREDICATES.items():
+            if item.get_closest_marker(marker):
+                ok, probed = predicate()
+                if not ok:
+                    item.add_marker(pytest.mark.skip(reason=f"needs {feature}: {probed}"))
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def perf(pytestconfig):
+    return pytestconfig.stash[RECORDER]
+
+
+@pytest.fixture(scope="session")
+def profile(pytestconfig):
+    return pytestconfig.getoption("profile")
+
+
+@pytest.fixture(scope="session")
+def rounds(profile):
+    return ROUNDS[profile]
+
+
+def gpu_info(config):
+    info = {"name": device_name(), "hardware_key": hardware_key(device_name()),
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "numa_nodes_with_memory": hw.numa_nodes_with_memory()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        recorder = config.stash[RECORDER]
+        info.update(capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                    sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                    l2_mib=props.L2_cache_size / 2**20, driver=nvidia_smi("driver_version"),
+                    sm_clock_mhz_before=config.stash[CLOCK_BEFORE], sm_clock_mhz_after=nvidia_smi("clocks.sm"),
+                    roofline=recorder._roofline.as_dict() if recorder._roofline else None)
+    return info
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["gpu"] = gpu_info(config)
+
+
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    saved = compared_benchmark["machine_info"].get("gpu", {}).get("name")
+    if saved != machine_info["gpu"]["name"]:
+        raise pytest.UsageError(f"refusing to compare runs from different GPUs: the saved run is from "
+                                f"{saved!r}, this one is on {machine_info['gpu']['name']!r}")
+
+
+def provenance(config):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=config.rootpath).stdout.strip() or "unknown"
+    info = gpu_info(config)
+    return {"commit": commit, "date": datetime.date.today().isoformat(), "gpu": info["name"],
+            "driver": info.get("driver"), "torch": info["torch"], "triton": info["triton"]}
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    recorder = config.stash.get(RECORDER, None)
+    if recorder is None or not recorder.measured:
+        return
+    path = update(config.getoption("expectations_dir"), hardware_key(device_name()), recorder.measured,
+                  margin=config.getoption("expectations_margin"), provenance=provenance(config),
+                  allow_lower=config.getoption("expectations_allow_lower"))
+    recorder.update_path = path
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    recorder = config.stash.get(RECORDER, None)
+    if recorder is None or not recorder.rows:
+        return
+    terminalreporter.section("kernel suite: every benchmark, its gate")
+    for line in recorder.table():
+        terminalreporter.write_line(line)
+    roof = recorder._roofline
+    if roof is not None:
+        terminalreporter.write_line(f"roofline measured this session on {device_name()}: {roof.as_dict()}")
+    if recorder.update_path is not None:
+        terminalreporter.write_line(f"expectations updated: {recorder.update_path}")

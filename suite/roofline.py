@@ -1,0 +1,38 @@
+"""The once-per-session roofline calibration (SPEC 4): what this GPU does today, measured."""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kernels.stream_read import stream_read
+from suite.timing import measure
+
+STREAM_BYTES = 1 << 30  # far beyond any L2
+MATMUL_N = 8192
+ROUNDS = 20
+
+
+@dataclass(frozen=True)
+class Roofline:
+    copy_gbps: float  # device-to-device copy, bytes read + written
+    read_gbps: float  # streaming read
+    matmul_tflops: float  # bf16 [N, N] @ [N, N] on random data
+
+    def as_dict(self):
+        return {k: round(v, 1) for k, v in asdict(self).items()}
+
+    def ceiling(self, kind):
+        return {"read": self.read_gbps, "copy": self.copy_gbps, "matmul": self.matmul_tflops}[kind]
+
+
+def calibrate(device) -> Roofline:
+    src = torch.randn(STREAM_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_s = measure(lambda: dst.copy_(src), device=device, rounds=ROUNDS)
+    read_s = measure(stream_read(src), device=device, rounds=ROUNDS)
+    del src, dst
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    mm_s = measure(lambda: a @ b, device=device, rounds=ROUNDS, cold=False)
+    return Roofline(copy_gbps=2 * STREAM_BYTES / copy_s / 1e9, read_gbps=STREAM_BYTES / read_s / 1e9,
+                    matmul_tflops=2 * MATMUL_N**3 / mm_s / 1e12)

@@ -1,0 +1,149 @@
+"""Decode attention (SPEC 2.1): every variant against the float64 reference, and bad input."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels import decode_attention
+from kernels.checks import HEAD_DIMS
+from suite import reference
+from suite.decode_cases import LAYOUTS, VARIANTS, DecodeCase, make_inputs
+
+pytestmark = pytest.mark.decode
+
+# Inputs are exact in the kernel dtype; the error comes from rounding P to that dtype for the
+# P.V product and rounding the output: a few units of the dtype's epsilon (2^-10 fp16, 2^-7 bf16).
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+PAGE_SIZES = (1, 3, 16, 54, 64)
+
+
+def pytest_generate_tests(metafunc):
+    if "decode_variant" in metafunc.fixturenames:
+        metafunc.parametrize("decode_variant", sorted(VARIANTS), indirect=True)
+    if "layout" in metafunc.fixturenames:
+        metafunc.parametrize("layout", LAYOUTS)
+
+
+def _run_case(decode_variant, case, device, **kwargs):
+    _, launcher = decode_variant
+    inputs = make_inputs(case, device)
+    out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)  # poisoned
+    launcher(**inputs, out=out, **kwargs)()
+    expected = reference.decode_attention(**inputs)
+    tol = TOLERANCE[case.dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def _limits(device):
+    # The interpreter runs every program on the CPU: keep its shapes small.
+    if device.type == "cuda":
+        return dict(batch=16, max_len=5000, kv_heads=(1, 2, 4, 8), groups=(1, 2, 4, 8))
+    return dict(batch=3, max_len=300, kv_heads=(1, 2), groups=(1, 2, 4))
+
+
+@st.composite
+def decode_cases(draw, layout, batch, max_len, kv_heads, groups):
+    n = draw(st.integers(1, batch))
+    kv = draw(st.sampled_from(kv_heads))
+    return DecodeCase(
+        seq_lens=tuple(draw(st.lists(st.integers(1, max_len), min_size=n, max_size=n))),
+        q_heads=kv * draw(st.sampled_from(groups)), kv_heads=kv,
+        head_dim=draw(st.sampled_from(HEAD_DIMS)),
+        dtype=draw(st.sampled_from((torch.float16, torch.bfloat16))), layout=layout,
+        page_size=draw(st.sampled_from(PAGE_SIZES)), spare=draw(st.integers(0, 70)),
+        strided=draw(st.booleans()))
+
+
+@given(data=st.data())
+def test_matches_reference(decode_variant, layout, device, data):
+    case = data.draw(decode_cases(layout, **_limits(device)), label="case")
+    _run_case(decode_variant, case, device)
+
+
+@pytest.mark.parametrize("seq_lens", [(1,), (54, 97), (1, 64, 65, 251), (127, 2, 193)], ids=str)
+def test_awkward_lengths(decode_variant, layout, device, seq_lens):
+    case = DecodeCase(seq_lens, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                      layout=layout, page_size=16)
+    _run_case(decode_variant, case, device)
+
+
+def test_strided_inputs(decode_variant, layout, device):
+    case = DecodeCase((97, 31), q_heads=4, kv_heads=2, head_dim=128, dtype=torch.float16,
+                      layout=layout, page_size=16, strided=True)
+    inputs = make_inputs(case, device)
+    for name in ("q", "k_cache", "v_cache"):
+        assert not inputs[name].is_contiguous(), f"{name} should be a strided view"
+    _run_case(decode_variant, case, device)
+
+
+@pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_many_chunks_per_sequence(variant, chunk, layout, device):
+    # Small chunks: many tiles per program in the persistent loop, many partials to merge.
+    case = DecodeCase((300, 5, 129), q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, layout=layout)
+    _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
+
+
+def test_chunk_heuristic_fills_the_gpu():
+    sms = 132
+    for batch, kv_heads, capacity in [(1, 8, 4096), (64, 8, 4096), (4, 2, 300), (1, 1, 1)]:
+        chunk = decode_attention.choose_chunk(batch, kv_heads, capacity, sms)
+        tiles = batch * kv_heads * -(-capacity // chunk)
+        assert decode_attention.MIN_CHUNK <= chunk <= decode_attention.MAX_CHUNK
+        assert tiles >= decode_attention.TILES_PER_PROGRAM * sms or chunk == decode_attention.MIN_CHUNK
+
+
+def _bad(inputs, **changes):
+    return {**inputs, **changes}
+
+
+BAD_INPUTS = {
+    "q dtype": (lambda i: _bad(i, q=i["q"].float()), TypeError, "q has dtype"),
+    "q rank": (lambda i: _bad(i, q=i["q"][0]), ValueError, "q must have 3 dimensions"),
+    "head dim": (lambda i: _bad(i, q=i["q"][..., :32].contiguous(), k_cache=i["k_cache"][..., :32].contiguous(),
+                                v_cache=i["v_cache"][..., :32].contiguous()), ValueError, "head dim 32"),
+    "k dtype": (lambda i: _bad(i, k_cache=i["k_cache"].half()), TypeError, "k_cache has dtype"),
+    "k device": (lambda i: _bad(i, k_cache=i["k_cache"].to("meta")), ValueError, "k_cache is on meta"),
+    "v shape": (lambda i: _bad(i, v_cache=i["v_cache"][:, :, :-1]), ValueError, "v_cache has shape"),
+    "k last stride": (lambda i: _bad(i, k_cache=i["k_cache"].transpose(2, 3).contiguous().transpose(2, 3),
+                                     v_cache=i["v_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
+                      ValueError, "k_cache must be contiguous in its last dimension"),
+    "heads": (lambda i: _bad(i, q=i["q"][:, :3].contiguous()), ValueError, "not a multiple"),
+    "seq_lens dtype": (lambda i: _bad(i, seq_lens=i["seq_lens"].long()), TypeError, "seq_lens has dtype"),
+    "seq_lens shape": (lambda i: _bad(i, seq_lens=i["seq_lens"][:1]), ValueError, "seq_lens has shape"),
+    "length zero": (lambda i: _bad(i, seq_lens=i["seq_lens"] * 0), ValueError, "seq_lens must be >= 1"),
+    "beyond capacity": (lambda i: _bad(i, seq_lens=i["seq_lens"] + 1000), ValueError, "exceeds the cache capacity"),
+    "out shape": (lambda i: _bad(i, out=i["q"][:1].clone()), ValueError, "out has shape"),
+    "out dtype": (lambda i: _bad(i, out=i["q"].float()), TypeError, "out has dtype"),
+}
+PAGED_BAD_INPUTS = {
+    "table dtype": (lambda i: _bad(i, block_table=i["block_table"].long()), TypeError, "block_table has dtype"),
+    "table rows": (lambda i: _bad(i, block_table=i["block_table"][:1]), ValueError, "block_table has 1 rows"),
+    "page out of range": (lambda i: _bad(i, block_table=i["block_table"] + 1000), ValueError,
+                          r"block_table\[0, 0\] = \d+ is outside"),
+    "negative page": (lambda i: _bad(i, block_table=i["block_table"] * 0 - 1), ValueError, "is outside"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_INPUTS) + sorted(PAGED_BAD_INPUTS))
+def test_bad_input_names_the_argument(decode_variant, device, bad):
+    layout = "paged" if bad in PAGED_BAD_INPUTS else "contiguous"
+    mutate, error, match = {**BAD_INPUTS, **PAGED_BAD_INPUTS}[bad]
+    case = DecodeCase((40, 7), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout)
+    inputs = mutate({**make_inputs(case, device), "out": None})
+    with pytest.raises(error, match=match):
+        decode_variant[1](**inputs)
+
+
+@pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
+def test_chunk_must_be_a_power_of_two(variant, device):
+    inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
+    with pytest.raises(ValueError, match="chunk must be a positive power of two"):
+        VARIANTS[variant](**inputs, chunk=96)
+
+
+def test_sdpa_backend_must_be_known(device):
+    inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        VARIANTS["sdpa"](**inputs, backend="fastest")
