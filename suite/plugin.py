@@ -115,8 +115,10 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
 
 
 def provenance(config):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=config.rootpath).stdout.strip() or "unknown"
+    commit = "unknown (no git)"
+    if shutil.which("git"):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=config.rootpath).stdout.strip() or "unknown (not a git checkout)"
     info = gpu_info(config)
     return {"commit": commit, "date": datetime.date.today().isoformat(), "gpu": info["name"],
             "driver": info.get("driver"), "torch": info["torch"], "triton": info["triton"]}

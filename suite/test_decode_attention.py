@@ -8,13 +8,10 @@ from hypothesis import strategies as st
 from kernels import decode_attention
 from kernels.checks import HEAD_DIMS
 from suite import reference
-from suite.decode_cases import LAYOUTS, VARIANTS, DecodeCase, make_inputs
+from suite.decode_cases import LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, make_inputs
 
 pytestmark = pytest.mark.decode
 
-# Inputs are exact in the kernel dtype; the error comes from rounding P to that dtype for the
-# P.V product and rounding the output: a few units of the dtype's epsilon (2^-10 fp16, 2^-7 bf16).
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 PAGE_SIZES = (1, 3, 16, 54, 64)
 
 

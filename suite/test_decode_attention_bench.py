@@ -1,0 +1,109 @@
+"""Decode attention benchmarks (SPEC 2.1): GPU time, GB/s, % of the read roofline, speedup vs SDPA.
+
+Each benchmark first checks its own output against the float64 reference, then times cold
+(L2 flushed before every round). Speedups are against the SDPA anchor on the contiguous cache
+at the same shape, with the fastest SDPA backend that runs it.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels.sdpa_decode import BACKENDS
+from suite import reference
+from suite.decode_cases import TOLERANCE, VARIANTS, DecodeCase, make_inputs, seeded_lengths
+from suite.timing import measure, run_benchmark
+
+pytestmark = pytest.mark.decode
+
+WORKLOAD = "decode_attention"
+ANCHOR = "sdpa"
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq_len: int
+    variable: bool
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: torch.dtype = torch.bfloat16
+
+    def __str__(self):
+        kind = "var" if self.variable else "uniform"
+        heads = "" if (self.q_heads, self.kv_heads, self.head_dim) == (32, 8, 128) else \
+            f"-H{self.q_heads}x{self.kv_heads}-D{self.head_dim}"
+        dtype = "" if self.dtype == torch.bfloat16 else "-fp16"
+        return f"B{self.batch}-L{self.seq_len}-{kind}{heads}{dtype}"
+
+    def case(self, layout, page_size):
+        lengths = seeded_lengths(self.batch, self.seq_len, self.variable, seed=hash((self.batch, self.seq_len)))
+        return DecodeCase(lengths, self.q_heads, self.kv_heads, self.head_dim, self.dtype, layout, page_size)
+
+
+MINIMAL = [Shape(b, n, var) for b in (1, 4, 16, 64) for n in (1024, 4096, 16384) for var in (False, True)]
+FULL = MINIMAL + [Shape(b, n, var) for b in (128, 256) for n in (1024, 4096, 16384) for var in (False, True)] \
+    + [Shape(b, 4096, var, head_dim=64) for b in (1, 16, 64) for var in (False, True)] \
+    + [Shape(b, 4096, False, dtype=torch.float16) for b in (1, 16, 64)]
+SMOKE = [Shape(2, 200, True, q_heads=4, kv_heads=2, head_dim=64)]  # no GPU: one interpreted run each
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    if "shape" in metafunc.fixturenames:
+        shapes = (FULL if config.getoption("profile") == "full" else MINIMAL) if torch.cuda.is_available() else SMOKE
+        metafunc.parametrize("shape", shapes, ids=str)
+    if "decode_variant" in metafunc.fixturenames:
+        layouts = ("contiguous", "paged") if config.getoption("kv_layout") == "both" else (config.getoption("kv_layout"),)
+        pairs = [(ANCHOR, "contiguous")] * ("contiguous" in layouts) + \
+            [(v, layout) for v in sorted(VARIANTS) if v != ANCHOR for layout in layouts]
+        metafunc.parametrize("decode_variant,layout", pairs, indirect=["decode_variant"],
+                             ids=[f"{v}-{layout}" for v, layout in pairs])
+
+
+def _check(out, inputs, dtype):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=tol, rtol=tol)
+
+
+def _fastest_sdpa(inputs, device, rounds):
+    """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs."""
+    timed = []
+    for backend in BACKENDS:
+        launch = VARIANTS[ANCHOR](**inputs, backend=backend)
+        try:
+            launch()
+        except RuntimeError:  # this backend does not support the inputs (mask, GQA, dtype...)
+            continue
+        seconds = measure(launch, device=device, rounds=rounds) if device.type == "cuda" else 0.0
+        timed.append((seconds, backend, launch))
+    seconds, backend, launch = min(timed, key=lambda t: t[0])
+    return backend, launch, seconds
+
+
+def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf, rounds, pytestconfig):
+    name, launcher = decode_variant
+    gate_id = f"{WORKLOAD}/{name}/{layout}/{shape}"
+    perf.skip_if_not_applicable(gate_id)
+    case = shape.case(layout, pytestconfig.getoption("page_size"))
+    inputs = make_inputs(case, device)
+    if name == ANCHOR:
+        backend, launch, _ = _fastest_sdpa(inputs, device, rounds)
+        benchmark.extra_info["sdpa_backend"] = backend
+    else:
+        launch = launcher(**inputs)
+    _check(launch(), inputs, case.dtype)  # correctness before timing
+    seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
+
+    def anchor_seconds():
+        anchor_inputs = inputs if layout == "contiguous" else make_inputs(shape.case("contiguous", 1), device)
+        return _fastest_sdpa(anchor_inputs, device, rounds)[2]
+
+    if name == ANCHOR:
+        perf.baselines[(WORKLOAD, str(shape))] = seconds
+    baseline = perf.baseline(WORKLOAD, str(shape), anchor_seconds) if device.type == "cuda" else None
+    perf.record(benchmark, gate_id, seconds, shape=dict(variant=name, layout=layout, case=str(shape),
+                                                         seq_lens_sum=sum(case.seq_lens)),
+                bytes_moved=case.bytes_moved(), baseline_seconds=baseline)
