@@ -4,12 +4,14 @@ Layouts: contiguous k/v [B, Hkv, L_max, D], or paged k/v [num_pages, page_size, 
 block table [B, max_pages] (int32). GQA: query head h reads KV head h // (Hq // Hkv).
 
 Both Triton variants split every sequence into chunk-sized tiles per KV head; a tile attends
-all g = Hq // Hkv query heads of its KV head at once (K and V are read once per tile) and writes
-a normalized partial output and its log-sum-exp; `_merge` combines the chunks of a sequence.
-- triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks); tiles past a sequence's end exit.
-- triton_persistent: grid = SM count; each program walks a work list of (sequence, KV head,
-  chunk) tiles built in-kernel from seq_lens, so every program gets the same number of
-  equal-sized tiles however unequal the lengths are.
+all g = Hq // Hkv query heads of its KV head at once (K and V are read once per tile) and the
+chunks of a sequence are merged by their log-sum-exp.
+- triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
+  partials go to a workspace and a second kernel merges them.
+- triton_persistent: one launch, grid = SM count; each program walks a work list of (sequence,
+  KV head, chunk) tiles built in-kernel from seq_lens, so every program gets the same number of
+  equal-sized tiles however unequal the lengths are. A single-chunk tile writes the output
+  directly; otherwise the last tile of a (sequence, KV head) to finish merges its partials.
 
 Each launcher checks its arguments (one device sync for the value checks), allocates output and
 workspace, and returns a zero-argument `launch()` so benchmarks time kernel launches only.
@@ -30,28 +32,23 @@ BLOCK_N = 64  # KV positions per inner step
 MIN_CHUNK = 64
 MAX_CHUNK = 4096
 TILES_PER_PROGRAM = 4  # the chunk heuristic aims for at least this many tiles per SM
-MERGE_BLOCK = 16  # chunks merged per step
+NUM_WARPS = 4
+NUM_STAGES = 2
+PROGRAMS_PER_SM = 1  # persistent grid = SM count x this
 MAX_BATCH = 4096  # the persistent kernel holds all seq_lens of the batch in one vector
 
 
 @triton.jit
-def _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
-                 b, kvh, chunk, seq_len, qk_scale,
-                 stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                 page_size, max_chunks, num_q_heads,
-                 chunk_size,
-                 GROUP: tl.constexpr, PAGED: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Attend the GROUP query heads of KV head `kvh` over [chunk * chunk_size, +chunk_size) within len.
+def _attend_chunk(q_ptr, k_ptr, v_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
+                  stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt, page_size,
+                  GROUP: tl.constexpr, PAGED: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The GROUP query heads of KV head `kvh` over positions [start, end) of sequence b:
+    # returns the unnormalized output [BLOCK_H, D], row max and row sum (log2 units).
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
-    heads = kvh * GROUP + offs_h
-    h_mask = offs_h < GROUP
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_mask[:, None], other=0.0)
-
-    start = chunk * chunk_size
-    end = tl.minimum(start + chunk_size, seq_len)
+    q = tl.load(q_ptr + b * stride_qb + (kvh * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_h < GROUP)[:, None], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
@@ -65,7 +62,7 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
             rows = b.to(tl.int64) * stride_kx + pos.to(tl.int64) * stride_ky
         rows += kvh * stride_kh
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -74,89 +71,130 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
         v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    return acc, m_i, l_i
 
-    # part_o: [B, Hq, max_chunks, D] fp32; part_lse: [B, Hq, max_chunks] fp32 (log2 units)
-    part = (b * num_q_heads + heads).to(tl.int64) * max_chunks + chunk
+
+@triton.jit
+def _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, o,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(out_ptr + b * stride_ob + (kvh * GROUP + offs_h)[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=(offs_h < GROUP)[:, None])
+
+
+@triton.jit
+def _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # part_o: [B, Hq, max_chunks, D] fp32 normalized; part_lse: [B, Hq, max_chunks] fp32 (log2)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    h_mask = offs_h < GROUP
+    part = (b * num_q_heads + kvh * GROUP + offs_h).to(tl.int64) * max_chunks + chunk
     tl.store(part_lse_ptr + part, m_i + tl.math.log2(l_i), mask=h_mask)
     tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
              mask=h_mask[:, None])
 
 
 @triton.jit
+def _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, n_chunks,
+                 num_q_heads, max_chunks,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # out = sum_c 2^lse_c * o_c / sum_c 2^lse_c over the n_chunks partials of each head.
+    # .cg loads: partials written by other SMs during this launch must not come from L1.
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    h_mask = offs_h < GROUP
+    part = (b * num_q_heads + kvh * GROUP + offs_h).to(tl.int64) * max_chunks
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    for c in range(0, n_chunks):
+        lse = tl.load(part_lse_ptr + part + c, mask=h_mask, other=0.0, cache_modifier=".cg")
+        o = tl.load(part_o_ptr + (part + c)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=h_mask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(lse - m_new)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m_i = m_new
+    _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
+
+
+@triton.jit
 def _split_kv(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
               qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-              page_size, max_chunks, num_q_heads, num_kv_heads,
-              chunk_size,
+              page_size, max_chunks, num_q_heads, num_kv_heads, chunk_size,
               GROUP: tl.constexpr, PAGED: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (B * Hkv, max_chunks): one tile each; tiles past the sequence's end exit.
     b = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
     chunk = tl.program_id(1)
+    start = chunk * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
-    if chunk * chunk_size < seq_len:
-        _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
-                     b, kvh, chunk, seq_len, qk_scale,
-                     stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                     page_size, max_chunks, num_q_heads, chunk_size,
-                     GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+    if start < seq_len:
+        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, block_table_ptr, b, kvh, start,
+                                      tl.minimum(start + chunk_size, seq_len), qk_scale,
+                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+                                      page_size, GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+        _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
+                       GROUP, HEAD_DIM, BLOCK_H)
+
+
+@triton.jit
+def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
+                    num_q_heads, num_kv_heads, max_chunks, chunk_size,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # grid (B, Hkv)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    n_chunks = tl.cdiv(tl.load(seq_lens_ptr + b), chunk_size)
+    _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, n_chunks,
+                 num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H)
 
 
 @triton.jit
 def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
                 qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                page_size, max_chunks, num_q_heads, num_kv_heads, batch,
-                chunk_size,
+                page_size, max_chunks, num_q_heads, num_kv_heads, chunk_size,
+                counters_ptr, out_ptr, stride_ob, stride_oh, batch,
                 GROUP: tl.constexpr, PAGED: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_B: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
-    # cdiv(len_b, chunk_size) * Hkv tiles. Every program derives it from seq_lens (no host planning).
+    # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
     lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
     n_chunks = tl.cdiv(lens, chunk_size)
     tiles = n_chunks * num_kv_heads
     ends = tl.cumsum(tiles, 0)
-    total = tl.sum(tiles, 0)
-    for t in tl.range(tl.program_id(0), total, tl.num_programs(0)):
+    for t in tl.range(tl.program_id(0), tl.sum(tiles, 0), tl.num_programs(0)):
         b = tl.sum((ends <= t).to(tl.int32), 0)
         this = offs_b == b
         local = t - tl.sum(tl.where(this, ends - tiles, 0), 0)
         nc = tl.sum(tl.where(this, n_chunks, 0), 0)
-        seq_len = tl.sum(tl.where(this, lens, 0), 0)
-        _attend_tile(q_ptr, k_ptr, v_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
-                     b, local // nc, local % nc, seq_len, qk_scale,
-                     stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                     page_size, max_chunks, num_q_heads, chunk_size,
-                     GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
-
-
-@triton.jit
-def _merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
-           num_q_heads, max_chunks, chunk_size,
-           HEAD_DIM: tl.constexpr, MERGE_BLOCK: tl.constexpr):
-    # out[b, h] = sum_c 2^(lse_c) * o_c / sum_c 2^(lse_c) over the chunks of sequence b.
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.cdiv(tl.load(seq_lens_ptr + b), chunk_size)
-    base = (b * num_q_heads + h).to(tl.int64) * max_chunks
-    offs_c = tl.arange(0, MERGE_BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for c0 in range(0, n, MERGE_BLOCK):
-        c = c0 + offs_c
-        lse = tl.load(part_lse_ptr + base + c, mask=c < n, other=float("-inf"))
-        o = tl.load(part_o_ptr + (base + c)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(c < n)[:, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(lse, 0))
-        alpha = tl.math.exp2(m_i - m_new)
-        w = tl.math.exp2(lse - m_new)
-        l_i = l_i * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m_i = m_new
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
-             (acc / l_i).to(out_ptr.dtype.element_ty))
+        kvh = local // nc
+        chunk = local % nc
+        start = chunk * chunk_size
+        end = tl.minimum(start + chunk_size, tl.sum(tl.where(this, lens, 0), 0))
+        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
+                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+                                      page_size, GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+        if nc == 1:
+            _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
+        else:
+            _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
+                           GROUP, HEAD_DIM, BLOCK_H)
+            # The last tile of (b, kvh) to finish merges: the barrier orders this program's partial
+            # stores before its release; the acq_rel counter makes every other tile's visible.
+            tl.debug_barrier()
+            counter = counters_ptr + b * num_kv_heads + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == nc - 1:
+                _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, nc,
+                             num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 class DecodeDims(NamedTuple):
@@ -236,7 +274,8 @@ def _chunk(chunk, batch, num_kv_heads, capacity, sms):
     return chunk
 
 
-def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims):
+def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, block_table, out, chunk,
+          dims, merge):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
@@ -250,16 +289,20 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, b
         strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), 0)
         page_size, table = 1, seq_lens  # table is unused when not PAGED
     group = num_q_heads // num_kv_heads
+    block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     args = (q, k_cache, v_cache, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
-            page_size, max_chunks, num_q_heads, num_kv_heads, *extra_args)
-    meta = dict(GROUP=group, chunk_size=chunk, PAGED=paged, HEAD_DIM=head_dim,
-                BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, **extra_meta)
-    merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, max_chunks)
+            page_size, max_chunks, num_q_heads, num_kv_heads, chunk,
+            *extra_args(out))
+    meta = dict(GROUP=group, PAGED=paged, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=BLOCK_N,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES, **extra_meta)
+    merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+                  num_q_heads, num_kv_heads, max_chunks, chunk)
 
     def launch():
         kernel[grid(max_chunks)](*args, **meta)
-        _merge[(batch, num_q_heads)](*merge_args, chunk_size=chunk, HEAD_DIM=head_dim, MERGE_BLOCK=MERGE_BLOCK)
+        if merge:
+            _split_kv_merge[(batch, num_kv_heads)](*merge_args, GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h)
         return out
 
     return launch
@@ -270,8 +313,8 @@ def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out)
     batch, _, num_kv_heads, _, capacity = dims[:5]
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, hw.num_sms(q.device))
-    return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), (), {},
-                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims)
+    return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
+                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, merge=True)
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, chunk=None):
@@ -283,6 +326,8 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=No
     sms = hw.num_sms(q.device)
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, sms)
     max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
-    return _bind(_persistent, lambda _: (min(sms, max_tiles),),
-                 (batch,), dict(BLOCK_B=triton.next_power_of_2(batch)),
-                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims)
+    counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
+    return _bind(_persistent, lambda _: (min(sms * PROGRAMS_PER_SM, max_tiles),),
+                 lambda out: (counters, out, out.stride(0), out.stride(1), batch),
+                 dict(BLOCK_B=triton.next_power_of_2(batch)),
+                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, merge=False)

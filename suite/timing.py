@@ -13,6 +13,9 @@ import torch
 from kernels import hw
 
 FLUSH_BYTES_MIN = 256 << 20
+# After the flush the GPU spins this long, untimed, while the host enqueues the timed launches
+# (~100 us at 2 GHz): otherwise host launch latency of small kernels lands inside the events.
+HOST_SLACK_CYCLES = 200_000
 WARMUP_CALLS = 3  # JIT compilation and autotuning happen here, never in a timed round
 
 
@@ -33,15 +36,17 @@ class CudaEventClock:
         return self.now
 
 
-class L2Flush:
-    """Overwrites a buffer several times the L2 size so the next kernel starts cold."""
+class RoundSetup:
+    """Before each timed round: overwrite a buffer 4x the L2 (when cold), then give the host slack."""
 
-    def __init__(self, device):
+    def __init__(self, device, cold):
         size = max(FLUSH_BYTES_MIN, 4 * hw.l2_bytes(device))
-        self.buffer = torch.empty(size // 4, dtype=torch.int32, device=device)
+        self.buffer = torch.empty(size // 4, dtype=torch.int32, device=device) if cold else None
 
     def __call__(self):
-        self.buffer.zero_()
+        if self.buffer is not None:
+            self.buffer.zero_()
+        torch.cuda._sleep(HOST_SLACK_CYCLES)
 
 
 def _warm_up(launch):
@@ -64,18 +69,17 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True):
     benchmark._timer = CudaEventClock()  # pytest-benchmark has no public hook for the timer
     benchmark.extra_info["clock"] = "cuda_event"
     benchmark.extra_info["l2"] = "flushed before every round" if cold else "warm"
-    benchmark.pedantic(launch, setup=L2Flush(device) if cold else None, rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(launch, setup=RoundSetup(device, cold), rounds=rounds, warmup_rounds=1)
     return benchmark.stats.stats.median
 
 
 def measure(launch, *, device, rounds, cold=True) -> float:
     """Median GPU seconds of launch() outside pytest-benchmark (baselines, roofline), same clock."""
     _warm_up(launch)
-    clock, flush = CudaEventClock(), L2Flush(device) if cold else None
+    clock, setup = CudaEventClock(), RoundSetup(device, cold)
     times = []
     for _ in range(rounds):
-        if flush:
-            flush()
+        setup()
         start = clock()
         launch()
         times.append(clock() - start)
