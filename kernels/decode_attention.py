@@ -32,9 +32,10 @@ BLOCK_N = 64  # KV positions per inner step
 MIN_CHUNK = 64
 MAX_CHUNK = 4096
 TILES_PER_PROGRAM = 4  # the chunk heuristic aims for at least this many tiles per SM
+MERGE_C = 32  # partials merged per step
 NUM_WARPS = 4
-NUM_STAGES = 2
-PROGRAMS_PER_SM = 1  # persistent grid = SM count x this
+NUM_STAGES = 3
+PROGRAMS_PER_SM = 2  # persistent grid = SM count x this; two CTAs of NUM_STAGES=3 fit one SM
 MAX_BATCH = 4096  # the persistent kernel holds all seq_lens of the batch in one vector
 
 
@@ -99,27 +100,30 @@ def _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q
 @triton.jit
 def _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, n_chunks,
                  num_q_heads, max_chunks,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
-    # out = sum_c 2^lse_c * o_c / sum_c 2^lse_c over the n_chunks partials of each head.
-    # .cg loads: partials written by other SMs during this launch must not come from L1.
-    offs_h = tl.arange(0, BLOCK_H)
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_C: tl.constexpr):
+    # out[h] = sum_c 2^lse_c * o_c / sum_c 2^lse_c over the n_chunks partials of each of the GROUP
+    # heads, MERGE_C chunks per step. .cg loads: partials written by other SMs during this launch
+    # must not be served from this SM's L1.
+    offs_c = tl.arange(0, MERGE_C)
     offs_d = tl.arange(0, HEAD_DIM)
-    h_mask = offs_h < GROUP
-    part = (b * num_q_heads + kvh * GROUP + offs_h).to(tl.int64) * max_chunks
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    for c in range(0, n_chunks):
-        lse = tl.load(part_lse_ptr + part + c, mask=h_mask, other=0.0, cache_modifier=".cg")
-        o = tl.load(part_o_ptr + (part + c)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=h_mask[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_i, lse)
-        alpha = tl.math.exp2(m_i - m_new)
-        w = tl.math.exp2(lse - m_new)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        m_i = m_new
-    _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
+    for i in tl.static_range(GROUP):
+        head = kvh * GROUP + i
+        part = (b * num_q_heads + head).to(tl.int64) * max_chunks
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for c0 in range(0, n_chunks, MERGE_C):
+            c = c0 + offs_c
+            lse = tl.load(part_lse_ptr + part + c, mask=c < n_chunks, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(part_o_ptr + (part + c)[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=(c < n_chunks)[:, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_i, tl.max(lse, 0))
+            alpha = tl.math.exp2(m_i - m_new)
+            w = tl.math.exp2(lse - m_new)
+            l_i = l_i * alpha + tl.sum(w, 0)
+            acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+            m_i = m_new
+        tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -146,13 +150,13 @@ def _split_kv(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, pa
 @triton.jit
 def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
                     num_q_heads, num_kv_heads, max_chunks, chunk_size,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_C: tl.constexpr):
     # grid (B, Hkv)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     n_chunks = tl.cdiv(tl.load(seq_lens_ptr + b), chunk_size)
     _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, n_chunks,
-                 num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H)
+                 num_q_heads, max_chunks, GROUP, HEAD_DIM, MERGE_C)
 
 
 @triton.jit
@@ -162,7 +166,7 @@ def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, 
                 counters_ptr, out_ptr, stride_ob, stride_oh, batch,
                 GROUP: tl.constexpr, PAGED: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_B: tl.constexpr):
+                MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
     # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
@@ -193,7 +197,7 @@ def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, 
             counter = counters_ptr + b * num_kv_heads + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == nc - 1:
                 _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, nc,
-                             num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H)
+                             num_q_heads, max_chunks, GROUP, HEAD_DIM, MERGE_C)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
@@ -302,7 +306,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, b
     def launch():
         kernel[grid(max_chunks)](*args, **meta)
         if merge:
-            _split_kv_merge[(batch, num_kv_heads)](*merge_args, GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h)
+            _split_kv_merge[(batch, num_kv_heads)](*merge_args, GROUP=group, HEAD_DIM=head_dim, MERGE_C=MERGE_C)
         return out
 
     return launch
@@ -329,5 +333,5 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=No
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (min(sms * PROGRAMS_PER_SM, max_tiles),),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
-                 dict(BLOCK_B=triton.next_power_of_2(batch)),
+                 dict(MERGE_C=MERGE_C, BLOCK_B=triton.next_power_of_2(batch)),
                  q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, merge=False)
