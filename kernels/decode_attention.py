@@ -29,9 +29,11 @@ from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check
                             check_unit_stride_last)
 
 BLOCK_N = 64  # KV positions per inner step
-MIN_CHUNK = 64
-MAX_CHUNK = 4096
-TILES_PER_PROGRAM = 4  # the chunk heuristic aims for at least this many tiles per SM
+# Chunk heuristic, from tools/tune_decode_attention.py on an H100: below 256 positions per tile
+# the merge costs more than the parallelism gains; past 2048 too few tiles balance the grid.
+MIN_CHUNK = 256
+MAX_CHUNK = 2048
+TILES_PER_SM = 1
 MERGE_C = 32  # partials merged per step
 NUM_WARPS = 4
 NUM_STAGES = 3
@@ -264,9 +266,9 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out) -> Decode
 
 
 def choose_chunk(batch, num_kv_heads, capacity, sms):
-    """Largest power-of-two chunk that still gives every SM TILES_PER_PROGRAM tiles."""
+    """Largest power-of-two chunk in [MIN_CHUNK, MAX_CHUNK] giving every SM TILES_PER_SM tiles."""
     chunk = MAX_CHUNK
-    while chunk > MIN_CHUNK and batch * num_kv_heads * triton.cdiv(capacity, chunk) < TILES_PER_PROGRAM * sms:
+    while chunk > MIN_CHUNK and batch * num_kv_heads * triton.cdiv(capacity, chunk) < TILES_PER_SM * sms:
         chunk //= 2
     return chunk
 

@@ -13,6 +13,7 @@ Every gate metric is a ratio where higher is better. Exact keys win over pattern
 
 import fnmatch
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,15 @@ class Verdict:
                 f"floor {self.floor:.3f} ({self.path})")
 
 
+def _read(path):
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExpectationsError(f"{path}: not valid JSON: {exc}") from exc
+    _validate(path, data)
+    return data
+
+
 def _validate(path, data):
     if not isinstance(data, dict) or not isinstance(data.get("gates"), dict):
         raise ExpectationsError(f"{path}: key 'gates': expected an object of gate entries")
@@ -67,7 +77,8 @@ def _validate(path, data):
         for metric in METRICS:
             if metric in entry:
                 floor = entry[metric].get("floor") if isinstance(entry[metric], dict) else None
-                if not isinstance(floor, (int, float)) or isinstance(floor, bool) or floor < 0:
+                if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not math.isfinite(floor) \
+                        or floor < 0:
                     raise ExpectationsError(f"{where}.{metric}.floor: expected a number >= 0, got {floor!r}")
 
 
@@ -83,12 +94,7 @@ class Expectations:
             path = directory / f"{DEFAULT_KEY}.json"
         if not path.exists():
             return cls(path, key, {})
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ExpectationsError(f"{path}: not valid JSON: {exc}") from exc
-        _validate(path, data)
-        return cls(path, key, data["gates"])
+        return cls(path, key, _read(path)["gates"])
 
     def entry(self, gate_id):
         if gate_id in self.gates:
@@ -113,18 +119,20 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
     An existing floor is never lowered unless allow_lower. Returns the path written.
     """
     path = Path(directory) / f"{key}.json"
-    data = json.loads(path.read_text()) if path.exists() else {"gates": {}}
-    _validate(path, data)
+    data = _read(path) if path.exists() else {"gates": {}}
     for gate_id, metrics in sorted(measured.items()):
         entry = data["gates"].setdefault(gate_id, {})
+        written = False
         for metric, value in metrics.items():
             if metric not in METRICS or value is None:
                 continue
             floor = round(value * (1 - margin), 3)
             old = entry.get(metric, {}).get("floor")
             if old is not None and floor < old and not allow_lower:
-                floor = old
+                continue  # keep the higher floor with the measurement it came from
             entry[metric] = {"floor": floor, "measured": round(value, 4), "margin": margin}
-        entry["provenance"] = provenance
+            written = True
+        if written:
+            entry["provenance"] = provenance
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path

@@ -57,7 +57,7 @@ class PerfRecorder:
                roofline_kind="read", baseline_seconds=None):
         extra = benchmark.extra_info
         extra.update(shape=shape, gpu_time_s=seconds, gate_id=gate_id)
-        metrics, throughput, pct, speedup = {}, "", "", ""
+        metrics, throughput, pct, speedup, achieved = {}, "", "", "", None
         if bytes_moved is not None:
             achieved = bytes_moved / seconds / 1e9
             extra.update(bytes_moved=bytes_moved, achieved_gbps=achieved)
@@ -67,7 +67,7 @@ class PerfRecorder:
             extra.update(flops=flops, achieved_tflops=achieved)
             throughput = f"{achieved:,.1f} TFLOP/s"
         roof = self.roofline()
-        if roof is not None:
+        if roof is not None and achieved is not None:
             fraction = achieved / roof.ceiling(roofline_kind)
             extra.update(roofline=roof.as_dict(), roofline_kind=roofline_kind, roofline_fraction=fraction)
             metrics["roofline_fraction"] = fraction

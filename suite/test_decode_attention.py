@@ -88,7 +88,7 @@ def test_chunk_heuristic_fills_the_gpu():
         chunk = decode_attention.choose_chunk(batch, kv_heads, capacity, sms)
         tiles = batch * kv_heads * -(-capacity // chunk)
         assert decode_attention.MIN_CHUNK <= chunk <= decode_attention.MAX_CHUNK
-        assert tiles >= decode_attention.TILES_PER_PROGRAM * sms or chunk == decode_attention.MIN_CHUNK
+        assert tiles >= decode_attention.TILES_PER_SM * sms or chunk == decode_attention.MIN_CHUNK
 
 
 def _bad(inputs, **changes):

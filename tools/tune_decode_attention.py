@@ -1,4 +1,4 @@
-"""Sweep the persistent decode kernel's launch constants on the GPU; prints GB/s per config.
+"""Sweep the Triton decode kernels' launch constants on the GPU; prints GB/s per config, best first.
 
     python -m tools.tune_decode_attention
 """
@@ -11,25 +11,25 @@ from kernels import decode_attention as da
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
 
-SHAPES = [(1, 4096, False), (4, 4096, False), (1, 16384, False), (64, 4096, False), (16, 4096, True)]
-CONFIGS = list(itertools.product((2, 3), (1, 2, 4), (None, 128, 256, 512)))  # stages, programs/SM, chunk
+SHAPES = [(1, 4096, False), (4, 4096, False), (16, 1024, False), (64, 4096, False), (16, 4096, True)]
+SWEEP = {"BLOCK_N": (32, 64, 128), "NUM_STAGES": (2, 3, 4), "NUM_WARPS": (4, 8), "chunk": (None, 256)}
 
 
 def main():
+    names = list(SWEEP)
     for (batch, length, variable), layout in itertools.product(SHAPES, ("contiguous", "paged")):
-        lengths = seeded_lengths(batch, length, variable, seed=0)
-        case = DecodeCase(lengths, 32, 8, 128, torch.bfloat16, layout, 16)
+        case = DecodeCase(seeded_lengths(batch, length, variable, seed=0), 32, 8, 128, torch.bfloat16, layout)
         inputs = make_inputs(case, "cuda")
         results = []
-        for stages, per_sm, chunk in CONFIGS:
-            da.NUM_STAGES, da.PROGRAMS_PER_SM = stages, per_sm
-            seconds = measure(da.triton_persistent(**inputs, chunk=chunk), device="cuda", rounds=20)
-            results.append((case.bytes_moved() / seconds / 1e9, stages, per_sm, chunk))
+        for values in itertools.product(*SWEEP.values()):
+            config = dict(zip(names, values))
+            for name in names[:-1]:
+                setattr(da, name, config[name])
+            seconds = measure(da.triton_persistent(**inputs, chunk=config["chunk"]), device="cuda", rounds=20)
+            results.append((case.bytes_moved() / seconds / 1e9, values))
         results.sort(key=lambda r: -r[0])
-        best = ", ".join(f"s{s} p{p} c{c}: {g:,.0f}" for g, s, p, c in results[:5])
-        worst = ", ".join(f"s{s} p{p} c{c}: {g:,.0f}" for g, s, p, c in results[-2:])
-        print(f"B{batch} L{length} {'var' if variable else 'uni'} {layout:10s} best {best} | worst {worst}",
-              flush=True)
+        print(f"B{batch} L{length} {'var' if variable else 'uni'} {layout}: " +
+              ", ".join(f"{'/'.join(map(str, v))} {g:,.0f}" for g, v in results[:6]), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,295 @@
+"""Tests of the suite's own plugin logic (SPEC 3, 5, 7): hardware keys, expectations files and their
+update, hardware markers, option validation, the perf recorder, and the hardware predicates."""
+
+import glob
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kernels import hw
+from suite.expectations import Expectations, ExpectationsError, hardware_key, update
+from suite.perf import PerfRecorder
+from suite.plugin import device_name
+from suite.roofline import Roofline
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+GATE = "decode_attention/triton_split_kv/paged/B4"
+PROV_A, PROV_B = {"commit": "aaa", "gpu": "NVIDIA H100 80GB HBM3"}, {"commit": "bbb", "gpu": "NVIDIA H100 80GB HBM3"}
+SPEEDUP = "speedup_vs_anchor"
+
+
+def write(directory, key, gates):
+    path = directory / f"{key}.json"
+    path.write_text(json.dumps({"gates": gates}))
+    return path
+
+
+def entry_of(path, gate=GATE):
+    return json.loads(path.read_text())["gates"][gate]
+
+
+class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's fixture
+    def __init__(self):
+        self.extra_info = {}
+
+
+@pytest.mark.parametrize("name, key", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100"), ("NVIDIA H200", "h200"),
+    ("NVIDIA B200", "b200"), ("NVIDIA GB10", "gb10"), ("NVIDIA A100-SXM4-80GB", "nvidia_a100_sxm4_80gb"),
+    ("cpu", "cpu"), ("(Prototype) GPU-X!", "prototype_gpu_x")])
+def test_hardware_key(name, key):
+    assert hardware_key(name) == key
+
+
+def test_load_picks_key_file_then_default_then_nothing(tmp_path):
+    h100 = write(tmp_path, "h100", {GATE: {SPEEDUP: {"floor": 0.9}}})
+    default = write(tmp_path, "default", {GATE: {SPEEDUP: {"floor": 0.5}}})
+    exp = Expectations.load(tmp_path, "h100")
+    assert exp.path == h100 and [(v.floor, v.ok) for v in exp.check(GATE, {SPEEDUP: 0.7})] == [(0.9, False)]
+    exp = Expectations.load(tmp_path, "b200")
+    assert exp.path == default and [(v.floor, v.ok) for v in exp.check(GATE, {SPEEDUP: 0.7})] == [(0.5, True)]
+    assert Expectations.load(tmp_path / "missing", "h100").check(GATE, {SPEEDUP: 0.1}) == []
+
+
+def test_exact_key_beats_pattern_and_hw_skip_reason(tmp_path):
+    # The pattern comes first in the file: the exact key must still win.
+    write(tmp_path, "gb10", {"decode_attention/*/paged/*": {"hw_skip_reason": "no paged decode on GB10"},
+                             GATE: {SPEEDUP: {"floor": 1.2}}})
+    exp = Expectations.load(tmp_path, "gb10")
+    assert exp.hw_skip_reason(GATE) is None and [v.floor for v in exp.check(GATE, {SPEEDUP: 2})] == [1.2]
+    assert exp.hw_skip_reason("decode_attention/sdpa/paged/B8") == "no paged decode on GB10"
+    assert exp.hw_skip_reason("decode_attention/sdpa/contiguous/B8") is None
+
+
+def test_check_verdicts_and_their_message(tmp_path):
+    path = write(tmp_path, "h200", {GATE: {SPEEDUP: {"floor": 0.95, "measured": 1.07},
+                                           "roofline_fraction": {"floor": 0.8, "measured": 0.91}}})
+    exp = Expectations.load(tmp_path, "h200")
+    verdicts = {v.metric: v for v in exp.check(GATE, {SPEEDUP: 0.95, "roofline_fraction": 0.5})}
+    assert verdicts[SPEEDUP].ok is True and "FAILED" not in str(verdicts[SPEEDUP])  # at the floor passes
+    assert verdicts["roofline_fraction"].ok is False
+    for part in ("FAILED", GATE, "roofline_fraction", "0.500", "0.800", str(path)):
+        assert part in str(verdicts["roofline_fraction"])
+    # A metric not measured in this run (None or absent) is not gated.
+    assert [v.metric for v in exp.check(GATE, {SPEEDUP: None, "roofline_fraction": 1})] == ["roofline_fraction"]
+
+
+@pytest.mark.parametrize("text, names", [
+    ("{not json", ["not valid JSON"]),
+    (json.dumps({"gate": {}}), ["'gates'"]),
+    (json.dumps({"gates": {GATE: {SPEEDUP: {"floor": "0.9"}}}}), [f"'gates.{GATE}'", f"{SPEEDUP}.floor", "'0.9'"]),
+    (json.dumps({"gates": {GATE: {"speedup_vs_anchr": {"floor": 0.9}}}}), [f"'gates.{GATE}'", "speedup_vs_anchr"]),
+    (json.dumps({"gates": {GATE: {"roofline_fraction": {"floor": -0.1}}}}), [f"'gates.{GATE}'", "fraction.floor"]),
+    ('{"gates": {"%s": {"roofline_fraction": {"floor": NaN}}}}' % GATE, [f"'gates.{GATE}'"]),
+], ids=["not-json", "no-gates", "string-floor", "unknown-field", "negative-floor", "nan-floor"])
+def test_malformed_expectations_name_file_and_key(tmp_path, text, names):
+    path = tmp_path / "h100.json"
+    path.write_text(text)
+    with pytest.raises(ExpectationsError) as info:
+        Expectations.load(tmp_path, "h100")
+    assert [part for part in [str(path)] + names if part not in str(info.value)] == []
+
+
+def test_update_writes_floor_with_margin_and_provenance(tmp_path):
+    path = update(tmp_path, "b200", {GATE: {SPEEDUP: 1.2, "roofline_fraction": 0.9, "gpu_time_s": 3e-5}},
+                  margin=0.1, provenance=PROV_A)
+    entry = entry_of(path)
+    assert path == tmp_path / "b200.json" and entry["roofline_fraction"]["floor"] == pytest.approx(0.81)
+    assert (entry[SPEEDUP]["floor"], entry[SPEEDUP]["measured"]) == pytest.approx((1.08, 1.2))
+    assert entry["provenance"] == PROV_A and "gpu_time_s" not in entry
+    # What update writes, load reads back as a gate.
+    assert [v.ok for v in Expectations.load(tmp_path, "b200").check(GATE, {SPEEDUP: 1.07})] == [False]
+
+
+def test_update_never_lowers_a_floor_unless_asked(tmp_path):
+    def floor(value, **kw):
+        path = update(tmp_path, "gb10", {GATE: {SPEEDUP: value}}, margin=0.0, provenance=PROV_A, **kw)
+        return entry_of(path)[SPEEDUP]["floor"]
+    assert (floor(1.0), floor(0.5), floor(0.5, allow_lower=True), floor(2.0)) == (1.0, 1.0, 0.5, 2.0)
+
+
+def test_update_keeps_the_measured_value_and_provenance_of_a_kept_floor(tmp_path):
+    update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0}}, margin=0.0, provenance=PROV_A)
+    entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 0.5}}, margin=0.0, provenance=PROV_B))
+    assert entry[SPEEDUP]["floor"] == 1.0
+    assert (entry[SPEEDUP]["measured"], entry["provenance"]) == (1.0, PROV_A)
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"gates": {GATE: {"floor": 1.0}}}),
+    "{not json",
+], ids=["unknown-field", "not-json"])
+def test_update_refuses_a_malformed_existing_file_naming_it(tmp_path, text):
+    path = tmp_path / "h100.json"
+    path.write_text(text)
+    with pytest.raises(ExpectationsError, match="h100.json"):
+        update(tmp_path, "h100", {GATE: {SPEEDUP: 2.0}}, margin=0.1, provenance=PROV_A)
+    assert path.read_text() == text
+
+
+# --- the plugin end to end, in an inner pytest run with the repository's own pytest.ini ---
+
+@pytest.fixture
+def inner(pytester):
+    pytester.syspathinsert(REPO)
+    pytester.makefile(".ini", pytest=(REPO / "pytest.ini").read_text())
+    return pytester
+
+
+def test_hardware_markers_skip_naming_feature_and_probe(inner):
+    inner.makepyfile(test_hw="import pytest\n" + "".join(
+        f"@pytest.mark.{marker}\ndef test_{marker}():\n    pass\n" for marker in hw.PREDICATES))
+    result = inner.runpytest("-rs", "--strict-markers", "-p", "suite.plugin")
+    reports = [r for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "setup" and r.skipped]
+    skipped = {r.nodeid.split("::test_")[1]: r.longrepr[2].removeprefix("Skipped: ") for r in reports}
+    if not torch.cuda.is_available():
+        no_cuda = "torch.cuda.is_available() is False"
+        assert skipped["requires_cuda"] == f"needs a CUDA device: {no_cuda}"
+        assert skipped["requires_tma"] == f"needs TMA (sm_90+ and a TMA probe kernel): {no_cuda}"
+        assert skipped["requires_fp8_fused"] == f"needs fused FP8 decode (sm_89+): {no_cuda}"
+        assert skipped["requires_multi_gpu"] == "needs two GPUs with peer access: torch.cuda.device_count() == 0"
+        result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_hw.py:*: needs a CUDA device: " + no_cuda])
+    numa_ok, numa_probe = hw.numa_remote()
+    assert skipped.get("requires_numa_remote") == (None if numa_ok else f"needs a remote NUMA node: {numa_probe}")
+    assert "requires_nvcc" not in skipped  # nvcc is on PATH here
+    assert result.ret == 0 and result.parseoutcomes()["passed"] == len(hw.PREDICATES) - len(skipped)
+
+
+@pytest.mark.parametrize("args", [
+    ["--strict-markers"],
+    [],
+], ids=["flag", "pytest.ini"])
+def test_strict_markers_reject_an_unknown_marker(inner, args):
+    inner.makepyfile("import pytest\n@pytest.mark.requires_warp_drive\ndef test_x():\n    pass\n")
+    result = inner.runpytest("-p", "suite.plugin", *args)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*'requires_warp_drive' not found in `markers` configuration option*"])
+
+
+@pytest.mark.parametrize("args, parts", [
+    (["--page-size", "0"], ["--page-size 0: must be > 0"]),
+    (["--page-size", "-16"], ["--page-size -16: must be > 0"]),
+    (["--expectations-margin", "1.5"], ["--expectations-margin 1.5: must be in [0, 1)"]),
+    (["--profile", "huge"], ["--profile", "invalid choice: 'huge'", "minimal", "full"]),
+    (["--kv-layout", "diagonal"], ["--kv-layout", "invalid choice: 'diagonal'", "both", "contiguous", "paged"]),
+])
+def test_bad_options_are_usage_errors(inner, args, parts):
+    inner.makepyfile("def test_x():\n    pass\n")
+    result = inner.runpytest("-p", "suite.plugin", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert [part for part in parts if part not in result.stderr.str()] == []
+
+
+def test_good_options_reach_the_tests(inner):
+    inner.makepyfile(f"""
+        def test_options(pytestconfig, profile):
+            assert profile == "full" and pytestconfig.getoption("expectations_margin") == 0.0
+            assert pytestconfig.getoption("page_size") == 32 and pytestconfig.getoption("kv_layout") == "paged"
+            assert pytestconfig.getoption("benchmark_storage") == "file://./.benchmarks/{hardware_key(device_name())}"
+    """)
+    result = inner.runpytest("-p", "suite.plugin", "--profile", "full", "--page-size", "32",
+                             "--kv-layout", "paged", "--expectations-margin", "0")
+    assert result.ret == 0, result.stdout.str()
+
+
+def test_malformed_expectations_dir_is_a_usage_error(inner, tmp_path):
+    path = write(tmp_path, "default", {GATE: {SPEEDUP: {"floor": "fast"}}})
+    inner.makepyfile("def test_x():\n    pass\n")
+    result = inner.runpytest("-p", "suite.plugin", "--expectations-dir", str(tmp_path))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert str(path) in err and f"'gates.{GATE}'.{SPEEDUP}.floor" in err and "'fast'" in err
+
+
+# --- the perf recorder ---
+
+def gated(tmp_path):
+    write(tmp_path, "h100", {GATE: {SPEEDUP: {"floor": 1.5}},
+                             "decode_attention/*/contiguous/*": {"hw_skip_reason": "no contiguous here"}})
+    return Expectations.load(tmp_path, "h100")
+
+
+def test_perf_record_on_cpu_is_a_smoke_run_with_a_table(tmp_path):
+    rec = PerfRecorder("cpu", gated(tmp_path), updating=False)
+    assert rec.table() == []
+    try:  # hw_skip_reason is about GPUs: without one, nothing is N/A
+        rec.skip_if_not_applicable("decode_attention/sdpa/contiguous/B4")
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"skipped without a GPU: {exc}")
+    bench = FakeBenchmark()
+    rec.record(bench, GATE, 2e-3, shape={"B": 4}, bytes_moved=4e6, baseline_seconds=2.4e-3)  # 1.2x < floor 1.5
+    extra = bench.extra_info
+    assert (extra["bytes_moved"], extra["gate"], extra["shape"]) == (4e6, "smoke (no GPU)", {"B": 4})
+    assert extra["achieved_gbps"] == pytest.approx(2.0) and "roofline_fraction" not in extra and rec.measured == {}
+    header, row = rec.table()
+    assert header.split()[:2] == ["workload/variant/layout/case", "host"] and len(header) == len(row)
+    assert header.index("gate") == row.index("smoke (no GPU)")
+    assert row.startswith(GATE) and "2,000.0" in row and "2 GB/s" in row and "1.20x" in row
+
+
+def gpu_recorder(tmp_path, updating):
+    # The GPU path without a GPU: a cuda device object and a roofline given instead of calibrated.
+    rec = PerfRecorder("cuda", gated(tmp_path), updating=updating)
+    rec._roofline = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0)
+    return rec
+
+
+def test_perf_gate_failure_names_gate_measured_floor_and_file_unless_updating(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
+    with pytest.raises(pytest.fail.Exception) as info:
+        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1.2e-3)
+    for part in (GATE, SPEEDUP, "1.200", "1.500", str(tmp_path / "h100.json")):
+        assert part in str(info.value)
+    assert bench.extra_info["gate"] == "FAIL" and bench.extra_info["roofline_fraction"] == pytest.approx(0.5)
+    with pytest.raises(pytest.skip.Exception, match="no contiguous here"):
+        rec.skip_if_not_applicable("decode_attention/sdpa/contiguous/B4")
+    assert [r.verdict for r in rec.rows] == ["FAIL", "N/A: no contiguous here"]
+    assert "50%" in rec.table()[1] and "GPU us" in rec.table()[0]
+    # With --expectations-update the same run is recorded for the file instead of failing.
+    rec, bench = gpu_recorder(tmp_path, updating=True), FakeBenchmark()
+    rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1.2e-3)
+    assert bench.extra_info["gate"] == "recorded"
+    assert rec.measured[GATE] == pytest.approx({"roofline_fraction": 0.5, SPEEDUP: 1.2})
+
+
+def test_perf_record_speedup_only_on_gpu(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=True), FakeBenchmark()
+    rec.record(bench, GATE, 1e-3, shape={}, baseline_seconds=2e-3)
+    assert bench.extra_info[SPEEDUP] == pytest.approx(2.0)
+
+
+# --- hardware predicates ---
+
+def test_has_cuda():
+    expected = ((True, f"CUDA device 0: {torch.cuda.get_device_name(0)}") if torch.cuda.is_available()
+                else (False, "torch.cuda.is_available() is False"))
+    assert hw.has_cuda() == expected
+
+
+def test_numa_remote_counts_nodes_with_memory(tmp_path, monkeypatch):
+    ok, probed = hw.numa_remote()
+    assert (ok and "NUMA nodes with memory" in probed) or (not ok and "/sys/devices/system/node" in probed)
+    monkeypatch.setattr(hw, "glob", SimpleNamespace(
+        glob=lambda pattern: glob.glob(pattern.replace("/sys/devices/system/node", str(tmp_path)))))
+    for node, kb in ((0, 1000), (1, 0), (2, 64)):  # node1: a memoryless node (CPUs only)
+        (tmp_path / f"node{node}").mkdir()
+        (tmp_path / f"node{node}" / "meminfo").write_text(f"Node {node} MemTotal:  {kb} kB\nNode {node} MemFree: 5 kB")
+        if node == 1:
+            assert hw.numa_remote() == (False, "/sys/devices/system/node lists 1 NUMA node(s) with memory")
+    assert hw.numa_remote() == (True, "2 NUMA nodes with memory")
+
+
+def test_nvcc_found_on_path(tmp_path, monkeypatch):
+    assert hw.nvcc() == (True, f"nvcc at {shutil.which('nvcc')}")  # this machine has one
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert hw.nvcc() == (False, "nvcc not found on PATH")
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert hw.nvcc() == (True, f"nvcc at {fake}")
