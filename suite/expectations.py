@@ -8,7 +8,8 @@ A file `expectations/<key>.json` per GPU (key from the GPU name), `default.json`
         "provenance": {"commit": ..., "date": ..., "gpu": ..., "driver": ..., "torch": ..., "triton": ...}},
       "<pattern with * or ?>": {"hw_skip_reason": "why this cannot run on this GPU"}}}
 
-Every gate metric is a ratio where higher is better. Exact keys win over patterns.
+Every gate metric is a ratio where higher is better. An exact key wins; otherwise the longest
+matching pattern (the most specific) does.
 """
 
 import fnmatch
@@ -99,10 +100,8 @@ class Expectations:
     def entry(self, gate_id):
         if gate_id in self.gates:
             return self.gates[gate_id]
-        for pattern, entry in self.gates.items():
-            if fnmatch.fnmatchcase(gate_id, pattern):
-                return entry
-        return None
+        matches = [pattern for pattern in self.gates if fnmatch.fnmatchcase(gate_id, pattern)]
+        return self.gates[max(matches, key=len)] if matches else None
 
     def hw_skip_reason(self, gate_id):
         return (self.entry(gate_id) or {}).get("hw_skip_reason")
