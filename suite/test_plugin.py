@@ -293,3 +293,14 @@ def test_nvcc_found_on_path(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     assert hw.nvcc() == (True, f"nvcc at {fake}")
+
+
+def test_the_most_specific_pattern_wins(tmp_path):
+    general = {"roofline_fraction": {"floor": 0.5}}
+    specific = {"roofline_fraction": {"floor": 0.5}, SPEEDUP: {"floor": 1.0}}
+    (tmp_path / "default.json").write_text(json.dumps({"gates": {
+        "decode_attention/triton_*/*/B64-*": general, "decode_attention/triton_persistent/*/B64-*-var": specific}}))
+    exp = Expectations.load(tmp_path, "b200")
+    assert exp.entry("decode_attention/triton_persistent/paged/B64-L4096-var") == specific
+    assert exp.entry("decode_attention/triton_split_kv/paged/B64-L4096-var") == general
+    assert exp.entry("decode_attention/triton_split_kv/paged/B4-L4096-var") is None
