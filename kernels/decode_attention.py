@@ -34,7 +34,7 @@ BLOCK_N = 64  # KV positions per inner step
 MIN_CHUNK = 256
 MAX_CHUNK = 2048
 TILES_PER_SM = 1
-MERGE_C = 32  # partials merged per step
+MERGE_ROWS = 64  # (head, chunk) partials merged per step: [GROUP, MERGE_ROWS // GROUP, D] fp32
 NUM_WARPS = 4
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 2  # persistent grid = SM count x this; two CTAs of NUM_STAGES=3 fit one SM
@@ -102,30 +102,33 @@ def _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q
 @triton.jit
 def _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, n_chunks,
                  num_q_heads, max_chunks,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_C: tl.constexpr):
-    # out[h] = sum_c 2^lse_c * o_c / sum_c 2^lse_c over the n_chunks partials of each of the GROUP
-    # heads, MERGE_C chunks per step. .cg loads: partials written by other SMs during this launch
-    # must not be served from this SM's L1.
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr):
+    # out[h] = sum_c 2^lse_c * o_c / sum_c 2^lse_c over the n_chunks partials, for the GROUP heads
+    # of KV head kvh at once, MERGE_C chunks per step. .cg loads: partials written by other SMs
+    # during this launch must not be served from this SM's L1.
+    offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, MERGE_C)
     offs_d = tl.arange(0, HEAD_DIM)
-    for i in tl.static_range(GROUP):
-        head = kvh * GROUP + i
-        part = (b * num_q_heads + head).to(tl.int64) * max_chunks
-        m_i = tl.full([], float("-inf"), tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        for c0 in range(0, n_chunks, MERGE_C):
-            c = c0 + offs_c
-            lse = tl.load(part_lse_ptr + part + c, mask=c < n_chunks, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(part_o_ptr + (part + c)[:, None] * HEAD_DIM + offs_d[None, :],
-                        mask=(c < n_chunks)[:, None], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_i, tl.max(lse, 0))
-            alpha = tl.math.exp2(m_i - m_new)
-            w = tl.math.exp2(lse - m_new)
-            l_i = l_i * alpha + tl.sum(w, 0)
-            acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-            m_i = m_new
-        tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+    g_mask = offs_g < GROUP
+    part = (b * num_q_heads + kvh * GROUP + offs_g).to(tl.int64) * max_chunks
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for c0 in range(0, n_chunks, MERGE_C):
+        c = c0 + offs_c
+        idx = part[:, None] + c[None, :]  # [G, C]
+        mask = g_mask[:, None] & (c < n_chunks)[None, :]
+        lse = tl.load(part_lse_ptr + idx, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        lse = tl.where(g_mask[:, None], lse, 0.0)  # padding heads stay finite
+        o = tl.load(part_o_ptr + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_i, tl.max(lse, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(lse - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        m_i = m_new
+    _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_G)
 
 
 @triton.jit
@@ -152,13 +155,14 @@ def _split_kv(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, pa
 @triton.jit
 def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
                     num_q_heads, num_kv_heads, max_chunks, chunk_size,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_C: tl.constexpr):
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+                    MERGE_C: tl.constexpr):
     # grid (B, Hkv)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     n_chunks = tl.cdiv(tl.load(seq_lens_ptr + b), chunk_size)
     _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, n_chunks,
-                 num_q_heads, max_chunks, GROUP, HEAD_DIM, MERGE_C)
+                 num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
 
 
 @triton.jit
@@ -168,7 +172,7 @@ def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, 
                 counters_ptr, out_ptr, stride_ob, stride_oh, batch,
                 GROUP: tl.constexpr, PAGED: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr):
+                BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
     # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
@@ -199,7 +203,7 @@ def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, 
             counter = counters_ptr + b * num_kv_heads + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == nc - 1:
                 _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, nc,
-                             num_q_heads, max_chunks, GROUP, HEAD_DIM, MERGE_C)
+                             num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
@@ -281,7 +285,7 @@ def _chunk(chunk, batch, num_kv_heads, capacity, sms):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, block_table, out, chunk,
-          dims, merge):
+          dims, fused_merge):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
@@ -296,19 +300,21 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, b
         page_size, table = 1, seq_lens  # table is unused when not PAGED
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    block_g = triton.next_power_of_2(group)
+    merge = dict(BLOCK_G=block_g, MERGE_C=max(1, MERGE_ROWS // block_g))
     args = (q, k_cache, v_cache, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
             page_size, max_chunks, num_q_heads, num_kv_heads, chunk,
             *extra_args(out))
     meta = dict(GROUP=group, PAGED=paged, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=BLOCK_N,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES, **extra_meta)
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES, **extra_meta, **(merge if fused_merge else {}))
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                   num_q_heads, num_kv_heads, max_chunks, chunk)
 
     def launch():
         kernel[grid(max_chunks)](*args, **meta)
-        if merge:
-            _split_kv_merge[(batch, num_kv_heads)](*merge_args, GROUP=group, HEAD_DIM=head_dim, MERGE_C=MERGE_C)
+        if not fused_merge:
+            _split_kv_merge[(batch, num_kv_heads)](*merge_args, GROUP=group, HEAD_DIM=head_dim, **merge)
         return out
 
     return launch
@@ -320,7 +326,7 @@ def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None
     batch, _, num_kv_heads, _, capacity = dims[:5]
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, hw.num_sms(q.device))
     return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
-                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, merge=True)
+                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, fused_merge=False)
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, chunk=None):
@@ -335,5 +341,5 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=No
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (min(sms * PROGRAMS_PER_SM, max_tiles),),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
-                 dict(MERGE_C=MERGE_C, BLOCK_B=triton.next_power_of_2(batch)),
-                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, merge=False)
+                 dict(BLOCK_B=triton.next_power_of_2(batch)),
+                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, fused_merge=True)
