@@ -37,7 +37,7 @@ TILES_PER_SM = 1
 MERGE_ROWS = 64  # (head, chunk) partials merged per step: [GROUP, MERGE_ROWS // GROUP, D] fp32
 NUM_WARPS = 4
 NUM_STAGES = 3
-PROGRAMS_PER_SM = 2  # persistent grid = SM count x this; two CTAs of NUM_STAGES=3 fit one SM
+PROGRAMS_PER_SM = 3  # persistent grid = SM count x this: 3 CTAs (168 registers x 128 threads, <= 72 KB smem) fit an SM
 MAX_BATCH = 4096  # the persistent kernel holds all seq_lens of the batch in one vector
 
 

@@ -11,9 +11,9 @@ from kernels import decode_attention as da
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
 
-SHAPES = [(1, 4096, False), (4, 4096, False), (16, 1024, False), (16, 4096, False), (64, 16384, False)]
+SHAPES = [(1, 4096, False), (1, 1024, False), (16, 1024, False)]
 # Module constants of kernels/decode_attention.py to sweep, then the launcher's chunk (last).
-SWEEP = {"PROGRAMS_PER_SM": (2, 3), "chunk": (None, 128, 256, 512)}
+SWEEP = {"BLOCK_N": (64, 128), "NUM_STAGES": (2, 3, 4), "NUM_WARPS": (4, 8), "chunk": (128, 256, 512)}
 
 
 def main():
