@@ -304,3 +304,17 @@ def test_the_most_specific_pattern_wins(tmp_path):
     assert exp.entry("decode_attention/triton_persistent/paged/B64-L4096-var") == specific
     assert exp.entry("decode_attention/triton_split_kv/paged/B64-L4096-var") == general
     assert exp.entry("decode_attention/triton_split_kv/paged/B4-L4096-var") is None
+
+
+def test_expectations_from_a_saved_run(tmp_path, monkeypatch):
+    # The committed H100 calibration run turns into gates for h100, floors = measured * (1 - margin).
+    from tools import expectations_from_run
+    run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]
+    monkeypatch.setattr("sys.argv", ["x", str(run), "--margin", "0.2", "--expectations-dir", str(tmp_path)])
+    expectations_from_run.main()
+    exp = Expectations.load(tmp_path, "h100")
+    saved = {b["extra_info"]["gate_id"]: b["extra_info"] for b in json.loads(run.read_text())["benchmarks"]}
+    assert set(exp.gates) == set(saved)
+    gate = "decode_attention/triton_persistent/contiguous/B64-L4096-var"
+    assert exp.gates[gate][SPEEDUP]["floor"] == pytest.approx(0.8 * saved[gate][SPEEDUP], abs=1e-3)
+    assert exp.gates[gate]["provenance"]["gpu"] == "NVIDIA H100 80GB HBM3"
