@@ -8,6 +8,8 @@ import torch
 from suite import roofline
 from suite.expectations import Expectations
 
+NOISY = 0.10  # interquartile range over median above which a measurement is flagged
+
 
 @dataclass
 class Row:
@@ -88,10 +90,15 @@ class PerfRecorder:
             verdict = "no gate"
         else:
             verdict = "FAIL" if failed else "pass"
+        spread = extra.get("iqr_over_median", 0.0)
+        if spread > NOISY:
+            verdict += f" (noisy: IQR {100 * spread:.0f}% of median)"
         extra["gate"] = verdict
         self.rows.append(Row(gate_id, seconds, throughput, pct, speedup, verdict))
         if failed and not self.updating:
-            pytest.fail("\n".join(str(v) for v in failed), pytrace=False)
+            hint = [f"the rounds were noisy (IQR {100 * spread:.0f}% of the median): rerun before believing it"] \
+                if spread > NOISY else []
+            pytest.fail("\n".join([str(v) for v in failed] + hint), pytrace=False)
 
     def table(self):
         if not self.rows:

@@ -318,3 +318,11 @@ def test_expectations_from_a_saved_run(tmp_path, monkeypatch):
     gate = "decode_attention/triton_persistent/contiguous/B64-L4096-var"
     assert exp.gates[gate][SPEEDUP]["floor"] == pytest.approx(0.8 * saved[gate][SPEEDUP], abs=1e-3)
     assert exp.gates[gate]["provenance"]["gpu"] == "NVIDIA H100 80GB HBM3"
+
+
+def test_perf_flags_noisy_rounds(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
+    bench.extra_info["iqr_over_median"] = 0.3
+    with pytest.raises(pytest.fail.Exception, match="noisy"):
+        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1e-4)
+    assert "noisy: IQR 30% of median" in bench.extra_info["gate"]

@@ -70,7 +70,9 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True):
     benchmark.extra_info["clock"] = "cuda_event"
     benchmark.extra_info["l2"] = "flushed before every round" if cold else "warm"
     benchmark.pedantic(launch, setup=RoundSetup(device, cold), rounds=rounds, warmup_rounds=1)
-    return benchmark.stats.stats.median
+    stats = benchmark.stats.stats
+    benchmark.extra_info["iqr_over_median"] = stats.iqr / stats.median
+    return stats.median
 
 
 def measure(launch, *, device, rounds, cold=True) -> float:
