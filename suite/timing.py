@@ -6,6 +6,7 @@ pytest-benchmark stores, compares and autosaves is GPU time (NVIDIA Fuser's benc
 The L2 flush runs as pedantic's setup: enqueued before the start event, outside the timed region.
 """
 
+import gc
 import statistics
 
 import torch
@@ -13,9 +14,11 @@ import torch
 from kernels import hw
 
 FLUSH_BYTES_MIN = 256 << 20
-# After the flush the GPU spins this long, untimed, while the host enqueues the timed launches
-# (~100 us at 2 GHz): otherwise host launch latency of small kernels lands inside the events.
-HOST_SLACK_CYCLES = 200_000
+# After the flush the GPU spins this long, untimed (~1 ms at 2 GHz), while the host records the
+# start event, enqueues the timed launches and records the end event. A host delay shorter than
+# this cannot reach the events; with 100 us, stalls of the host on the H100 machine put a quarter
+# of some benchmarks' rounds at 2-7x their time.
+HOST_SLACK_CYCLES = 2_000_000
 WARMUP_CALLS = 3  # JIT compilation and autotuning happen here, never in a timed round
 
 
@@ -67,6 +70,7 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True):
         return benchmark.stats.stats.median
     _warm_up(launch)
     benchmark._timer = CudaEventClock()  # pytest-benchmark has no public hook for the timer
+    benchmark._disable_gc = True  # as --benchmark-disable-gc: no collection between the events
     benchmark.extra_info["clock"] = "cuda_event"
     benchmark.extra_info["l2"] = "flushed before every round" if cold else "warm"
     benchmark.pedantic(launch, setup=RoundSetup(device, cold), rounds=rounds, warmup_rounds=1)
@@ -80,9 +84,13 @@ def measure(launch, *, device, rounds, cold=True) -> float:
     _warm_up(launch)
     clock, setup = CudaEventClock(), RoundSetup(device, cold)
     times = []
-    for _ in range(rounds):
-        setup()
-        start = clock()
-        launch()
-        times.append(clock() - start)
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            setup()
+            start = clock()
+            launch()
+            times.append(clock() - start)
+    finally:
+        gc.enable()
     return statistics.median(times)
