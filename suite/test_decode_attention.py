@@ -144,3 +144,18 @@ def test_sdpa_backend_must_be_known(device):
     inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
     with pytest.raises(ValueError, match="backend must be one of"):
         VARIANTS["sdpa"](**inputs, backend="fastest")
+
+
+@pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
+def test_a_bound_launch_runs_again(variant, layout, device):
+    # The persistent kernel's queue and merge counters reset themselves: launch twice, new q each time.
+    case = DecodeCase((300, 45), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout)
+    inputs = make_inputs(case, device)
+    out = torch.empty_like(inputs["q"])
+    launch = VARIANTS[variant](**inputs, out=out, chunk=64)
+    for _ in range(2):
+        inputs["q"].copy_(torch.randn_like(inputs["q"]))
+        out.fill_(float("nan"))
+        launch()
+        tol = TOLERANCE[case.dtype]
+        torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=tol, rtol=tol)
