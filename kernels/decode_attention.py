@@ -8,10 +8,10 @@ all g = Hq // Hkv query heads of its KV head at once (K and V are read once per 
 chunks of a sequence are merged by their log-sum-exp.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
   partials go to a workspace and a second kernel merges them.
-- triton_persistent: one launch, grid = SM count x PROGRAMS_PER_SM; the programs drain a work
-  list of (sequence, KV head, chunk) tiles, built in-kernel from seq_lens and handed out by an
-  atomic queue, so the load stays balanced however unequal the lengths are. A single-chunk tile
-  writes the output directly; otherwise the last tile of a (sequence, KV head) merges them.
+- triton_persistent: one launch, grid = SM count; each program walks a work list of (sequence,
+  KV head, chunk) tiles built in-kernel from seq_lens, so every program gets the same number of
+  equal-sized tiles however unequal the lengths are. A single-chunk tile writes the output
+  directly; otherwise the last tile of a (sequence, KV head) to finish merges its partials.
 
 Each launcher checks its arguments (one device sync for the value checks), allocates output and
 workspace, and returns a zero-argument `launch()` so benchmarks time kernel launches only.
@@ -169,23 +169,18 @@ def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, 
 def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
                 qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
                 page_size, max_chunks, num_q_heads, num_kv_heads, chunk_size,
-                counters_ptr, queue_ptr, out_ptr, stride_ob, stride_oh, batch,
+                counters_ptr, out_ptr, stride_ob, stride_oh, batch,
                 GROUP: tl.constexpr, PAGED: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
-    # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens. Programs take
-    # tiles from an atomic queue (queue[0]: next tile), one ahead so the grab's latency hides
-    # behind a tile: a program that drew short tiles takes more, as the hardware would.
+    # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
     lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
     n_chunks = tl.cdiv(lens, chunk_size)
     tiles = n_chunks * num_kv_heads
     ends = tl.cumsum(tiles, 0)
-    total = tl.sum(tiles, 0)
-    t = tl.atomic_add(queue_ptr, 1, sem="relaxed", scope="gpu")
-    while t < total:
-        t_next = tl.atomic_add(queue_ptr, 1, sem="relaxed", scope="gpu")
+    for t in tl.range(tl.program_id(0), tl.sum(tiles, 0), tl.num_programs(0)):
         b = tl.sum((ends <= t).to(tl.int32), 0)
         this = offs_b == b
         local = t - tl.sum(tl.where(this, ends - tiles, 0), 0)
@@ -210,11 +205,6 @@ def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, 
                 _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, nc,
                              num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-        t = t_next
-    # queue[1] counts finished programs; the last one resets the queue for the next launch.
-    if tl.atomic_add(queue_ptr + 1, 1, sem="relaxed", scope="gpu") == tl.num_programs(0) - 1:
-        tl.atomic_xchg(queue_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(queue_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 class DecodeDims(NamedTuple):
@@ -349,8 +339,7 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=No
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, sms)
     max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
-    queue = torch.zeros(2, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (min(sms * PROGRAMS_PER_SM, max_tiles),),
-                 lambda out: (counters, queue, out, out.stride(0), out.stride(1), batch),
+                 lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=triton.next_power_of_2(batch)),
                  q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, fused_merge=True)

@@ -148,7 +148,7 @@ def test_sdpa_backend_must_be_known(device):
 
 @pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
 def test_a_bound_launch_runs_again(variant, layout, device):
-    # The persistent kernel's queue and merge counters reset themselves: launch twice, new q each time.
+    # The persistent kernel's merge counters reset themselves: launch twice, new q each time.
     case = DecodeCase((300, 45), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout)
     inputs = make_inputs(case, device)
     out = torch.empty_like(inputs["q"])
