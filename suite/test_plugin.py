@@ -326,3 +326,11 @@ def test_perf_flags_noisy_rounds(tmp_path):
     with pytest.raises(pytest.fail.Exception, match="noisy"):
         rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1e-4)
     assert "noisy: IQR 30% of median" in bench.extra_info["gate"]
+
+
+@pytest.mark.requires_cuda
+def test_feature_probes_pass_where_the_hardware_has_the_feature():
+    # On sm_90+ the TMA probe kernel must compile and run; on sm_89+ the fp8 dequantizing one.
+    capability = torch.cuda.get_device_capability(0)
+    assert hw.tma_ready()[0] == (capability >= (9, 0)), hw.tma_ready()[1]
+    assert hw.fp8_fused_ready()[0] == (capability >= (8, 9)), hw.fp8_fused_ready()[1]
