@@ -8,9 +8,9 @@ all g = Hq // Hkv query heads of its KV head at once (K and V are read once per 
 chunks of a sequence are merged by their log-sum-exp.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
   partials go to a workspace and a second kernel merges them.
-- triton_persistent: one launch, grid = SM count; each program walks a work list of (sequence,
-  KV head, chunk) tiles built in-kernel from seq_lens, so every program gets the same number of
-  equal-sized tiles however unequal the lengths are. A single-chunk tile writes the output
+- triton_persistent: one launch, grid = SM count x PROGRAMS_PER_SM (all resident at once); each
+  program walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens,
+  so every program gets the same number of equal-sized tiles however unequal the lengths are. A single-chunk tile writes the output
   directly; otherwise the last tile of a (sequence, KV head) to finish merges its partials.
 
 Each launcher checks its arguments (one device sync for the value checks), allocates output and
@@ -37,8 +37,10 @@ TILES_PER_SM = 1
 MERGE_ROWS = 64  # (head, chunk) partials merged per step: [GROUP, MERGE_ROWS // GROUP, D] fp32
 NUM_WARPS = 4
 NUM_STAGES = 3
-PROGRAMS_PER_SM = 3  # persistent grid = SM count x this: 3 CTAs (168 registers x 128 threads, <= 72 KB smem) fit an SM
-MAX_BATCH = 4096  # the persistent kernel holds all seq_lens of the batch in one vector
+# Persistent grid = SM count x this. On an H100, 3 CTAs fit an SM: 168 registers x 128 threads
+# and <= 72 KB of shared memory each.
+PROGRAMS_PER_SM = 3
+MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
 
 
 @triton.jit

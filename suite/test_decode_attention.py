@@ -159,3 +159,10 @@ def test_a_bound_launch_runs_again(variant, layout, device):
         launch()
         tol = TOLERANCE[case.dtype]
         torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=tol, rtol=tol)
+
+
+def test_persistent_batch_limit(device):
+    batch = decode_attention.MAX_BATCH + 1
+    inputs = make_inputs(DecodeCase((1,) * batch, 2, 1, 64, torch.float16, "contiguous"), device)
+    with pytest.raises(ValueError, match="q: batch 1025 exceeds"):
+        VARIANTS["triton_persistent"](**inputs)
