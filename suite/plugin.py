@@ -37,6 +37,10 @@ def nvidia_smi(field):
     return result.stdout.strip() if result.returncode == 0 else f"unavailable ({result.stderr.strip()})"
 
 
+def expectations_dir(config):
+    return config.rootpath / config.getoption("expectations_dir")  # absolute paths stay absolute
+
+
 def pytest_addoption(parser):
     options.add_options(parser)
 
@@ -51,7 +55,7 @@ def pytest_configure(config):
     on_gpu = torch.cuda.is_available()
     settings.load_profile(config.getoption("profile") if on_gpu else "cpu")
     try:
-        expectations = Expectations.load(config.getoption("expectations_dir"), key)
+        expectations = Expectations.load(expectations_dir(config), key)
     except ExpectationsError as exc:
         raise pytest.UsageError(str(exc)) from exc
     config.stash[RECORDER] = PerfRecorder("cuda" if on_gpu else "cpu", expectations,
@@ -129,7 +133,7 @@ def pytest_sessionfinish(session):
     recorder = config.stash.get(RECORDER, None)
     if recorder is None or not recorder.measured:
         return
-    path = update(config.getoption("expectations_dir"), hardware_key(device_name()), recorder.measured,
+    path = update(expectations_dir(config), hardware_key(device_name()), recorder.measured,
                   margin=config.getoption("expectations_margin"), provenance=provenance(config),
                   allow_lower=config.getoption("expectations_allow_lower"))
     recorder.update_path = path
