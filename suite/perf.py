@@ -48,6 +48,9 @@ class PerfRecorder:
             self.rows.append(Row(gate_id, float("nan"), "", "", "", f"N/A: {reason}"))
             pytest.skip(f"N/A on this GPU ({self.expectations.path}): {reason}")
 
+    def set_baseline(self, workload, case, seconds):
+        self.baselines[(workload, case)] = seconds
+
     def baseline(self, workload, case, measure):
         """Seconds of the workload's baseline at `case`: recorded by its own benchmark, or measured now."""
         key = (workload, case)

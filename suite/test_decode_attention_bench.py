@@ -70,16 +70,17 @@ def _check(out, inputs, dtype):
 
 
 def _fastest_sdpa(inputs, device, rounds):
-    """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs."""
+    """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs correctly."""
     timed = []
     for backend in BACKENDS:
         launch = VARIANTS[ANCHOR](**inputs, backend=backend)
         try:
             with warnings.catch_warnings():  # torch warns why a backend declines before it raises
                 warnings.simplefilter("ignore", UserWarning)
-                launch()
+                out = launch()
         except RuntimeError:  # this backend does not support the inputs (mask, GQA, dtype...)
             continue
+        _check(out, inputs, inputs["q"].dtype)  # correctness before timing, every backend
         seconds = measure(launch, device=device, rounds=rounds) if device.type == "cuda" else 0.0
         timed.append((seconds, backend, launch))
     seconds, backend, launch = min(timed, key=lambda t: t[0])
@@ -105,7 +106,7 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
         return _fastest_sdpa(anchor_inputs, device, rounds)[2]
 
     if name == ANCHOR:  # no speedup for the anchor itself; it is the variants' baseline
-        perf.baselines[(WORKLOAD, str(shape))] = seconds
+        perf.set_baseline(WORKLOAD, str(shape), seconds)
     baseline = perf.baseline(WORKLOAD, str(shape), anchor_seconds) \
         if device.type == "cuda" and name != ANCHOR else None
     perf.record(benchmark, gate_id, seconds, shape=dict(variant=name, layout=layout, case=str(shape),
