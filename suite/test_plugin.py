@@ -334,3 +334,11 @@ def test_feature_probes_pass_where_the_hardware_has_the_feature():
     capability = torch.cuda.get_device_capability(0)
     assert hw.tma_ready()[0] == (capability >= (9, 0)), hw.tma_ready()[1]
     assert hw.fp8_fused_ready()[0] == (capability >= (8, 9)), hw.fp8_fused_ready()[1]
+
+
+def test_runs_from_different_gpus_are_not_compared():
+    from suite import plugin
+    ours = {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}
+    plugin.pytest_benchmark_compare_machine_info(None, None, ours, {"machine_info": ours})
+    with pytest.raises(pytest.UsageError, match="'NVIDIA B200'.*'NVIDIA H100 80GB HBM3'"):
+        plugin.pytest_benchmark_compare_machine_info(None, None, ours, {"machine_info": {"gpu": {"name": "NVIDIA B200"}}})
