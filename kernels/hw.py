@@ -40,40 +40,33 @@ def l2_bytes(device) -> int:
     return torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
 
 
-@functools.cache
-def tma_ready():
+def _kernel_probe(min_capability, run_probe, what):
     ok, why = has_cuda()
     if not ok:
         return False, why
-    if capability() < (9, 0):
-        return False, f"compute capability {capability()} < (9, 0)"
+    if capability() < min_capability:
+        return False, f"compute capability {capability()} < {min_capability}"
     if interpreting():
-        return False, "TRITON_INTERPRET=1 emulates tensor descriptors without TMA"
+        return False, "TRITON_INTERPRET=1 does not compile for the device"
+    try:
+        run_probe()
+    except Exception as exc:  # the probe's failure is the finding: report it, don't raise
+        return False, f"{what} failed: {type(exc).__name__}: {exc}"
+    return True, f"{what} compiled and ran exactly"
+
+
+@functools.cache
+def tma_ready():
     from kernels.probes import tma_copy_probe
 
-    try:
-        tma_copy_probe()
-    except Exception as exc:  # the probe's failure is the finding: report it, don't raise
-        return False, f"TMA probe kernel failed: {type(exc).__name__}: {exc}"
-    return True, "TMA probe kernel (Triton tensor descriptor copy) compiled and ran exactly"
+    return _kernel_probe((9, 0), tma_copy_probe, "TMA probe kernel (Triton tensor-descriptor copy)")
 
 
 @functools.cache
 def fp8_fused_ready():
-    ok, why = has_cuda()
-    if not ok:
-        return False, why
-    if capability() < (8, 9):
-        return False, f"compute capability {capability()} < (8, 9) has no fp8-e4m3 conversion"
-    if interpreting():
-        return False, "TRITON_INTERPRET=1 does not compile for the device"
     from kernels.probes import fp8_dequant_probe
 
-    try:
-        fp8_dequant_probe()
-    except Exception as exc:
-        return False, f"fp8 dequantizing probe kernel failed: {type(exc).__name__}: {exc}"
-    return True, "fp8-e4m3 dequantizing probe kernel compiled and ran exactly"
+    return _kernel_probe((8, 9), fp8_dequant_probe, "fp8-e4m3 dequantizing probe kernel")
 
 
 def numa_nodes_with_memory() -> int:

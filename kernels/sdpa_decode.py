@@ -4,6 +4,8 @@ torch SDPA over the cache padded to the batch's longest sequence, with a boolean
 lengths differ. A paged cache is gathered into that padded layout once, before launch().
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,10 +43,9 @@ def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=N
         positions = torch.arange(length, device=q.device)
         mask = (positions[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, L]
     q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
-    backends = list(BACKENDS.values()) if backend is None else [BACKENDS[backend]]
 
-    def launch():
-        with sdpa_kernel(backends, set_priority=backend is None):
+    def launch():  # backend None: torch's own choice
+        with sdpa_kernel([BACKENDS[backend]]) if backend else contextlib.nullcontext():
             o = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
         return o if out is None else out.copy_(o)
 
