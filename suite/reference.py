@@ -15,12 +15,15 @@ def gather_kv(cache, seq_len, b, block_table=None):
     return rows.transpose(0, 1)
 
 
-def attention(q, k, v):
-    """softmax(q . k^T / sqrt(D)) . v in float64. q: [Hq, Sq, D]; k, v: [Hkv, Sk, D] (GQA)."""
+def attention(q, k, v, hidden=None):
+    """softmax(q . k^T / sqrt(D)) . v in float64. q: [Hq, Sq, D]; k, v: [Hkv, Sk, D] (GQA).
+    hidden: [Sq, Sk] bool, True where a query must not see a key."""
     group = q.shape[0] // k.shape[0]
     k = k.double().repeat_interleave(group, dim=0)
     v = v.double().repeat_interleave(group, dim=0)
     scores = q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -31,4 +34,39 @@ def decode_attention(q, k_cache, v_cache, seq_lens, block_table=None):
         k = gather_kv(k_cache, seq_len, b, block_table)
         v = gather_kv(v_cache, seq_len, b, block_table)
         out.append(attention(q[b, :, None, :], k, v)[:, 0, :])
+    return torch.stack(out)
+
+
+def rmsnorm(x, gamma, eps):
+    x = x.double()
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma.double()
+
+
+def decoder_layer(weights, h, k_past, v_past, eps):
+    """The tiny decoder (SPEC 1) on new tokens h [N, d_model] after past k, v [Hkv, S, D]:
+    returns (h_out [N, d_model], k, v [Hkv, S + N, D]), all float64, causal over the new tokens."""
+    w = weights
+    x = rmsnorm(h, w.gamma, eps) @ w.w_qkv.double()
+    q, k, v = x.split([w.q_heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim], dim=-1)
+    q = q.reshape(-1, w.q_heads, w.head_dim).transpose(0, 1)
+    k = torch.cat([k_past, k.reshape(-1, w.kv_heads, w.head_dim).transpose(0, 1)], dim=1)
+    v = torch.cat([v_past, v.reshape(-1, w.kv_heads, w.head_dim).transpose(0, 1)], dim=1)
+    past, new = k_past.shape[1], h.shape[0]
+    future = torch.ones(new, past + new, dtype=torch.bool, device=h.device).triu(past + 1)  # new token i sees 0..past+i
+    attn = attention(q, k, v, hidden=future)  # [Hq, N, D]
+    return h.double() + attn.transpose(0, 1).reshape(new, -1) @ w.w_o.double(), k, v
+
+
+def decode_loop(weights, prompts, steps, eps):
+    """Prefill each prompt [P_b, d_model], then `steps` decode steps, each step's output the next
+    step's input (the first input: the last prompt token's output). -> [B, steps, d_model] float64."""
+    out = []
+    for h in prompts:
+        empty = torch.zeros(weights.kv_heads, 0, weights.head_dim, dtype=torch.float64, device=h.device)
+        h_out, k, v = decoder_layer(weights, h, empty, empty, eps)
+        x, seq = h_out[-1:], []
+        for _ in range(steps):
+            x, k, v = decoder_layer(weights, x, k, v, eps)
+            seq.append(x[0])
+        out.append(torch.stack(seq))
     return torch.stack(out)

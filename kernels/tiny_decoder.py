@@ -1,0 +1,112 @@
+"""The tiny decoder of SPEC 1: one attention-only layer (RMSNorm, GQA, KV append).
+
+`prefill` fills a contiguous KV cache [B, Hkv, L_max, D] from each sequence's prompt (lengths
+differ); `eager_decode` is the decode-loop baseline: a host loop of torch ops, one step after
+another, each step's output the next step's input.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.checks import ATTENTION_DTYPES, HEAD_DIMS
+
+RMS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Weights:
+    w_qkv: torch.Tensor  # [d_model, (Hq + 2 * Hkv) * D]
+    w_o: torch.Tensor  # [Hq * D, d_model]
+    gamma: torch.Tensor  # [d_model]
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def d_model(self):
+        return self.q_heads * self.head_dim
+
+
+def random_weights(q_heads, kv_heads, head_dim, dtype, device) -> Weights:
+    if dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported; supported: {ATTENTION_DTYPES}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported; supported: {HEAD_DIMS}")
+    if kv_heads < 1 or q_heads % kv_heads:
+        raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
+    d_model = q_heads * head_dim
+    width = (q_heads + 2 * kv_heads) * head_dim
+    # Scaled so activations stay O(1) over many steps: unit-variance inputs give unit-variance q, k, v.
+    w_qkv = torch.randn(d_model, width, device=device) / d_model**0.5
+    w_o = torch.randn(d_model, d_model, device=device) / d_model**0.5
+    gamma = 1 + 0.1 * torch.randn(d_model, device=device)
+    return Weights(w_qkv.to(dtype), w_o.to(dtype), gamma.to(dtype), q_heads, kv_heads, head_dim)
+
+
+def rmsnorm(x, gamma):
+    # x: [N, d_model]; statistics in fp32, result in x's dtype
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + RMS_EPS) * gamma.float()).to(x.dtype)
+
+
+def project_qkv(weights, x):
+    # x: [N, d_model] normalized -> q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]
+    w = weights
+    qkv = x @ w.w_qkv
+    q, k, v = qkv.split([w.q_heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim], dim=-1)
+    return (q.view(-1, w.q_heads, w.head_dim), k.view(-1, w.kv_heads, w.head_dim),
+            v.view(-1, w.kv_heads, w.head_dim))
+
+
+def prefill(weights, prompts, capacity):
+    """prompts: list of [P_b, d_model] -> (h [B, d_model] last prompt token's output,
+    k_cache, v_cache [B, Hkv, capacity, D], seq_lens [B] int32)."""
+    w = weights
+    if not prompts:
+        raise ValueError("prompts: need at least one sequence")
+    longest = max(p.shape[0] for p in prompts)
+    if longest > capacity:
+        raise ValueError(f"capacity {capacity} is shorter than the longest prompt ({longest})")
+    device, dtype = prompts[0].device, prompts[0].dtype
+    # Zeroed: the eager baseline's masked SDPA multiplies the padding by zero weights, and 0 * NaN
+    # from uninitialized memory would be NaN.
+    k_cache = torch.zeros(len(prompts), w.kv_heads, capacity, w.head_dim, device=device, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    last = []
+    for b, h in enumerate(prompts):
+        if h.dim() != 2 or h.shape[1] != w.d_model or h.shape[0] < 1:
+            raise ValueError(f"prompts[{b}] has shape {tuple(h.shape)}, expected [P >= 1, {w.d_model}]")
+        q, k, v = project_qkv(w, rmsnorm(h, w.gamma))
+        k_cache[b, :, : h.shape[0]] = k.transpose(0, 1)
+        v_cache[b, :, : h.shape[0]] = v.transpose(0, 1)
+        attn = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                              is_causal=True, enable_gqa=True)  # [Hq, P, D]
+        last.append(h[-1] + attn[:, -1].reshape(-1) @ w.w_o)
+    seq_lens = torch.tensor([p.shape[0] for p in prompts], dtype=torch.int32, device=device)
+    return torch.stack(last), k_cache, v_cache, seq_lens
+
+
+def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps):
+    """`steps` decode steps: h [B, d_model] -> outputs [B, steps, d_model]. Appends each step's
+    k, v at position seq_lens[b] (updated in place) and attends positions 0..seq_lens[b]."""
+    w = weights
+    batch, capacity = h.shape[0], k_cache.shape[2]
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if int(seq_lens.max()) + steps > capacity:
+        raise ValueError(f"seq_lens max {int(seq_lens.max())} + steps {steps} exceeds the cache capacity {capacity}")
+    rows = torch.arange(batch, device=h.device)
+    positions = torch.arange(capacity, device=h.device)
+    out = torch.empty(batch, steps, w.d_model, device=h.device, dtype=h.dtype)
+    for t in range(steps):
+        q, k, v = project_qkv(w, rmsnorm(h, w.gamma))
+        k_cache[rows, :, seq_lens.long()] = k
+        v_cache[rows, :, seq_lens.long()] = v
+        seq_lens += 1
+        mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        attn = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        h = h + attn.reshape(batch, -1) @ w.w_o
+        out[:, t] = h
+    return out

@@ -1,0 +1,85 @@
+"""The tiny decoder's decode loop (SPEC 1, 2.2): every variant against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels import tiny_decoder
+from suite import reference
+
+pytestmark = pytest.mark.decode
+
+LOOP_VARIANTS = {"eager": tiny_decoder.eager_decode}
+# Every step rounds the residual stream h to the model dtype (unit roundoff u = 2^-11 fp16,
+# 2^-8 bf16), so the error is a random walk of T roundings: relative to |h|, about u * sqrt(T).
+# Measured: 0.9 * 2^-10 (fp16) and 1.4 * 2^-7 (bf16) after 16 steps; the bound leaves 2-4x room.
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.fixture(params=sorted(LOOP_VARIANTS))
+def loop_variant(request):
+    return request.param, LOOP_VARIANTS[request.param]
+
+
+def _run_case(loop_variant, weights, prompt_lens, steps, device):
+    _, decode = loop_variant
+    dtype = weights.w_qkv.dtype
+    prompts = [torch.randn(n, weights.d_model, dtype=dtype, device=device) for n in prompt_lens]
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(weights, prompts, capacity=max(prompt_lens) + steps)
+    out = decode(weights, h, k_cache, v_cache, seq_lens, steps)
+    expected = reference.decode_loop(weights, prompts, steps, tiny_decoder.RMS_EPS)
+    assert out.shape == expected.shape and torch.isfinite(out).all()
+    assert seq_lens.tolist() == [n + steps for n in prompt_lens]
+    for b in range(len(prompts)):  # normwise, per sequence
+        error = torch.linalg.norm(out[b].double() - expected[b]) / torch.linalg.norm(expected[b])
+        assert error <= 2 * EPS[dtype] * math.sqrt(steps), f"sequence {b}: relative error {error:.2e}"
+
+
+@given(data=st.data())
+def test_matches_reference(loop_variant, device, data):
+    kv_heads = data.draw(st.sampled_from((1, 2)), label="kv_heads")
+    weights = tiny_decoder.random_weights(kv_heads * data.draw(st.sampled_from((1, 2, 4)), label="group"), kv_heads,
+                                          data.draw(st.sampled_from((64, 128)), label="head_dim"),
+                                          data.draw(st.sampled_from((torch.float16, torch.bfloat16))), device)
+    prompt_lens = data.draw(st.lists(st.integers(1, 70), min_size=1, max_size=4), label="prompt_lens")
+    _run_case(loop_variant, weights, prompt_lens, data.draw(st.integers(1, 12), label="steps"), device)
+
+
+def test_eager_in_float32_is_the_reference(device):
+    # Same math in float32: agreement to float32 rounding proves prefill, KV append, masking and
+    # the step-to-step feed are the reference's.
+    w = tiny_decoder.random_weights(8, 2, 64, torch.bfloat16, device)
+    w = tiny_decoder.Weights(w.w_qkv.float(), w.w_o.float(), w.gamma.float(), 8, 2, 64)
+    prompts = [torch.randn(n, w.d_model, device=device) for n in (5, 17, 1)]
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(w, prompts, capacity=40)
+    out = tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 16)
+    expected = reference.decode_loop(w, prompts, 16, tiny_decoder.RMS_EPS)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(head_dim=96), ValueError, "head_dim 96"),
+    (dict(q_heads=6, kv_heads=4), ValueError, "not a multiple"),
+    (dict(dtype=torch.float32), TypeError, "dtype torch.float32"),
+])
+def test_bad_weights(device, bad, error, match):
+    args = dict(q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16) | bad
+    with pytest.raises(error, match=match):
+        tiny_decoder.random_weights(**args, device=device)
+
+
+def test_bad_prefill_and_decode_arguments(device):
+    w = tiny_decoder.random_weights(4, 2, 64, torch.float16, device)
+    prompts = [torch.randn(9, w.d_model, dtype=torch.float16, device=device)]
+    with pytest.raises(ValueError, match="capacity 8 is shorter than the longest prompt"):
+        tiny_decoder.prefill(w, prompts, capacity=8)
+    with pytest.raises(ValueError, match=r"prompts\[0\] has shape"):
+        tiny_decoder.prefill(w, [prompts[0][:, :10]], capacity=16)
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(w, prompts, capacity=12)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 0)
+    with pytest.raises(ValueError, match="exceeds the cache capacity 12"):
+        tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 4)
