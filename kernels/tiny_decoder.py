@@ -88,25 +88,38 @@ def prefill(weights, prompts, capacity):
     return torch.stack(last), k_cache, v_cache, seq_lens
 
 
-def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps):
-    """`steps` decode steps: h [B, d_model] -> outputs [B, steps, d_model]. Appends each step's
-    k, v at position seq_lens[b] (updated in place) and attends positions 0..seq_lens[b]."""
-    w = weights
-    batch, capacity = h.shape[0], k_cache.shape[2]
+def check_decode(weights, h, k_cache, seq_lens, steps):
+    # h: [B, d_model]; k_cache: [B, Hkv, L_max, D]; seq_lens: [B] int32. Syncs once.
+    if h.dim() != 2 or h.shape[1] != weights.d_model:
+        raise ValueError(f"h has shape {tuple(h.shape)}, expected [B, {weights.d_model}]")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if int(seq_lens.max()) + steps > capacity:
-        raise ValueError(f"seq_lens max {int(seq_lens.max())} + steps {steps} exceeds the cache capacity {capacity}")
+    longest, capacity = int(seq_lens.max()), k_cache.shape[2]
+    if longest + steps > capacity:
+        raise ValueError(f"seq_lens max {longest} + steps {steps} exceeds the cache capacity {capacity}")
+
+
+def decode_step(weights, h, k_cache, v_cache, seq_lens):
+    """One decode step for the batch: h [B, d_model] -> the step's output [B, d_model]. Appends
+    k, v at position seq_lens[b], then seq_lens += 1 and attends positions 0..seq_lens[b] - 1.
+    No host sync: it can be captured in a CUDA graph."""
+    w = weights
+    batch, capacity = h.shape[0], k_cache.shape[2]
     rows = torch.arange(batch, device=h.device)
-    positions = torch.arange(capacity, device=h.device)
-    out = torch.empty(batch, steps, w.d_model, device=h.device, dtype=h.dtype)
+    q, k, v = project_qkv(w, rmsnorm(h, w.gamma))
+    k_cache[rows, :, seq_lens.long()] = k
+    v_cache[rows, :, seq_lens.long()] = v
+    seq_lens += 1
+    mask = (torch.arange(capacity, device=h.device)[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    attn = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+    return h + attn.reshape(batch, -1) @ w.w_o
+
+
+def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps):
+    """The baseline: `steps` decode steps as a host loop of torch ops -> outputs [B, steps, d_model]."""
+    check_decode(weights, h, k_cache, seq_lens, steps)
+    out = torch.empty(h.shape[0], steps, weights.d_model, device=h.device, dtype=h.dtype)
     for t in range(steps):
-        q, k, v = project_qkv(w, rmsnorm(h, w.gamma))
-        k_cache[rows, :, seq_lens.long()] = k
-        v_cache[rows, :, seq_lens.long()] = v
-        seq_lens += 1
-        mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
-        attn = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask, enable_gqa=True)
-        h = h + attn.reshape(batch, -1) @ w.w_o
+        h = decode_step(weights, h, k_cache, v_cache, seq_lens)
         out[:, t] = h
     return out

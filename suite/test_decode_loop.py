@@ -7,19 +7,24 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import tiny_decoder
+from kernels import decode_graphs, tiny_decoder
 from suite import reference
 
 pytestmark = pytest.mark.decode
 
 LOOP_VARIANTS = {"eager": tiny_decoder.eager_decode}
+for _mode in decode_graphs.GRAPH_MODES:
+    LOOP_VARIANTS[f"graphs_{_mode}"] = (lambda mode: lambda *args: decode_graphs.graph_decode(
+        *args, mode=mode, max_capture=4)())(_mode)
+NEEDS_CUDA = {name for name in LOOP_VARIANTS if name.startswith("graphs")}
 # Every step rounds the residual stream h to the model dtype (unit roundoff u = 2^-11 fp16,
 # 2^-8 bf16), so the error is a random walk of T roundings: relative to |h|, about u * sqrt(T).
 # Measured: 0.9 * 2^-10 (fp16) and 1.4 * 2^-7 (bf16) after 16 steps; the bound leaves 2-4x room.
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-@pytest.fixture(params=sorted(LOOP_VARIANTS))
+@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.requires_cuda] if name in NEEDS_CUDA else [])
+                        for name in sorted(LOOP_VARIANTS)])
 def loop_variant(request):
     return request.param, LOOP_VARIANTS[request.param]
 
@@ -83,3 +88,32 @@ def test_bad_prefill_and_decode_arguments(device):
         tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 0)
     with pytest.raises(ValueError, match="exceeds the cache capacity 12"):
         tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 4)
+
+
+@pytest.mark.requires_cuda
+def test_graph_replays_the_same_steps_and_picks_its_mode(device):
+    w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+    prompts = [torch.randn(n, w.d_model, dtype=torch.bfloat16, device=device) for n in (3, 30)]
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(w, prompts, capacity=64)
+    start = seq_lens.clone()
+    launch = decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 8, mode="full_and_piecewise", max_capture=4)
+    assert launch.mode == "piecewise"  # 8 steps > max_capture 4
+    first = launch().clone()
+    seq_lens.copy_(start)
+    torch.testing.assert_close(launch(), first, atol=0, rtol=0)
+    assert decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens.copy_(start), 4,
+                                      mode="full_and_piecewise", max_capture=4).mode == "full"
+
+
+def test_graph_decode_bad_arguments(device):
+    w = tiny_decoder.random_weights(4, 2, 64, torch.float16, device)
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(
+        w, [torch.randn(3, w.d_model, dtype=torch.float16, device=device)], capacity=8)
+    if device.type != "cuda":
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+            decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 2)
+        return
+    with pytest.raises(ValueError, match="mode must be one of"):
+        decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 2, mode="half")
+    with pytest.raises(ValueError, match="max_capture must be >= 1"):
+        decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 2, max_capture=0)

@@ -1,0 +1,65 @@
+"""CUDA-graph decode loops (SPEC 2.2): tiny_decoder.decode_step captured once, then replayed.
+
+- full: all T steps in one graph, one replay for the whole loop;
+- piecewise: one graph per step, replayed T times;
+- full_and_piecewise: full when T <= max_capture, else piecewise.
+
+`graph_decode` captures outside the returned launch(); launch() replays and returns the outputs
+[B, T, d_model]. Like any decode it advances seq_lens and the caches by T steps: restore seq_lens
+to replay the same T steps (the written cache positions are simply written again).
+"""
+
+import torch
+
+from kernels.tiny_decoder import check_decode, decode_step
+
+GRAPH_MODES = ("full", "piecewise", "full_and_piecewise")
+
+
+def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", max_capture=64):
+    # h: [B, d_model]; k/v: [B, Hkv, L_max, D]; seq_lens: [B] int32 on a CUDA device
+    if h.device.type != "cuda":
+        raise ValueError(f"h is on {h.device}: CUDA graphs need a CUDA device")
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"mode must be one of {GRAPH_MODES}, got {mode!r}")
+    if max_capture < 1:
+        raise ValueError(f"max_capture must be >= 1, got {max_capture}")
+    check_decode(weights, h, k_cache, seq_lens, steps)
+    if mode == "full_and_piecewise":
+        mode = "full" if steps <= max_capture else "piecewise"
+    h0, static_h = h.clone(), h.clone()
+    start_lens = seq_lens.clone()
+    out = torch.empty(h.shape[0], steps, weights.d_model, device=h.device, dtype=h.dtype)
+
+    def body():
+        if mode == "full":
+            x = static_h
+            for t in range(steps):
+                x = decode_step(weights, x, k_cache, v_cache, seq_lens)
+                out[:, t].copy_(x)
+        else:
+            static_h.copy_(decode_step(weights, static_h, k_cache, v_cache, seq_lens))
+
+    side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graph requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    seq_lens.copy_(start_lens)
+    static_h.copy_(h0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+
+    def launch():
+        if mode == "full":
+            graph.replay()
+            return out
+        static_h.copy_(h0)
+        for t in range(steps):
+            graph.replay()
+            out[:, t].copy_(static_h)
+        return out
+
+    launch.mode = mode
+    return launch
