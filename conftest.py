@@ -10,6 +10,6 @@ from suite import interpreter
 
 if interpreter.enable_if_no_gpu(torch.cuda.is_available()):
     interpreter.check_numpy()
-    interpreter.fix_bf16_dot()
+    interpreter.fix_casts()
 
 pytest_plugins = ["suite.plugin"]

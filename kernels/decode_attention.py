@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import hw
+from kernels import hw, kv_quant
 from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check_power_of_two, check_tensor,
                             check_unit_stride_last)
 
@@ -44,38 +44,71 @@ MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in re
 
 
 @triton.jit
-def _attend_chunk(q_ptr, k_ptr, v_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
-                  stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt, page_size,
-                  GROUP: tl.constexpr, PAGED: tl.constexpr,
+def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
+                  stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy, stride_sh,
+                  stride_bt, page_size,
+                  GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     # The GROUP query heads of KV head `kvh` over positions [start, end) of sequence b:
     # returns the unnormalized output [BLOCK_H, D], row max and row sum (log2 units).
+    # Quantized caches (kernels/kv_quant.py): integer/fp8 values convert exactly to q's dtype for
+    # the dots; the K scale multiplies the scores' columns and the V scale folds into P.
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + (kvh * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_h < GROUP)[:, None], other=0.0)
+    q_rows = q_ptr + b * stride_qb + (kvh * GROUP + offs_h)[:, None] * stride_qh
+    h_mask = (offs_h < GROUP)[:, None]
+    if QUANT == "int4":  # two nibble planes: elements [0, D/2) and [D/2, D)
+        offs_d = tl.arange(0, HEAD_DIM // 2)
+        q = tl.load(q_rows + offs_d[None, :], mask=h_mask, other=0.0)
+        q_hi = tl.load(q_rows + HEAD_DIM // 2 + offs_d[None, :], mask=h_mask, other=0.0)
+        acc_hi = tl.zeros([BLOCK_H, HEAD_DIM // 2], tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM // 2], tl.float32)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_rows + offs_d[None, :], mask=h_mask, other=0.0)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
+        # Past the end, read the last valid row again: every load stays in bounds unmasked, and
+        # those columns get zero weight below.
+        pos = tl.minimum(pos, end - 1)
         if PAGED:
-            page = tl.load(block_table_ptr + b * stride_bt + pos // page_size, mask=valid, other=0)
-            rows = page.to(tl.int64) * stride_kx + (pos % page_size).to(tl.int64) * stride_ky
+            page = tl.load(block_table_ptr + b * stride_bt + pos // page_size).to(tl.int64)
+            slot = (pos % page_size).to(tl.int64)
+            rows = page * stride_kx + slot * stride_ky
+            scale_rows = page * stride_sx + slot * stride_sy
         else:
             rows = b.to(tl.int64) * stride_kx + pos.to(tl.int64) * stride_ky
+            scale_rows = b.to(tl.int64) * stride_sx + pos.to(tl.int64) * stride_sy
         rows += kvh * stride_kh
-        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
+        scale_rows += kvh * stride_sh
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :])
+        if QUANT == "int4":
+            k = k.to(tl.int32)
+            s = tl.dot(q, tl.trans(((k & 15) - 8).to(q.dtype))) + tl.dot(q_hi, tl.trans(((k >> 4) - 8).to(q.dtype)))
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [BLOCK_H, BLOCK_N]
+        if QUANT != "none":
+            s *= tl.load(k_scale_ptr + scale_rows)[None, :]
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if QUANT != "none":
+            p *= tl.load(v_scale_ptr + scale_rows)[None, :]
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :])
+        if QUANT == "int4":
+            v = v.to(tl.int32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), ((v & 15) - 8).to(q.dtype))
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(q.dtype), ((v >> 4) - 8).to(q.dtype))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
+    if QUANT == "int4":  # [BLOCK_H, 2, D/2] -> [BLOCK_H, D]: the halves side by side
+        acc = tl.reshape(tl.permute(tl.join(acc, acc_hi), (0, 2, 1)), [BLOCK_H, HEAD_DIM])
     return acc, m_i, l_i
 
 
@@ -134,10 +167,11 @@ def _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh
 
 
 @triton.jit
-def _split_kv(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
-              qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
+              part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+              stride_sx, stride_sy, stride_sh, stride_bt,
               page_size, max_chunks, num_q_heads, num_kv_heads, chunk_size,
-              GROUP: tl.constexpr, PAGED: tl.constexpr,
+              GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid (B * Hkv, max_chunks): one tile each; tiles past the sequence's end exit.
     b = tl.program_id(0) // num_kv_heads
@@ -146,10 +180,11 @@ def _split_kv(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, pa
     start = chunk * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
     if start < seq_len:
-        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, block_table_ptr, b, kvh, start,
-                                      tl.minimum(start + chunk_size, seq_len), qk_scale,
-                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                                      page_size, GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                      start, tl.minimum(start + chunk_size, seq_len), qk_scale,
+                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                                      stride_sx, stride_sy, stride_sh, stride_bt,
+                                      page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
         _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
                        GROUP, HEAD_DIM, BLOCK_H)
 
@@ -168,11 +203,12 @@ def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, 
 
 
 @triton.jit
-def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, part_lse_ptr,
-                qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
+def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
+                part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                stride_sx, stride_sy, stride_sh, stride_bt,
                 page_size, max_chunks, num_q_heads, num_kv_heads, chunk_size,
                 counters_ptr, out_ptr, stride_ob, stride_oh, batch,
-                GROUP: tl.constexpr, PAGED: tl.constexpr,
+                GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
@@ -191,9 +227,10 @@ def _persistent(q_ptr, k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr, 
         chunk = local % nc
         start = chunk * chunk_size
         end = tl.minimum(start + chunk_size, tl.sum(tl.where(this, lens, 0), 0))
-        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
-                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt,
-                                      page_size, GROUP, PAGED, HEAD_DIM, BLOCK_H, BLOCK_N)
+        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                      start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                                      stride_sx, stride_sy, stride_sh, stride_bt,
+                                      page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
         if nc == 1:
             _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
         else:
@@ -217,16 +254,39 @@ class DecodeDims(NamedTuple):
     capacity: int  # most positions a sequence may hold
     min_len: int
     max_len: int
+    quant: str  # kv_quant format of the caches: none, int8, int4, fp8
 
 
-def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out) -> DecodeDims:
+def _check_caches(q, k_cache, v_cache, k_scale, v_scale):
+    """dtype and scales of the caches: q's dtype, or a quantized format with float32 scales."""
+    cache_dtypes = (q.dtype,) + tuple(kv_quant.FORMATS.values())
+    check_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndim=4, device=q.device)
+    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=q.device)
+    fmt = kv_quant.format_of(k_cache)
+    if fmt == "none":
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} is given but k_cache ({k_cache.dtype}) is not quantized")
+        return fmt
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} is required: k_cache is quantized ({fmt}, {k_cache.dtype})")
+        check_tensor(name, scale, dtypes=(torch.float32,), ndim=3, device=q.device)
+        check_shape(name, scale, k_cache.shape[:-1])
+    if v_scale.stride() != k_scale.stride():
+        raise ValueError(f"v_scale strides {v_scale.stride()} must equal k_scale strides {k_scale.stride()}")
+    return fmt
+
+
+def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=None, v_scale=None) -> DecodeDims:
     """Validate a decode-attention call (SPEC 7). Syncs once, for the value checks."""
     check_tensor("q", q, dtypes=ATTENTION_DTYPES, ndim=3)
     batch, num_q_heads, head_dim = q.shape
     check_head_dim("q", head_dim)
     check_unit_stride_last("q", q)
+    fmt = _check_caches(q, k_cache, v_cache, k_scale, v_scale)
+    stored_dim = kv_quant.values_per_byte_row(fmt, head_dim)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, cache, dtypes=(q.dtype,), ndim=4, device=q.device)
         check_unit_stride_last(name, cache)
     check_shape("v_cache", v_cache, k_cache.shape)
     if v_cache.stride() != k_cache.stride():
@@ -239,9 +299,9 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out) -> Decode
             raise ValueError(f"block_table has {block_table.shape[0]} rows, expected batch {batch}")
         check_unit_stride_last("block_table", block_table)
         capacity = block_table.shape[1] * page_size
-        check_shape("k_cache", k_cache, (num_pages, page_size, num_kv_heads, head_dim))
+        check_shape("k_cache", k_cache, (num_pages, page_size, num_kv_heads, stored_dim))
     else:
-        check_shape("k_cache", k_cache, (batch, k_cache.shape[1], k_cache.shape[2], head_dim))
+        check_shape("k_cache", k_cache, (batch, k_cache.shape[1], k_cache.shape[2], stored_dim))
         num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"q has {num_q_heads} heads, not a multiple of k_cache's {num_kv_heads} KV heads")
@@ -268,7 +328,7 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out) -> Decode
         row, col = divmod(stats[2], block_table.shape[1])
         raise ValueError(f"block_table[{row}, {col}] = {int(block_table[row, col])} is outside "
                          f"[0, {num_pages}) (k_cache has {num_pages} pages)")
-    return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1])
+    return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1], fmt)
 
 
 def choose_chunk(batch, num_kv_heads, capacity, sms):
@@ -286,29 +346,35 @@ def _chunk(chunk, batch, num_kv_heads, capacity, sms):
     return chunk
 
 
-def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, block_table, out, chunk,
-          dims, fused_merge):
+def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
+          out, chunk, dims, fused_merge):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
     out = torch.empty_like(q) if out is None else out
     part_o = torch.empty(batch, num_q_heads, max_chunks, head_dim, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, num_q_heads, max_chunks, device=q.device, dtype=torch.float32)
+    quantized = dims.quant != "none"
+    if not quantized:  # unused by the kernel; any tensor will do
+        k_scale = v_scale = k_cache[:1, :1, :1, 0]
     if paged:
-        strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0))
+        strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                   *((k_scale.stride(0), k_scale.stride(1), k_scale.stride(2)) if quantized else (0, 0, 0)),
+                   block_table.stride(0))
         page_size, table = k_cache.shape[1], block_table
     else:
-        strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), 0)
+        strides = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+                   *((k_scale.stride(0), k_scale.stride(2), k_scale.stride(1)) if quantized else (0, 0, 0)), 0)
         page_size, table = 1, seq_lens  # table is unused when not PAGED
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     block_g = triton.next_power_of_2(group)
     merge = dict(BLOCK_G=block_g, MERGE_C=max(1, MERGE_ROWS // block_g))
-    args = (q, k_cache, v_cache, seq_lens, table, part_o, part_lse,
+    args = (q, k_cache, v_cache, k_scale, v_scale, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
             page_size, max_chunks, num_q_heads, num_kv_heads, chunk,
             *extra_args(out))
-    meta = dict(GROUP=group, PAGED=paged, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=BLOCK_N,
+    meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=BLOCK_N,
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES, **extra_meta, **(merge if fused_merge else {}))
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                   num_q_heads, num_kv_heads, max_chunks, chunk)
@@ -322,18 +388,22 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, seq_lens, b
     return launch
 
 
-def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, chunk=None):
-    # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D]; seq_lens: [B] int32
-    dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out)
+def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
+                    chunk=None):
+    # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
+    # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
+    dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
     batch, _, num_kv_heads, _, capacity = dims[:5]
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, hw.num_sms(q.device))
     return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
-                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, fused_merge=False)
+                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False)
 
 
-def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, chunk=None):
-    # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D]; seq_lens: [B] int32
-    dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out)
+def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
+                      chunk=None):
+    # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
+    # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
+    dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
     batch, _, num_kv_heads, _, capacity = dims[:5]
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
@@ -344,4 +414,4 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, out=No
     return _bind(_persistent, lambda _: (min(sms * PROGRAMS_PER_SM, max_tiles),),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=triton.next_power_of_2(batch)),
-                 q, k_cache, v_cache, seq_lens, block_table, out, chunk, dims, fused_merge=True)
+                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import decode_attention, sdpa_decode
+from kernels import decode_attention, kv_quant, sdpa_decode
 
 VARIANTS = {
     "sdpa": sdpa_decode.sdpa,  # the anchor
@@ -29,55 +29,76 @@ class DecodeCase:
     page_size: int = 16
     spare: int = 0  # capacity beyond the longest sequence (positions, or pages when paged)
     strided: bool = False  # q, k, v as non-contiguous views
+    quant: str = "none"  # KV cache format (kernels/kv_quant.py)
 
     @property
     def batch(self):
         return len(self.seq_lens)
 
     def kv_bytes(self):
-        return 2 * sum(self.seq_lens) * self.kv_heads * self.head_dim * self.dtype.itemsize
+        # K and V rows (and their float32 scales) of every valid position
+        if self.quant == "none":
+            row = self.head_dim * self.dtype.itemsize
+        else:
+            row = kv_quant.values_per_byte_row(self.quant, self.head_dim) + 4
+        return 2 * sum(self.seq_lens) * self.kv_heads * row
 
     def bytes_moved(self):
         # K and V of every valid position, q in, out back
         return self.kv_bytes() + 2 * self.batch * self.q_heads * self.head_dim * self.dtype.itemsize
 
 
-def _kv_pair(shape, strided, dtype, device, split_dim):
-    # Two caches of `shape`; strided: views of one fused storage with a K/V axis at split_dim.
+def _pair(k, v, strided, split_dim):
+    # strided: views of one fused storage with a K/V axis at split_dim
     if not strided:
-        return (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
-    fused = list(shape)
-    fused.insert(split_dim, 2)
-    kv = torch.randn(fused, dtype=dtype, device=device)
+        return k, v
+    kv = torch.stack([k, v], dim=split_dim)
     return kv.select(split_dim, 0), kv.select(split_dim, 1)
 
 
-def make_inputs(case: DecodeCase, device):
-    """Fresh random tensors for `case` (never zeros): q, k_cache, v_cache, seq_lens, block_table."""
+def make_case_tensors(case: DecodeCase, device):
+    """Fresh random tensors for `case` (never zeros) -> (inputs, exact): inputs are the launcher's
+    keyword arguments (q, k_cache, v_cache, seq_lens, block_table, and k_scale, v_scale when
+    quantized); exact holds the caches before quantization (the same tensors when not quantized)."""
     b, d = case.batch, case.head_dim
     if case.strided:
         q = torch.randn(b, case.q_heads, 2 * d, dtype=case.dtype, device=device)[..., :d]
     else:
         q = torch.randn(b, case.q_heads, d, dtype=case.dtype, device=device)
     seq_lens = torch.tensor(case.seq_lens, dtype=torch.int32, device=device)
+    block_table = None
     if case.layout == "contiguous":
         capacity = max(case.seq_lens) + case.spare
         if case.strided:  # storage [B, L, 2, Hkv, D] viewed as [B, Hkv, L, D]
-            k, v = _kv_pair((b, capacity, case.kv_heads, d), True, case.dtype, device, 2)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            storage, split_dim, to_layout = (b, capacity, case.kv_heads, d), 2, lambda t: t.transpose(1, 2)
         else:
-            k, v = _kv_pair((b, case.kv_heads, capacity, d), False, case.dtype, device, 0)
-        return dict(q=q, k_cache=k, v_cache=v, seq_lens=seq_lens, block_table=None)
-    pages_per_seq = [-(-n // case.page_size) for n in case.seq_lens]
-    num_pages = sum(pages_per_seq) + case.spare
-    k, v = _kv_pair((num_pages, case.page_size, case.kv_heads, d), case.strided, case.dtype, device, 1)
-    # Pages scattered at random; unused table slots are -1, which no kernel may read.
-    order = torch.randperm(num_pages).tolist()
-    table = torch.full((b, max(pages_per_seq)), -1, dtype=torch.int32)
-    for i, n in enumerate(pages_per_seq):
-        table[i, :n] = torch.tensor(order[:n], dtype=torch.int32)
-        order = order[n:]
-    return dict(q=q, k_cache=k, v_cache=v, seq_lens=seq_lens, block_table=table.to(device))
+            storage, split_dim, to_layout = (b, case.kv_heads, capacity, d), 0, lambda t: t
+    else:
+        pages_per_seq = [-(-n // case.page_size) for n in case.seq_lens]
+        num_pages = sum(pages_per_seq) + case.spare
+        storage, split_dim, to_layout = (num_pages, case.page_size, case.kv_heads, d), 1, lambda t: t
+        # Pages scattered at random; unused table slots are -1, which no kernel may read.
+        order = torch.randperm(num_pages).tolist()
+        table = torch.full((b, max(pages_per_seq)), -1, dtype=torch.int32)
+        for i, n in enumerate(pages_per_seq):
+            table[i, :n] = torch.tensor(order[:n], dtype=torch.int32)
+            order = order[n:]
+        block_table = table.to(device)
+    k, v = (torch.randn(storage, dtype=case.dtype, device=device) for _ in range(2))
+    exact = dict(k_cache=to_layout(k), v_cache=to_layout(v))
+    inputs = dict(q=q, seq_lens=seq_lens, block_table=block_table)
+    if case.quant == "none":
+        k, v = _pair(k, v, case.strided, split_dim)
+        return inputs | dict(k_cache=to_layout(k), v_cache=to_layout(v)), exact
+    (k, k_scale), (v, v_scale) = kv_quant.quantize(k, case.quant), kv_quant.quantize(v, case.quant)
+    k, v = _pair(k, v, case.strided, split_dim)
+    k_scale, v_scale = _pair(k_scale, v_scale, case.strided, split_dim)
+    return inputs | dict(k_cache=to_layout(k), v_cache=to_layout(v), k_scale=to_layout(k_scale),
+                         v_scale=to_layout(v_scale)), exact
+
+
+def make_inputs(case: DecodeCase, device):
+    return make_case_tensors(case, device)[0]
 
 
 def seeded_lengths(batch, max_len, variable, seed):

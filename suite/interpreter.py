@@ -23,18 +23,38 @@ def check_numpy():
                            "install the project's 'interpret' extra")
 
 
-def fix_bf16_dot():
-    """Triton 3.6's interpreter multiplies bf16 operands of tl.dot as their raw uint16 bits.
-
-    Widen bf16 operands to fp32 first (exact), so the kernel code is the same on CPU and GPU.
+def fix_casts():
+    """Work around Triton 3.6 interpreter defects, so the kernel code is the same on CPU and GPU:
+    - bf16 is kept as raw uint16 bits and forgotten in two places: tl.dot multiplies bf16
+      operands as integers, and casts between bf16 and integer types convert the bits. Both now
+      go through fp32 (exact).
+    - Narrowing to fp8-e4m3 drops the carry when rounding up overflows the mantissa (31.7 -> 16)
+      and rounds half up; the GPU rounds to nearest even. torch's conversion does that.
     """
+    import torch
     import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
     create_dot = InterpreterBuilder.create_dot
+    cast_impl = InterpreterBuilder.cast_impl
+    create_fp_to_fp = InterpreterBuilder.create_fp_to_fp
+
+    def fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar != tl.float8e4nv or src.dtype.scalar not in (tl.float32, tl.float16):
+            return create_fp_to_fp(self, src, dst_type, rounding_mode)
+        data = torch.from_numpy(src.data.astype(numpy.float32)).to(torch.float8_e4m3fn)
+        return TensorHandle(data.view(torch.uint8).numpy(), dst_type.scalar)
 
     def widened_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
         return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
+    def cast_through_fp32(self, src, dst_type):
+        ends = (src.dtype.scalar, dst_type.scalar)
+        if tl.bfloat16 in ends and tl.float32 not in ends and ends[0] != ends[1]:
+            src = cast_impl(self, src, tl.float32)
+        return cast_impl(self, src, dst_type)
+
     InterpreterBuilder.create_dot = widened_dot
+    InterpreterBuilder.cast_impl = cast_through_fp32
+    InterpreterBuilder.create_fp_to_fp = fp_to_fp

@@ -27,8 +27,18 @@ def attention(q, k, v, hidden=None):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def decode_attention(q, k_cache, v_cache, seq_lens, block_table=None):
+def dequantize_kv(cache, scale):
+    """A quantized cache (kernels/kv_quant.py's formats, named by dtype) as float64 values."""
+    if cache.dtype == torch.uint8:  # int4: low nibbles hold elements [0, D/2), high nibbles [D/2, D)
+        nibbles = cache.to(torch.int32)
+        cache = torch.cat([(nibbles % 16) - 8, (nibbles // 16) - 8], dim=-1)
+    return cache.double() * scale.double().unsqueeze(-1)
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, block_table=None, k_scale=None, v_scale=None):
     """q: [B, Hq, D] -> [B, Hq, D] float64: each sequence attends its first seq_lens[b] positions."""
+    if k_scale is not None:
+        k_cache, v_cache = dequantize_kv(k_cache, k_scale), dequantize_kv(v_cache, v_scale)
     out = []
     for b, seq_len in enumerate(seq_lens.tolist()):
         k = gather_kv(k_cache, seq_len, b, block_table)
@@ -42,9 +52,11 @@ def rmsnorm(x, gamma, eps):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma.double()
 
 
-def decoder_layer(weights, h, k_past, v_past, eps):
+def decoder_layer(weights, h, k_past, v_past, eps, stored=None):
     """The tiny decoder (SPEC 1) on new tokens h [N, d_model] after past k, v [Hkv, S, D]:
-    returns (h_out [N, d_model], k, v [Hkv, S + N, D]), all float64, causal over the new tokens."""
+    returns (h_out [N, d_model], k, v [Hkv, S + N, D]), all float64, causal over the new tokens.
+    stored: None, or (k, v) [Hkv, S + N, D] as an implementation's cache holds them (quantized,
+    say); attention then reads those, while the returned k, v are still the computed ones."""
     w = weights
     x = rmsnorm(h, w.gamma, eps) @ w.w_qkv.double()
     q, k, v = x.split([w.q_heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim], dim=-1)
@@ -53,20 +65,31 @@ def decoder_layer(weights, h, k_past, v_past, eps):
     v = torch.cat([v_past, v.reshape(-1, w.kv_heads, w.head_dim).transpose(0, 1)], dim=1)
     past, new = k_past.shape[1], h.shape[0]
     future = torch.ones(new, past + new, dtype=torch.bool, device=h.device).triu(past + 1)  # new token i sees 0..past+i
-    attn = attention(q, k, v, hidden=future)  # [Hq, N, D]
+    attn = attention(q, *(stored or (k, v)), hidden=future)  # [Hq, N, D]
     return h.double() + attn.transpose(0, 1).reshape(new, -1) @ w.w_o.double(), k, v
 
 
-def decode_loop(weights, prompts, steps, eps):
+def decode_loop_with_cache(weights, prompts, steps, eps, stored=None):
     """Prefill each prompt [P_b, d_model], then `steps` decode steps, each step's output the next
-    step's input (the first input: the last prompt token's output). -> [B, steps, d_model] float64."""
-    out = []
-    for h in prompts:
+    step's input (the first input: the last prompt token's output).
+    Returns (out [B, steps, d_model], [(k, v) [Hkv, P_b + steps, D] per sequence]), float64.
+    stored: None, or per sequence the (k, v) [Hkv, >= P_b + steps, D] an implementation wrote
+    (e.g. a quantized cache, dequantized): the decode steps attend those (the prompt attends its
+    own k, v, as prefill does), so the returned k, v check each stored value separately."""
+    out, caches = [], []
+    for b, h in enumerate(prompts):
         empty = torch.zeros(weights.kv_heads, 0, weights.head_dim, dtype=torch.float64, device=h.device)
         h_out, k, v = decoder_layer(weights, h, empty, empty, eps)
         x, seq = h_out[-1:], []
         for _ in range(steps):
-            x, k, v = decoder_layer(weights, x, k, v, eps)
+            seen = None if stored is None else tuple(c[:, : k.shape[1] + 1] for c in stored[b])
+            x, k, v = decoder_layer(weights, x, k, v, eps, seen)
             seq.append(x[0])
         out.append(torch.stack(seq))
-    return torch.stack(out)
+        caches.append((k, v))
+    return torch.stack(out), caches
+
+
+def decode_loop(weights, prompts, steps, eps):
+    """decode_loop_with_cache's outputs [B, steps, d_model] float64, attending the computed k, v."""
+    return decode_loop_with_cache(weights, prompts, steps, eps)[0]

@@ -5,14 +5,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import decode_attention
+from kernels import decode_attention, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
-from suite.decode_cases import LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, make_inputs
+from suite.decode_cases import LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, make_case_tensors, make_inputs
 
 pytestmark = pytest.mark.decode
 
 PAGE_SIZES = (1, 3, 16, 54, 64)
+FUSED_DEQUANT = ("triton_split_kv", "triton_persistent")  # variants that read quantized caches
+QUANTIZED = tuple(kv_quant.FORMATS)
 
 
 def pytest_generate_tests(metafunc):
@@ -40,7 +42,7 @@ def _limits(device):
 
 
 @st.composite
-def decode_cases(draw, layout, batch, max_len, kv_heads, groups):
+def decode_cases(draw, layout, batch, max_len, kv_heads, groups, quants=("none",)):
     n = draw(st.integers(1, batch))
     kv = draw(st.sampled_from(kv_heads))
     return DecodeCase(
@@ -49,13 +51,22 @@ def decode_cases(draw, layout, batch, max_len, kv_heads, groups):
         head_dim=draw(st.sampled_from(HEAD_DIMS)),
         dtype=draw(st.sampled_from((torch.float16, torch.bfloat16))), layout=layout,
         page_size=draw(st.sampled_from(PAGE_SIZES)), spare=draw(st.integers(0, 70)),
-        strided=draw(st.booleans()))
+        strided=draw(st.booleans()), quant=draw(st.sampled_from(quants)))
 
 
 @given(data=st.data())
 def test_matches_reference(decode_variant, layout, device, data):
     case = data.draw(decode_cases(layout, **_limits(device)), label="case")
     _run_case(decode_variant, case, device)
+
+
+@pytest.mark.parametrize("variant", FUSED_DEQUANT)
+@given(data=st.data())
+def test_quantized_cache_matches_reference(variant, layout, device, data):
+    # Checked as tightly as bf16/fp16 against the reference on the dequantized cache: the kernel
+    # must compute exactly what the stored bytes say.
+    case = data.draw(decode_cases(layout, **_limits(device), quants=QUANTIZED), label="case")
+    _run_case((variant, VARIANTS[variant]), case, device)
 
 
 @pytest.mark.parametrize("seq_lens", [(1,), (54, 97), (1, 64, 65, 251), (127, 2, 193)], ids=str)
@@ -166,3 +177,64 @@ def test_persistent_batch_limit(device):
     inputs = make_inputs(DecodeCase((1,) * batch, 2, 1, 64, torch.float16, "contiguous"), device)
     with pytest.raises(ValueError, match="q: batch 1025 exceeds"):
         VARIANTS["triton_persistent"](**inputs)
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_quantized_storage_and_its_error(fmt, device):
+    # The bytes really shrink, and dequantization stays within the format's rounding bound:
+    # half a quantum (scale / 2) for the integer formats, e4m3's 2^-4 relative (3 mantissa bits)
+    # plus the subnormal step (2^-9 scale) for fp8.
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16, device=device) * 3
+    data, scale = kv_quant.quantize(x, fmt)
+    assert data.dtype == kv_quant.FORMATS[fmt] and scale.shape == x.shape[:-1]
+    assert data.numel() * data.element_size() == x.numel() // (2 if fmt == "int4" else 1)
+    error = (reference.dequantize_kv(data, scale) - x.double()).abs()
+    if fmt == "fp8":
+        bound = x.double().abs() * 2.0**-4 + scale.double()[..., None] * 2.0**-9
+    else:
+        bound = scale.double()[..., None] / 2
+    # x / scale is computed in float32: a value near a rounding boundary may round the other way,
+    # off by up to ~1e-5 of a quantum for |q| <= 127.
+    assert (error <= bound * (1 + 1e-4)).all()
+    torch.testing.assert_close(kv_quant.dequantize(data, scale, fmt), reference.dequantize_kv(data, scale),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_quantization_loss_is_reported_against_unquantized_attention(fmt, device):
+    # The accuracy a quantized cache costs, measured (it is reported by the benchmarks): bounded
+    # by each format's precision, and far from noise.
+    case = DecodeCase((300, 77), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout="contiguous",
+                      quant=fmt)
+    inputs, exact = make_case_tensors(case, device)
+    quantized = reference.decode_attention(**inputs)
+    unquantized = reference.decode_attention(**{**inputs, **exact, "k_scale": None, "v_scale": None})
+    loss = (quantized - unquantized).abs().max().item()
+    assert 0 < loss < {"int8": 0.02, "fp8": 0.08, "int4": 0.3}[fmt], loss
+
+
+QUANT_BAD_INPUTS = {
+    "missing scale": (lambda i: _bad(i, k_scale=None), ValueError, "k_scale is required"),
+    "scale shape": (lambda i: _bad(i, v_scale=i["v_scale"][:, :, :-1]), ValueError, "v_scale has shape"),
+    "scale dtype": (lambda i: _bad(i, k_scale=i["k_scale"].half()), TypeError, "k_scale has dtype"),
+    "v format": (lambda i: _bad(i, v_cache=i["v_cache"].view(torch.uint8)), TypeError, "v_cache has dtype"),
+    "int4 width": (lambda i: _bad(i, k_cache=i["k_cache"].view(torch.uint8), v_cache=i["v_cache"].view(torch.uint8)),
+                   ValueError, "k_cache has shape"),
+}
+
+
+@pytest.mark.parametrize("variant", FUSED_DEQUANT)
+@pytest.mark.parametrize("bad", sorted(QUANT_BAD_INPUTS))
+def test_quantized_bad_input_names_the_argument(variant, device, bad):
+    mutate, error, match = QUANT_BAD_INPUTS[bad]
+    case = DecodeCase((40, 7), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout="contiguous",
+                      quant="int8")
+    with pytest.raises(error, match=match):
+        VARIANTS[variant](**mutate(make_inputs(case, device)))
+
+
+@pytest.mark.parametrize("variant", FUSED_DEQUANT)
+def test_scales_without_a_quantized_cache_are_refused(variant, device):
+    inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
+    with pytest.raises(ValueError, match="k_scale is given but k_cache"):
+        VARIANTS[variant](**inputs, k_scale=inputs["k_cache"][..., 0].float())
