@@ -347,7 +347,7 @@ def _chunk(chunk, batch, num_kv_heads, capacity, sms):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
-          out, chunk, dims, fused_merge):
+          out, chunk, dims, fused_merge, block_k):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
@@ -374,7 +374,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
             page_size, max_chunks, num_q_heads, num_kv_heads, chunk,
             *extra_args(out))
-    meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=BLOCK_N,
+    meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES, **extra_meta, **(merge if fused_merge else {}))
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                   num_q_heads, num_kv_heads, max_chunks, chunk)
@@ -388,19 +388,27 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     return launch
 
 
+def _block_k(block_k, chunk):
+    check_power_of_two("block_k", block_k)
+    if block_k < 16 or block_k > chunk:
+        raise ValueError(f"block_k {block_k} must be in [16, chunk {chunk}] (tl.dot needs >= 16)")
+    return block_k
+
+
 def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
-                    chunk=None):
+                    chunk=None, block_k=BLOCK_N):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
     batch, _, num_kv_heads, _, capacity = dims[:5]
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, hw.num_sms(q.device))
     return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
-                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False)
+                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False,
+                 block_k=_block_k(block_k, chunk))
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
-                      chunk=None):
+                      chunk=None, block_k=BLOCK_N, num_programs=None):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
@@ -410,8 +418,13 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     sms = hw.num_sms(q.device)
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, sms)
     max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
+    if num_programs is None:
+        num_programs = sms * PROGRAMS_PER_SM
+    elif not isinstance(num_programs, int) or num_programs < 1:
+        raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
-    return _bind(_persistent, lambda _: (min(sms * PROGRAMS_PER_SM, max_tiles),),
+    return _bind(_persistent, lambda _: (min(num_programs, max_tiles),),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=triton.next_power_of_2(batch)),
-                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True)
+                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
+                 block_k=_block_k(block_k, chunk))

@@ -11,13 +11,15 @@ to replay the same T steps (the written cache positions are simply written again
 
 import torch
 
-from kernels.tiny_decoder import check_decode, decode_step
+from kernels.tiny_decoder import bind_quantized, check_decode, decode_step
 
 GRAPH_MODES = ("full", "piecewise", "full_and_piecewise")
 
 
-def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", max_capture=64):
-    # h: [B, d_model]; k/v: [B, Hkv, L_max, D]; seq_lens: [B] int32 on a CUDA device
+def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", max_capture=64, k_scale=None,
+                 v_scale=None):
+    # h: [B, d_model]; k/v: [B, Hkv, L_max, D] (kv_quant formats with k/v_scale [B, Hkv, L_max]);
+    # seq_lens: [B] int32 on a CUDA device
     if h.device.type != "cuda":
         raise ValueError(f"h is on {h.device}: CUDA graphs need a CUDA device")
     if mode not in GRAPH_MODES:
@@ -25,6 +27,7 @@ def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", 
     if max_capture < 1:
         raise ValueError(f"max_capture must be >= 1, got {max_capture}")
     check_decode(weights, h, k_cache, seq_lens, steps)
+    quantized = bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
     if mode == "full_and_piecewise":
         mode = "full" if steps <= max_capture else "piecewise"
     h0, static_h = h.clone(), h.clone()
@@ -35,10 +38,10 @@ def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", 
         if mode == "full":
             x = static_h
             for t in range(steps):
-                x = decode_step(weights, x, k_cache, v_cache, seq_lens)
+                x = decode_step(weights, x, k_cache, v_cache, seq_lens, quantized)
                 out[:, t].copy_(x)
         else:
-            static_h.copy_(decode_step(weights, static_h, k_cache, v_cache, seq_lens))
+            static_h.copy_(decode_step(weights, static_h, k_cache, v_cache, seq_lens, quantized))
 
     side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graph requires
     side.wait_stream(torch.cuda.current_stream())

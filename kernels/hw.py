@@ -64,9 +64,16 @@ def tma_ready():
 
 @functools.cache
 def fp8_fused_ready():
-    from kernels.probes import fp8_dequant_probe
+    from kernels.probes import fp8_decode_probe
 
-    return _kernel_probe((8, 9), fp8_dequant_probe, "fp8-e4m3 dequantizing probe kernel")
+    what = "the fused FP8 decode kernel (triton_persistent on an fp8-e4m3 cache)"
+    if interpreting() and not torch.cuda.is_available():
+        try:
+            fp8_decode_probe("cpu")
+        except Exception as exc:  # the probe's failure is the finding: report it, don't raise
+            return False, f"{what} failed in the Triton interpreter: {type(exc).__name__}: {exc}"
+        return True, f"{what} ran correctly in the Triton interpreter (CPU)"
+    return _kernel_probe((8, 9), lambda: fp8_decode_probe("cuda"), what)
 
 
 def numa_nodes_with_memory() -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import decode_attention, kv_quant
 from kernels.checks import ATTENTION_DTYPES, HEAD_DIMS
 
 RMS_EPS = 1e-6
@@ -99,14 +100,42 @@ def check_decode(weights, h, k_cache, seq_lens, steps):
         raise ValueError(f"seq_lens max {longest} + steps {steps} exceeds the cache capacity {capacity}")
 
 
-def decode_step(weights, h, k_cache, v_cache, seq_lens):
+class QuantizedKV:
+    """A quantized cache (kernels/kv_quant.py) for decode_step: k, v are quantized and appended
+    with torch ops; attention is triton_split_kv with the dequantization fused. Bound once, before
+    any step (its argument checks sync), so the steps stay capturable in a CUDA graph."""
+
+    def __init__(self, weights, k_cache, v_cache, k_scale, v_scale, seq_lens):
+        self.fmt = kv_quant.format_of(k_cache)
+        if self.fmt == "none":
+            raise TypeError(f"k_cache has dtype {k_cache.dtype}: QuantizedKV needs one of {kv_quant.FORMATS}")
+        self.caches = ((k_cache, k_scale), (v_cache, v_scale))
+        self.q = torch.empty(k_cache.shape[0], weights.q_heads, weights.head_dim, device=k_cache.device,
+                             dtype=weights.w_qkv.dtype)
+        self.attend = decode_attention.triton_split_kv(self.q, k_cache, v_cache, seq_lens, k_scale=k_scale,
+                                                       v_scale=v_scale)
+
+    def append(self, rows, positions, k, v):
+        for (cache, scale), new in zip(self.caches, (k, v)):
+            data, new_scale = kv_quant.quantize(new, self.fmt)
+            cache[rows, :, positions] = data
+            scale[rows, :, positions] = new_scale
+
+
+def decode_step(weights, h, k_cache, v_cache, seq_lens, quantized=None):
     """One decode step for the batch: h [B, d_model] -> the step's output [B, d_model]. Appends
     k, v at position seq_lens[b], then seq_lens += 1 and attends positions 0..seq_lens[b] - 1.
+    quantized: a QuantizedKV over the caches, when they are quantized.
     No host sync: it can be captured in a CUDA graph."""
     w = weights
     batch, capacity = h.shape[0], k_cache.shape[2]
     rows = torch.arange(batch, device=h.device)
     q, k, v = project_qkv(w, rmsnorm(h, w.gamma))
+    if quantized is not None:
+        quantized.append(rows, seq_lens.long(), k, v)
+        seq_lens += 1
+        quantized.q.copy_(q)
+        return h + quantized.attend().reshape(batch, -1) @ w.w_o
     k_cache[rows, :, seq_lens.long()] = k
     v_cache[rows, :, seq_lens.long()] = v
     seq_lens += 1
@@ -115,11 +144,20 @@ def decode_step(weights, h, k_cache, v_cache, seq_lens):
     return h + attn.reshape(batch, -1) @ w.w_o
 
 
-def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps):
-    """The baseline: `steps` decode steps as a host loop of torch ops -> outputs [B, steps, d_model]."""
+def bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens):
+    """A QuantizedKV when the caches are quantized (k_scale given), else None."""
+    if k_scale is None and v_scale is None:
+        return None
+    return QuantizedKV(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
+
+
+def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None):
+    """The baseline: `steps` decode steps as a host loop of torch ops -> outputs [B, steps, d_model].
+    Quantized caches (kernels/kv_quant.py) come with k_scale, v_scale [B, Hkv, L_max]."""
     check_decode(weights, h, k_cache, seq_lens, steps)
+    quantized = bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
     out = torch.empty(h.shape[0], steps, weights.d_model, device=h.device, dtype=h.dtype)
     for t in range(steps):
-        h = decode_step(weights, h, k_cache, v_cache, seq_lens)
+        h = decode_step(weights, h, k_cache, v_cache, seq_lens, quantized)
         out[:, t] = h
     return out

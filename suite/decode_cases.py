@@ -3,6 +3,7 @@
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from kernels import decode_attention, kv_quant, sdpa_decode
@@ -13,6 +14,11 @@ VARIANTS = {
     "triton_persistent": decode_attention.triton_persistent,
 }
 LAYOUTS = ("contiguous", "paged")
+
+
+def quant_params(formats):
+    """pytest params of KV formats; fp8 needs fused FP8 decode (the requires_fp8_fused marker)."""
+    return [pytest.param(f, marks=[pytest.mark.requires_fp8_fused] if f == "fp8" else [], id=f) for f in formats]
 # Inputs are exact in the kernel dtype; the error comes from rounding P to that dtype for the
 # P.V product and rounding the output: a few units of the dtype's epsilon (2^-10 fp16, 2^-7 bf16).
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

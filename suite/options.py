@@ -16,6 +16,15 @@ def positive(value):
     return None if value > 0 else "must be > 0"
 
 
+def power_of_two_dot(value):
+    # tl.dot needs a dimension of at least 16
+    return None if value >= 16 and value & (value - 1) == 0 else "must be a power of two >= 16"
+
+
+def positive_or_auto(value):
+    return None if value is None or value > 0 else "must be > 0"
+
+
 def fraction(value):
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
@@ -53,6 +62,27 @@ WORKLOAD_OPTIONS = {
         Option("--page-size", "tokens per page of the paged KV cache in benchmarks", default=16,
                type=int, check=positive),
     ),
+    "decode_loop": (
+        Option("--graph-mode", "CUDA-graph decode modes to benchmark", default="all",
+               choices=("all", "full", "piecewise", "full_and_piecewise")),
+        Option("--max-capture", "full_and_piecewise: the longest T captured as one graph", default=64,
+               type=int, check=positive),
+    ),
+    "right_sized_decode": (
+        Option("--tier", "decode tiers (SPEC 2)", default="all", choices=("all", "small", "medium", "large")),
+        Option("--quantization", "KV cache formats", default="all", choices=("all", "none", "int8", "int4", "fp8")),
+        Option("--backend", "decode-loop backends", default="all", choices=("all", "triton", "graphs", "cuda")),
+        Option("--block-k", "KV positions per attention step of the Triton kernels", default=64, type=int,
+               check=power_of_two_dot),
+        Option("--num-programs", "grid of the persistent decode attention (default: SMs x programs per SM)",
+               default=None, type=int, check=positive_or_auto),
+    ),
+}
+WORKLOAD_FLAGS = {
+    "right_sized_decode": (
+        ("--quick", "T = 8 steps and 10 rounds: a quick look, not a measurement to gate on"),
+        ("--require-fused-fp8", "fail (do not skip) when fused FP8 decode is missing"),
+    ),
 }
 
 
@@ -71,6 +101,8 @@ def add_options(parser):
         group = parser.getgroup(workload, f"workload {workload}")
         for option in options:
             _add(group, option)
+        for flag, text in WORKLOAD_FLAGS.get(workload, ()):
+            group.addoption(flag, action="store_true", default=False, help=text)
 
 
 def validate(config):

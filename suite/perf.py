@@ -59,7 +59,10 @@ class PerfRecorder:
         return self.baselines[key]
 
     def record(self, benchmark, gate_id, seconds, *, shape, bytes_moved=None, flops=None,
-               roofline_kind="read", baseline_seconds=None):
+               roofline_kind="read", baseline_seconds=None, speedups=None, rate=None):
+        """baseline_seconds: the anchor's time; speedups: {name: seconds} of other baselines,
+        recorded as speedup_vs_<name> (see expectations.METRICS); rate: the table's achieved
+        column when the headline metric is neither GB/s nor TFLOP/s (e.g. TPOT)."""
         extra = benchmark.extra_info
         extra.update(shape=shape, gpu_time_s=seconds, gate_id=gate_id)
         metrics, throughput, pct, speedup, achieved = {}, "", "", "", None
@@ -71,16 +74,19 @@ class PerfRecorder:
             achieved = flops / seconds / 1e12
             extra.update(flops=flops, achieved_tflops=achieved)
             throughput = f"{achieved:,.1f} TFLOP/s"
+        if rate is not None:
+            throughput = rate
         roof = self.roofline()
         if roof is not None and achieved is not None:
             fraction = achieved / roof.ceiling(roofline_kind)
             extra.update(roofline=roof.as_dict(), roofline_kind=roofline_kind, roofline_fraction=fraction)
             metrics["roofline_fraction"] = fraction
             pct = f"{100 * fraction:.0f}%"
-        if baseline_seconds is not None:
-            metrics["speedup_vs_anchor"] = baseline_seconds / seconds
-            extra["speedup_vs_anchor"] = metrics["speedup_vs_anchor"]
-            speedup = f"{metrics['speedup_vs_anchor']:.2f}x"
+        speedups = ({"anchor": baseline_seconds} if baseline_seconds is not None else {}) | (speedups or {})
+        for name, base in speedups.items():
+            metrics[f"speedup_vs_{name}"] = extra[f"speedup_vs_{name}"] = base / seconds
+        speedup = " ".join(f"{base / seconds:.2f}x" + ("" if name == "anchor" else f" vs {name}")
+                           for name, base in speedups.items())
 
         verdicts = self.expectations.check(gate_id, metrics) if self.on_gpu else []
         failed = [v for v in verdicts if not v.ok]

@@ -17,6 +17,7 @@ from suite.perf import PerfRecorder
 DEFAULT_STORAGE = "file://./.benchmarks"
 HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 20, "full": 200}  # max_examples
 ROUNDS = {"minimal": 30, "full": 200}
+QUICK_ROUNDS = 10
 RECORDER = pytest.StashKey[PerfRecorder]()
 CLOCK_BEFORE = pytest.StashKey[str]()
 
@@ -64,6 +65,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("require_fused_fp8"):  # asked for explicitly: abort rather than skip
+        ok, probed = hw.fp8_fused_ready()
+        if not ok:
+            raise pytest.UsageError(f"--require-fused-fp8: fused FP8 decode is missing: {probed}")
     for item in items:
         for marker, (feature, predicate) in hw.PREDICATES.items():
             if item.get_closest_marker(marker):
@@ -88,8 +93,8 @@ def profile(pytestconfig):
 
 
 @pytest.fixture(scope="session")
-def rounds(profile):
-    return ROUNDS[profile]
+def rounds(profile, pytestconfig):
+    return QUICK_ROUNDS if pytestconfig.getoption("quick") else ROUNDS[profile]
 
 
 def gpu_info(config):

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from kernels import decode_attention, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
-from suite.decode_cases import LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, make_case_tensors, make_inputs
+from suite.decode_cases import (LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, make_case_tensors, make_inputs,
+                                quant_params)
 
 pytestmark = pytest.mark.decode
 
@@ -61,11 +62,12 @@ def test_matches_reference(decode_variant, layout, device, data):
 
 
 @pytest.mark.parametrize("variant", FUSED_DEQUANT)
+@pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
 @given(data=st.data())
-def test_quantized_cache_matches_reference(variant, layout, device, data):
+def test_quantized_cache_matches_reference(variant, fmt, layout, device, data):
     # Checked as tightly as bf16/fp16 against the reference on the dequantized cache: the kernel
     # must compute exactly what the stored bytes say.
-    case = data.draw(decode_cases(layout, **_limits(device), quants=QUANTIZED), label="case")
+    case = data.draw(decode_cases(layout, **_limits(device), quants=(fmt,)), label="case")
     _run_case((variant, VARIANTS[variant]), case, device)
 
 
@@ -179,7 +181,7 @@ def test_persistent_batch_limit(device):
         VARIANTS["triton_persistent"](**inputs)
 
 
-@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
 def test_quantized_storage_and_its_error(fmt, device):
     # The bytes really shrink, and dequantization stays within the format's rounding bound:
     # half a quantum (scale / 2) for the integer formats, e4m3's 2^-4 relative (3 mantissa bits)
@@ -200,7 +202,7 @@ def test_quantized_storage_and_its_error(fmt, device):
                                atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
 def test_quantization_loss_is_reported_against_unquantized_attention(fmt, device):
     # The accuracy a quantized cache costs, measured (it is reported by the benchmarks): bounded
     # by each format's precision, and far from noise.
@@ -238,3 +240,27 @@ def test_scales_without_a_quantized_cache_are_refused(variant, device):
     inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
     with pytest.raises(ValueError, match="k_scale is given but k_cache"):
         VARIANTS[variant](**inputs, k_scale=inputs["k_cache"][..., 0].float())
+
+
+@pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
+@pytest.mark.parametrize("block_k", [16, 128])
+def test_block_k_knob(variant, block_k, device):
+    # --block-k: KV positions per inner step; any power of two from 16 to the chunk is exact.
+    case = DecodeCase((300, 45), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout="paged",
+                      quant="int4")
+    _run_case((variant, VARIANTS[variant]), case, device, chunk=256, block_k=block_k)
+
+
+def test_num_programs_knob(device):
+    # --num-programs: the persistent grid; one program must still walk every tile.
+    case = DecodeCase((300, 45, 7), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout="contiguous")
+    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_programs=1)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(block_k=48), "block_k must be a positive power of two"),
+                                        (dict(block_k=8), "block_k 8 must be in"),
+                                        (dict(num_programs=0), "num_programs must be a positive int")])
+def test_bad_knobs(bad, match, device):
+    inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
+    with pytest.raises(ValueError, match=match):
+        VARIANTS["triton_persistent"](**inputs, **bad)

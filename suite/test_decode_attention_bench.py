@@ -13,13 +13,16 @@ import torch
 
 from kernels.sdpa_decode import BACKENDS
 from suite import reference
-from suite.decode_cases import TOLERANCE, VARIANTS, DecodeCase, make_inputs, seeded_lengths
+from kernels import kv_quant
+from suite.decode_cases import (TOLERANCE, VARIANTS, DecodeCase, make_case_tensors, make_inputs, quant_params,
+                                seeded_lengths)
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
 
 WORKLOAD = "decode_attention"
 ANCHOR = "sdpa"
+QUANTIZED_VARIANT = "triton_persistent"
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,10 @@ class Shape:
         dtype = "" if self.dtype == torch.bfloat16 else "-fp16"
         return f"B{self.batch}-L{self.seq_len}-{kind}{heads}{dtype}"
 
-    def case(self, layout, page_size):
+    def case(self, layout, page_size, quant="none"):
         lengths = seeded_lengths(self.batch, self.seq_len, self.variable, seed=hash((self.batch, self.seq_len)))
-        return DecodeCase(lengths, self.q_heads, self.kv_heads, self.head_dim, self.dtype, layout, page_size)
+        return DecodeCase(lengths, self.q_heads, self.kv_heads, self.head_dim, self.dtype, layout, page_size,
+                          quant=quant)
 
 
 MINIMAL = [Shape(b, n, var) for b in (1, 4, 16, 64) for n in (1024, 4096, 16384) for var in (False, True)]
@@ -49,13 +53,25 @@ FULL = MINIMAL + [Shape(b, n, var) for b in (128, 256) for n in (1024, 4096, 163
     + [Shape(b, 4096, var, head_dim=64) for b in (1, 16, 64) for var in (False, True)] \
     + [Shape(b, 4096, False, dtype=torch.float16) for b in (1, 16, 64)]
 SMOKE = [Shape(2, 200, True, q_heads=4, kv_heads=2, head_dim=64)]  # no GPU: one interpreted run each
+QUANTIZED_L = 4096  # quantized caches (SPEC 2.7) are benchmarked at this length, every batch
+
+
+def _shapes(config):
+    if not torch.cuda.is_available():
+        return SMOKE
+    return FULL if config.getoption("profile") == "full" else MINIMAL
 
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
-    if "shape" in metafunc.fixturenames:
-        shapes = (FULL if config.getoption("profile") == "full" else MINIMAL) if torch.cuda.is_available() else SMOKE
+    if "shape" in metafunc.fixturenames and "fmt" in metafunc.fixturenames:
+        shapes = [s for s in _shapes(config) if s.seq_len == QUANTIZED_L] or SMOKE
+        chosen = config.getoption("quantization")
+        formats = [f for f in kv_quant.FORMATS if chosen in ("all", f)]
+        metafunc.parametrize("fmt", quant_params(formats))
         metafunc.parametrize("shape", shapes, ids=str)
+    elif "shape" in metafunc.fixturenames:
+        metafunc.parametrize("shape", _shapes(config), ids=str)
     if "decode_variant" in metafunc.fixturenames:
         layouts = ("contiguous", "paged") if config.getoption("kv_layout") == "both" else (config.getoption("kv_layout"),)
         pairs = [(ANCHOR, "contiguous")] * ("contiguous" in layouts) + \
@@ -107,8 +123,34 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
 
     if name == ANCHOR:  # no speedup for the anchor itself; it is the variants' baseline
         perf.set_baseline(WORKLOAD, str(shape), seconds)
+    if (name, layout) == (QUANTIZED_VARIANT, "contiguous"):
+        perf.set_baseline(f"{WORKLOAD}/bf16", str(shape), seconds)
     baseline = perf.baseline(WORKLOAD, str(shape), anchor_seconds) \
         if device.type == "cuda" and name != ANCHOR else None
     perf.record(benchmark, gate_id, seconds, shape=dict(variant=name, layout=layout, case=str(shape),
                                                          seq_lens_sum=sum(case.seq_lens)),
                 bytes_moved=case.bytes_moved(), baseline_seconds=baseline)
+
+
+def test_decode_attention_quantized(benchmark, fmt, shape, device, perf, rounds):
+    """triton_persistent on an int8 / int4 / fp8 cache (SPEC 2.7): GB/s counting the bytes really
+    moved, speedup vs the same kernel on the bf16 cache, and the accuracy quantization costs."""
+    gate_id = f"{WORKLOAD}/{QUANTIZED_VARIANT}-{fmt}/contiguous/{shape}"
+    perf.skip_if_not_applicable(gate_id)
+    case = shape.case("contiguous", 1, quant=fmt)
+    inputs, exact = make_case_tensors(case, device)
+    launch = VARIANTS[QUANTIZED_VARIANT](**inputs)
+    out = launch()
+    _check(out, inputs, case.dtype)  # tight: against the reference on the dequantized cache
+    unquantized = reference.decode_attention(**{**inputs, **exact, "k_scale": None, "v_scale": None})
+    benchmark.extra_info["accuracy_loss_max_abs"] = (out.double() - unquantized).abs().max().item()
+    seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
+
+    def bf16_seconds():
+        return measure(VARIANTS[QUANTIZED_VARIANT](**make_inputs(shape.case("contiguous", 1), device)),
+                       device=device, rounds=rounds)
+
+    baseline = perf.baseline(f"{WORKLOAD}/bf16", str(shape), bf16_seconds) if device.type == "cuda" else None
+    perf.record(benchmark, gate_id, seconds, shape=dict(variant=QUANTIZED_VARIANT, quantization=fmt,
+                                                         layout="contiguous", case=str(shape)),
+                bytes_moved=case.bytes_moved(), speedups=None if baseline is None else {"bf16": baseline})

@@ -1,27 +1,20 @@
 """The tiny decoder's decode loop (SPEC 1, 2.2): every variant against the float64 reference."""
 
-import math
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
+from kernels import decode_graphs, kv_quant, tiny_decoder
 from suite import reference
+from suite.decode_cases import quant_params
+from suite.loop_cases import bind, check_loop, loop_variants, make_loop_inputs
 
 pytestmark = pytest.mark.decode
 
-LOOP_VARIANTS = {"eager": tiny_decoder.eager_decode,
-                 "triton_persistent": lambda *args, **kw: decode_loop.triton_persistent(*args, **kw)()}
-for _mode in decode_graphs.GRAPH_MODES:
-    LOOP_VARIANTS[f"graphs_{_mode}"] = (lambda mode: lambda *args: decode_graphs.graph_decode(
-        *args, mode=mode, max_capture=4)())(_mode)
+# max_capture 4: hypothesis draws T on both sides of it, so full_and_piecewise runs both modes.
+LOOP_VARIANTS = loop_variants(decode_graphs.GRAPH_MODES, max_capture=4)
 NEEDS_CUDA = {name for name in LOOP_VARIANTS if name.startswith("graphs")}
-# Every step rounds the residual stream h to the model dtype (unit roundoff u = 2^-11 fp16,
-# 2^-8 bf16), so the error is a random walk of T roundings: relative to |h|, about u * sqrt(T).
-# Measured: 0.9 * 2^-10 (fp16) and 1.4 * 2^-7 (bf16) after 16 steps; the bound leaves 2-4x room.
-EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
 @pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.requires_cuda] if name in NEEDS_CUDA else [])
@@ -30,52 +23,10 @@ def loop_variant(request):
     return request.param, LOOP_VARIANTS[request.param]
 
 
-def _prefill(weights, prompt_lens, steps, device):
-    dtype = weights.w_qkv.dtype
-    prompts = [torch.randn(n, weights.d_model, dtype=dtype, device=device) for n in prompt_lens]
-    return prompts, tiny_decoder.prefill(weights, prompts, capacity=max(prompt_lens) + steps)
-
-
-def _check_outputs(out, expected, dtype, steps):
-    assert out.shape == expected.shape and torch.isfinite(out).all()
-    for b in range(out.shape[0]):  # normwise, per sequence
-        error = torch.linalg.norm(out[b].double() - expected[b]) / torch.linalg.norm(expected[b])
-        assert error <= 2 * EPS[dtype] * math.sqrt(steps), f"sequence {b}: relative error {error:.2e}"
-
-
-def _run_case(loop_variant, weights, prompt_lens, steps, device):
+def _run_case(loop_variant, weights, prompt_lens, steps, device, fmt="none"):
     _, decode = loop_variant
-    prompts, (h, k_cache, v_cache, seq_lens) = _prefill(weights, prompt_lens, steps, device)
-    out = decode(weights, h, k_cache, v_cache, seq_lens, steps)
-    assert seq_lens.tolist() == [n + steps for n in prompt_lens]
-    _check_outputs(out, reference.decode_loop(weights, prompts, steps, tiny_decoder.RMS_EPS), weights.w_qkv.dtype,
-                   steps)
-
-
-def _run_quantized_case(loop_variant, weights, prompt_lens, steps, device, fmt):
-    """Two tight checks: (1) outputs against the reference attending the cache exactly as the
-    kernel stored it; (2) every stored value against the reference's own k, v: within the grid's
-    rounding (half a step) plus the model dtype's rounding of the inputs, for prompt and new tokens."""
-    _, decode = loop_variant
-    dtype = weights.w_qkv.dtype
-    prompts, (h, k_cache, v_cache, seq_lens) = _prefill(weights, prompt_lens, steps, device)
-    (k_cache, k_scale), (v_cache, v_scale) = kv_quant.quantize(k_cache, fmt), kv_quant.quantize(v_cache, fmt)
-    out = decode(weights, h, k_cache, v_cache, seq_lens, steps, k_scale=k_scale, v_scale=v_scale)
-    assert seq_lens.tolist() == [n + steps for n in prompt_lens]
-    stored = [(reference.dequantize_kv(k_cache[b], k_scale[b]), reference.dequantize_kv(v_cache[b], v_scale[b]))
-              for b in range(len(prompts))]
-    expected, computed = reference.decode_loop_with_cache(weights, prompts, steps, tiny_decoder.RMS_EPS, stored)
-    _check_outputs(out, expected, dtype, steps)
-    for b, n in enumerate(prompt_lens):
-        for name, cache, scale, exact in (("k", *stored[b][:1], k_scale[b], computed[b][0]),
-                                          ("v", *stored[b][1:], v_scale[b], computed[b][1])):
-            values, scale = cache[:, : n + steps], scale[:, : n + steps, None].double()
-            grid = scale * 2.0**-9 + exact.abs() * 2.0**-4 if fmt == "fp8" else scale / 2
-            # The kernel quantizes k, v computed from dtype-rounded inputs: a few units of EPS[dtype]
-            # of the row's largest value move an element, across a rounding boundary at worst.
-            slack = 8 * EPS[dtype] * math.sqrt(steps) * exact.abs().amax(-1, keepdim=True)
-            excess = ((values - exact).abs() - grid - slack).max().item()
-            assert excess <= 0, f"sequence {b}: a stored {name} is off its grid by {excess:.2e}"
+    inputs = make_loop_inputs(weights, prompt_lens, steps, device, fmt)
+    check_loop(bind(decode, weights, inputs, steps)(), weights, inputs, steps, fmt)
 
 
 def _limits(device):
@@ -98,15 +49,14 @@ def test_matches_reference(loop_variant, device, data):
               device)
 
 
-@pytest.mark.parametrize("kv_format", tuple(kv_quant.FORMATS))
+@pytest.mark.parametrize("kv_format", quant_params(kv_quant.FORMATS))
 @given(data=st.data())
-def test_quantized_cache_matches_reference(kv_format, device, data):
+def test_quantized_cache_matches_reference(loop_variant, kv_format, device, data):
     kv_heads = data.draw(st.sampled_from((1, 2)), label="kv_heads")
     weights = tiny_decoder.random_weights(2 * kv_heads, kv_heads, data.draw(st.sampled_from((64, 128))),
                                           data.draw(st.sampled_from((torch.float16, torch.bfloat16))), device)
     prompt_lens = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=3), label="prompt_lens")
-    loop = ("triton_persistent", LOOP_VARIANTS["triton_persistent"])
-    _run_quantized_case(loop, weights, prompt_lens, data.draw(st.integers(1, 6), label="steps"), device, kv_format)
+    _run_case(loop_variant, weights, prompt_lens, data.draw(st.integers(1, 6), label="steps"), device, kv_format)
 
 
 def test_eager_in_float32_is_the_reference(device):

@@ -152,13 +152,25 @@ def test_hardware_markers_skip_naming_feature_and_probe(inner):
         no_cuda = "torch.cuda.is_available() is False"
         assert skipped["requires_cuda"] == f"needs a CUDA device: {no_cuda}"
         assert skipped["requires_tma"] == f"needs TMA (sm_90+ and a TMA probe kernel): {no_cuda}"
-        assert skipped["requires_fp8_fused"] == f"needs fused FP8 decode (sm_89+): {no_cuda}"
+        assert "requires_fp8_fused" not in skipped, skipped  # the fused FP8 kernel runs in the interpreter
         assert skipped["requires_multi_gpu"] == "needs two GPUs with peer access: torch.cuda.device_count() == 0"
         result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_hw.py:*: needs a CUDA device: " + no_cuda])
     numa_ok, numa_probe = hw.numa_remote()
     assert skipped.get("requires_numa_remote") == (None if numa_ok else f"needs a remote NUMA node: {numa_probe}")
     assert "requires_nvcc" not in skipped  # nvcc is on PATH here
     assert result.ret == 0 and result.parseoutcomes()["passed"] == len(hw.PREDICATES) - len(skipped)
+
+
+def test_require_fused_fp8_aborts_instead_of_skipping(inner, monkeypatch):
+    inner.makepyfile("import pytest\n@pytest.mark.requires_fp8_fused\ndef test_x():\n    pass\n")
+    missing = lambda: (False, "compute capability (8, 0) < (8, 9)")  # noqa: E731
+    monkeypatch.setattr(hw, "fp8_fused_ready", missing)
+    monkeypatch.setitem(hw.PREDICATES, "requires_fp8_fused", (hw.PREDICATES["requires_fp8_fused"][0], missing))
+    skipped = inner.runpytest("-p", "suite.plugin", "-rs")
+    assert skipped.ret == 0 and skipped.parseoutcomes()["skipped"] == 1
+    result = inner.runpytest("-p", "suite.plugin", "--require-fused-fp8")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--require-fused-fp8: fused FP8 decode is missing: compute capability (8, 0)*"])
 
 
 @pytest.mark.parametrize("args", [
@@ -178,6 +190,14 @@ def test_strict_markers_reject_an_unknown_marker(inner, args):
     (["--expectations-margin", "1.5"], ["--expectations-margin 1.5: must be in [0, 1)"]),
     (["--profile", "huge"], ["--profile", "invalid choice: 'huge'", "minimal", "full"]),
     (["--kv-layout", "diagonal"], ["--kv-layout", "invalid choice: 'diagonal'", "both", "contiguous", "paged"]),
+    (["--tier", "huge"], ["--tier", "invalid choice: 'huge'", "small", "medium", "large"]),
+    (["--quantization", "int2"], ["--quantization", "invalid choice: 'int2'", "none", "int8", "int4", "fp8"]),
+    (["--backend", "cutlass"], ["--backend", "invalid choice: 'cutlass'", "triton", "graphs", "cuda"]),
+    (["--graph-mode", "half"], ["--graph-mode", "invalid choice: 'half'", "full", "piecewise", "full_and_piecewise"]),
+    (["--block-k", "48"], ["--block-k 48: must be a power of two >= 16"]),
+    (["--block-k", "8"], ["--block-k 8: must be a power of two >= 16"]),
+    (["--num-programs", "-1"], ["--num-programs -1: must be > 0"]),
+    (["--max-capture", "0"], ["--max-capture 0: must be > 0"]),
 ])
 def test_bad_options_are_usage_errors(inner, args, parts):
     inner.makepyfile("def test_x():\n    pass\n")
@@ -192,9 +212,14 @@ def test_good_options_reach_the_tests(inner):
             assert profile == "full" and pytestconfig.getoption("expectations_margin") == 0.0
             assert pytestconfig.getoption("page_size") == 32 and pytestconfig.getoption("kv_layout") == "paged"
             assert pytestconfig.getoption("benchmark_storage") == "file://./.benchmarks/{hardware_key(device_name())}"
+            assert (pytestconfig.getoption("tier"), pytestconfig.getoption("quantization")) == ("large", "int4")
+            assert (pytestconfig.getoption("block_k"), pytestconfig.getoption("num_programs")) == (32, 100)
+            assert pytestconfig.getoption("quick") and pytestconfig.getoption("graph_mode") == "piecewise"
     """)
     result = inner.runpytest("-p", "suite.plugin", "--profile", "full", "--page-size", "32",
-                             "--kv-layout", "paged", "--expectations-margin", "0")
+                             "--kv-layout", "paged", "--expectations-margin", "0", "--tier", "large",
+                             "--quantization", "int4", "--block-k", "32", "--num-programs", "100", "--quick",
+                             "--graph-mode", "piecewise")
     assert result.ret == 0, result.stdout.str()
 
 
@@ -330,7 +355,7 @@ def test_perf_flags_noisy_rounds(tmp_path):
 
 @pytest.mark.requires_cuda
 def test_feature_probes_pass_where_the_hardware_has_the_feature():
-    # On sm_90+ the TMA probe kernel must compile and run; on sm_89+ the fp8 dequantizing one.
+    # On sm_90+ the TMA probe kernel must compile and run; on sm_89+ the fused FP8 decode kernel.
     capability = torch.cuda.get_device_capability(0)
     assert hw.tma_ready()[0] == (capability >= (9, 0)), hw.tma_ready()[1]
     assert hw.fp8_fused_ready()[0] == (capability >= (8, 9)), hw.fp8_fused_ready()[1]

@@ -40,49 +40,56 @@ class CudaEventClock:
 
 
 class RoundSetup:
-    """Before each timed round: overwrite a buffer 4x the L2 (when cold), then give the host slack."""
+    """Before each timed round: reset state (`before`, e.g. sequence lengths a decode loop
+    advanced), overwrite a buffer 4x the L2 (when cold), then give the host slack."""
 
-    def __init__(self, device, cold):
+    def __init__(self, device, cold, before=None):
         size = max(FLUSH_BYTES_MIN, 4 * hw.l2_bytes(device))
         self.buffer = torch.empty(size // 4, dtype=torch.int32, device=device) if cold else None
+        self.before = before
 
     def __call__(self):
+        if self.before is not None:
+            self.before()
         if self.buffer is not None:
             self.buffer.zero_()
         torch.cuda._sleep(HOST_SLACK_CYCLES)
 
 
-def _warm_up(launch):
+def _warm_up(launch, before=None):
     for _ in range(WARMUP_CALLS):
+        if before is not None:
+            before()
         launch()
     torch.cuda.synchronize()
 
 
-def run_benchmark(benchmark, launch, *, device, rounds, cold=True):
+def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None):
     """Time launch() through pytest-benchmark; returns the median in seconds.
 
-    On a GPU the clock is CudaEventClock and each round starts cold when `cold`. Without a GPU
-    this is a smoke run: one round on the host clock (benchmark.extra_info['clock'] says so).
+    On a GPU the clock is CudaEventClock and each round starts cold when `cold`, after
+    `before()` (untimed). Without a GPU this is a smoke run: one round on the host clock
+    (benchmark.extra_info['clock'] says so).
     """
     if torch.device(device).type != "cuda":
         benchmark.extra_info["clock"] = "host (smoke run, no GPU)"
-        benchmark.pedantic(launch, rounds=1)
+        benchmark.pedantic(launch, setup=before, rounds=1)
         return benchmark.stats.stats.median
-    _warm_up(launch)
+    _warm_up(launch, before)
     benchmark._timer = CudaEventClock()  # pytest-benchmark has no public hook for the timer
     benchmark._disable_gc = True  # as --benchmark-disable-gc: no collection between the events
     benchmark.extra_info["clock"] = "cuda_event"
     benchmark.extra_info["l2"] = "flushed before every round" if cold else "warm"
-    benchmark.pedantic(launch, setup=RoundSetup(device, cold), rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(launch, setup=RoundSetup(device, cold, before), rounds=rounds, warmup_rounds=1)
     stats = benchmark.stats.stats
     benchmark.extra_info["iqr_over_median"] = stats.iqr / stats.median
     return stats.median
 
 
-def measure(launch, *, device, rounds, cold=True) -> float:
+def measure(launch, *, device, rounds, cold=True, before=None) -> float:
     """Median GPU seconds of launch() outside pytest-benchmark (baselines, roofline), same clock."""
-    _warm_up(launch)
-    clock, setup = CudaEventClock(), RoundSetup(device, cold)
+    _warm_up(launch, before)
+    clock, setup = CudaEventClock(), RoundSetup(device, cold, before)
     times = []
     gc.disable()
     try:
@@ -94,3 +101,27 @@ def measure(launch, *, device, rounds, cold=True) -> float:
     finally:
         gc.enable()
     return statistics.median(times)
+
+
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "cuGraphLaunch", "cudaMemcpyAsync",
+                "cudaMemsetAsync")
+
+
+def count_launches(launch, before=None):
+    """(host launch calls, GPU work items) of one launch(), counted by the profiler: the calls
+    that enqueue work (kernels, graphs, async copies and sets), and the kernels, copies and sets
+    the GPU ran, graph-launched ones included."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if before is not None:
+        before()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        launch()
+        torch.cuda.synchronize()
+    events = prof.events()
+    calls = sum(1 for e in events if e.name in LAUNCH_CALLS)
+    work = sum(1 for e in events if e.device_type == DeviceType.CUDA)
+    return calls, work

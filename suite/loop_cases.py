@@ -1,0 +1,154 @@
+"""Decode-loop cases (SPEC 2.2, 2.7): the tiers, the variants, fresh inputs, the shared checks."""
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
+from suite import reference
+from suite.timing import count_launches, run_benchmark
+
+
+@dataclass(frozen=True)
+class Tier:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    prompt: int  # the longest prompt; each sequence's is drawn from [prompt / 2, prompt]
+    steps: int
+
+    def prompt_lens(self, seed=0):
+        rng = random.Random(seed)
+        return [rng.randint(self.prompt // 2, self.prompt) for _ in range(self.batch)]
+
+
+# SPEC 2: the starting tiers
+TIERS = {
+    "small": Tier(batch=4, q_heads=4, kv_heads=2, head_dim=64, prompt=128, steps=32),
+    "medium": Tier(batch=8, q_heads=8, kv_heads=2, head_dim=64, prompt=512, steps=64),
+    "large": Tier(batch=32, q_heads=8, kv_heads=2, head_dim=128, prompt=2048, steps=64),
+}
+SMOKE_TIERS = {"smoke": Tier(batch=2, q_heads=2, kv_heads=1, head_dim=64, prompt=24, steps=3)}  # no GPU
+QUICK_STEPS = 8  # --quick
+DTYPE = torch.bfloat16  # benchmarks' model dtype
+
+
+def tiers(config):
+    if not torch.cuda.is_available():
+        return SMOKE_TIERS
+    chosen = config.getoption("tier")
+    return {name: tier for name, tier in TIERS.items() if chosen in ("all", name)}
+
+
+def steps_of(tier, config):
+    return min(tier.steps, QUICK_STEPS) if config.getoption("quick") else tier.steps
+
+
+def time_loop(benchmark, launch, inputs, steps, device, rounds):
+    """Median GPU seconds of the T-step loop, timed through pytest-benchmark; TPOT and the
+    launches per step into extra_info."""
+    seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds, before=inputs.reset)
+    extra = benchmark.extra_info
+    extra.update(steps=steps, tpot_ms=1e3 * seconds / steps)
+    if device.type == "cuda":
+        calls, work = count_launches(launch, inputs.reset)
+        extra.update(launch_calls_per_step=calls / steps, gpu_work_items_per_step=work / steps)
+    return seconds
+
+
+
+
+def loop_variants(graph_modes, max_capture, block_k=decode_loop.BLOCK_N):
+    """name -> decode(weights, h, k, v, seq_lens, steps, **scales) returning launch()."""
+    variants = {"eager": lambda *args, **kw: lambda: tiny_decoder.eager_decode(*args, **kw)}
+    for mode in graph_modes:
+        variants[f"graphs_{mode}"] = (lambda mode: lambda *args, **kw: decode_graphs.graph_decode(
+            *args, mode=mode, max_capture=max_capture, **kw))(mode)
+    variants["triton_persistent"] = lambda *args, **kw: decode_loop.triton_persistent(*args, block_k=block_k, **kw)
+    return variants
+
+
+@dataclass
+class LoopInputs:
+    prompts: list
+    h: torch.Tensor  # [B, d_model], the prefill's output for each last prompt token
+    caches: dict  # k_cache, v_cache (+ k_scale, v_scale when quantized)
+    seq_lens: torch.Tensor  # [B] int32, advanced by every decode
+    start_lens: torch.Tensor  # the prompt lengths: reset() restores them
+
+    def reset(self):
+        self.seq_lens.copy_(self.start_lens)
+
+
+def make_loop_inputs(weights, prompt_lens, steps, device, fmt="none"):
+    """Fresh random prompts, prefilled; the caches quantized to fmt (kernels/kv_quant.py)."""
+    dtype = weights.w_qkv.dtype
+    prompts = [torch.randn(n, weights.d_model, dtype=dtype, device=device) for n in prompt_lens]
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(weights, prompts, capacity=max(prompt_lens) + steps)
+    if fmt == "none":
+        caches = dict(k_cache=k_cache, v_cache=v_cache)
+    else:
+        (k, k_scale), (v, v_scale) = kv_quant.quantize(k_cache, fmt), kv_quant.quantize(v_cache, fmt)
+        caches = dict(k_cache=k, v_cache=v, k_scale=k_scale, v_scale=v_scale)
+    return LoopInputs(prompts, h, caches, seq_lens, seq_lens.clone())
+
+
+def bind(decode, weights, inputs, steps):
+    c = inputs.caches
+    scales = {k: c[k] for k in ("k_scale", "v_scale") if k in c}
+    return decode(weights, inputs.h, c["k_cache"], c["v_cache"], inputs.seq_lens, steps, **scales)
+
+
+# Every step rounds the residual stream h to the model dtype (unit roundoff u = 2^-11 fp16,
+# 2^-8 bf16), so the error is a random walk of T roundings: relative to |h|, about u * sqrt(T).
+# Measured: 0.9 * 2^-10 (fp16) and 1.4 * 2^-7 (bf16) after 16 steps; the bound leaves 2-4x room.
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def relative_errors(out, expected):
+    """Normwise relative error of each sequence's outputs [steps, d_model]."""
+    return [(torch.linalg.norm(out[b].double() - expected[b]) / torch.linalg.norm(expected[b])).item()
+            for b in range(out.shape[0])]
+
+
+def check_outputs(out, expected, dtype, steps):
+    assert out.shape == expected.shape and torch.isfinite(out).all()
+    bound = 2 * EPS[dtype] * math.sqrt(steps)
+    for b, error in enumerate(relative_errors(out, expected)):
+        assert error <= bound, f"sequence {b}: relative error {error:.2e} > {bound:.2e}"
+
+
+def check_loop(out, weights, inputs, steps, fmt="none"):
+    """Check a decode loop's outputs (and, quantized, its cache) against the float64 reference.
+
+    Quantized, two tight checks: (1) the outputs against the reference attending the cache
+    exactly as the implementation stored it; (2) every stored value against the reference's own
+    k, v: within the grid's rounding (half a step) plus the model dtype's rounding of the inputs.
+    Returns the reference outputs."""
+    dtype = weights.w_qkv.dtype
+    prompt_lens = inputs.start_lens.tolist()
+    assert inputs.seq_lens.tolist() == [n + steps for n in prompt_lens]
+    if fmt == "none":
+        expected = reference.decode_loop(weights, inputs.prompts, steps, tiny_decoder.RMS_EPS)
+        check_outputs(out, expected, dtype, steps)
+        return expected
+    c = inputs.caches
+    stored = [(reference.dequantize_kv(c["k_cache"][b], c["k_scale"][b]),
+               reference.dequantize_kv(c["v_cache"][b], c["v_scale"][b])) for b in range(len(prompt_lens))]
+    expected, computed = reference.decode_loop_with_cache(weights, inputs.prompts, steps, tiny_decoder.RMS_EPS,
+                                                          stored)
+    check_outputs(out, expected, dtype, steps)
+    for b, n in enumerate(prompt_lens):
+        for i, name in enumerate(("k", "v")):
+            values, exact = stored[b][i][:, : n + steps], computed[b][i]
+            scale = c[f"{name}_scale"][b][:, : n + steps, None].double()
+            grid = scale * 2.0**-9 + exact.abs() * 2.0**-4 if fmt == "fp8" else scale / 2
+            # The implementation quantizes k, v computed from dtype-rounded inputs: a few units of
+            # EPS[dtype] of the row's largest value move an element, across a rounding boundary at worst.
+            slack = 8 * EPS[dtype] * math.sqrt(steps) * exact.abs().amax(-1, keepdim=True)
+            excess = ((values - exact).abs() - grid - slack).max().item()
+            assert excess <= 0, f"sequence {b}: a stored {name} is off its grid by {excess:.2e}"
+    return expected

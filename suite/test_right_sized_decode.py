@@ -1,0 +1,107 @@
+"""Right-sized decode (SPEC 2.7): the decode loop and decode attention per tier x KV format.
+
+Loop: TPOT per backend (triton: the persistent decode-loop kernel; graphs: the CUDA-graph loop
+with triton_split_kv's fused dequantization; cuda: issue 4's native kernel, not built yet), with
+the speedup vs the same backend on the bf16 cache. Attention: triton_persistent alone at the
+tier's shape, GB/s counting the bytes really moved. Both check correctness first (against the
+reference on the cache as stored) and record the accuracy quantization costs vs unquantized.
+"""
+
+import pytest
+import torch
+
+from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
+from suite import reference
+from suite.decode_cases import TOLERANCE, VARIANTS, DecodeCase, make_case_tensors, make_inputs, quant_params
+from suite.loop_cases import DTYPE, bind, check_loop, make_loop_inputs, relative_errors, steps_of, tiers, time_loop
+from suite.timing import measure, run_benchmark
+
+pytestmark = pytest.mark.decode
+
+WORKLOAD = "right_sized_decode"
+BACKENDS = ("triton", "graphs", "cuda")
+CUDA_PENDING = "backend cuda: the native CUDA persistent decode loop comes with issue 4 (not built yet)"
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    if "fmt" in metafunc.fixturenames:
+        chosen = config.getoption("quantization")
+        metafunc.parametrize("fmt", quant_params([f for f in kv_quant.QUANTIZATIONS if chosen in ("all", f)]))
+    if "tier_name" in metafunc.fixturenames:
+        metafunc.parametrize("tier_name", list(tiers(config)))
+    if "backend" in metafunc.fixturenames:
+        chosen = config.getoption("backend")
+        metafunc.parametrize("backend", [pytest.param(b, marks=[pytest.mark.requires_cuda] if b == "graphs" else [])
+                                         for b in BACKENDS if chosen in ("all", b)])
+
+
+def _decoder(backend, config):
+    if backend == "triton":
+        return lambda *args, **kw: decode_loop.triton_persistent(*args, block_k=config.getoption("block_k"), **kw)
+    return lambda *args, **kw: decode_graphs.graph_decode(*args, mode="full_and_piecewise",
+                                                           max_capture=config.getoption("max_capture"), **kw)
+
+
+def test_right_sized_decode_loop(benchmark, tier_name, fmt, backend, device, perf, rounds, pytestconfig):
+    if backend == "cuda":
+        pytest.skip(CUDA_PENDING)
+    tier = tiers(pytestconfig)[tier_name]
+    steps = steps_of(tier, pytestconfig)
+    gate_id = f"{WORKLOAD}/loop-{backend}-{fmt}/{tier_name}"
+    perf.skip_if_not_applicable(gate_id)
+    weights = tiny_decoder.random_weights(tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, device)
+    inputs = make_loop_inputs(weights, tier.prompt_lens(), steps, device, fmt)
+    decode = _decoder(backend, pytestconfig)
+    launch = bind(decode, weights, inputs, steps)
+    out = launch()
+    expected = check_loop(out, weights, inputs, steps, fmt)
+    if fmt != "none":  # what quantization costs: the outputs vs the unquantized reference
+        unquantized = reference.decode_loop(weights, inputs.prompts, steps, tiny_decoder.RMS_EPS)
+        benchmark.extra_info["accuracy_loss_rel"] = max(relative_errors(out, unquantized))
+        benchmark.extra_info["reference_error_rel"] = max(relative_errors(out, expected))
+    seconds = time_loop(benchmark, launch, inputs, steps, device, rounds)
+    speedups = {}
+    if device.type == "cuda":
+        key = f"loop-{backend}/{tier_name}"
+        if fmt == "none":
+            perf.set_baseline(WORKLOAD, key, seconds)
+        else:
+            def bf16_seconds():
+                plain = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
+                return measure(bind(decode, weights, plain, steps), device=device, rounds=rounds, before=plain.reset)
+            speedups["bf16"] = perf.baseline(WORKLOAD, key, bf16_seconds)
+    perf.record(benchmark, gate_id, seconds, shape=dict(tier.__dict__, tier=tier_name, quantization=fmt,
+                                                         backend=backend, steps=steps),
+                speedups=speedups, rate=f"TPOT {1e3 * seconds / steps:.3f} ms")
+
+
+def test_right_sized_decode_attention(benchmark, tier_name, fmt, device, perf, rounds, pytestconfig):
+    tier = tiers(pytestconfig)[tier_name]
+    gate_id = f"{WORKLOAD}/attention-{fmt}/{tier_name}"
+    perf.skip_if_not_applicable(gate_id)
+    # The attention of the loop's middle step: each sequence's prompt plus half the steps.
+    lengths = tuple(n + steps_of(tier, pytestconfig) // 2 for n in tier.prompt_lens())
+    case = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous", quant=fmt)
+    knobs = dict(block_k=pytestconfig.getoption("block_k"), num_programs=pytestconfig.getoption("num_programs"))
+    inputs, exact = make_case_tensors(case, device)
+    launch = VARIANTS["triton_persistent"](**inputs, **knobs)
+    out = launch()
+    torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=TOLERANCE[DTYPE],
+                               rtol=TOLERANCE[DTYPE])
+    if fmt != "none":
+        unquantized = reference.decode_attention(**{**inputs, **exact, "k_scale": None, "v_scale": None})
+        benchmark.extra_info["accuracy_loss_max_abs"] = (out.double() - unquantized).abs().max().item()
+    seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
+    speedups = {}
+    if device.type == "cuda":
+        key = f"attention/{tier_name}"
+        if fmt == "none":
+            perf.set_baseline(WORKLOAD, key, seconds)
+        else:
+            plain = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous")
+            speedups["bf16"] = perf.baseline(WORKLOAD, key, lambda: measure(
+                VARIANTS["triton_persistent"](**make_inputs(plain, device), **knobs), device=device, rounds=rounds))
+    perf.record(benchmark, gate_id, seconds, shape=dict(tier=tier_name, quantization=fmt, seq_lens_sum=sum(lengths),
+                                                         **knobs),
+                bytes_moved=case.bytes_moved(), speedups=speedups)
