@@ -29,6 +29,9 @@ from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check
                             check_unit_stride_last)
 
 BLOCK_N = 64  # KV positions per inner step
+# Quantized caches convert every element before the dots: longer steps amortize it (H100, B64-L4096:
+# 128 beat 64 by 2-12% for int8, fp8 and int4 in tools/tune_decode_attention.py).
+QUANT_BLOCK_N = 128
 # Chunk heuristic, from tools/tune_decode_attention.py on an H100: below 256 positions per tile
 # the merge costs more than the parallelism gains; past 2048 too few tiles balance the grid.
 MIN_CHUNK = 256
@@ -44,6 +47,20 @@ MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in re
 
 
 @triton.jit
+def _int8_to_f16(x):
+    # Exact, on the integer ALUs instead of the conversion pipe: the fp16 with bits
+    # 0x6400 | (x + 128) is 1024 + x + 128.
+    bits = (x.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80) | 0x6400
+    return bits.to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
+def _nibble_to_f16(n):
+    # n: uint16 in [0, 16), an int4 value + 8 -> that value, exactly (as _int8_to_f16)
+    return (n | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+
+
+@triton.jit
 def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
                   stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy, stride_sh,
                   stride_bt, page_size,
@@ -51,8 +68,9 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     # The GROUP query heads of KV head `kvh` over positions [start, end) of sequence b:
     # returns the unnormalized output [BLOCK_H, D], row max and row sum (log2 units).
-    # Quantized caches (kernels/kv_quant.py): integer/fp8 values convert exactly to q's dtype for
-    # the dots; the K scale multiplies the scores' columns and the V scale folds into P.
+    # Quantized caches (kernels/kv_quant.py): the dots run in fp16, which holds int8, int4 and e4m3
+    # values exactly and converts from them cheaply (q, |q| < 65504, is converted once per chunk);
+    # the K scale multiplies the scores' columns and the V scale folds into P.
     offs_h = tl.arange(0, BLOCK_H)
     q_rows = q_ptr + b * stride_qb + (kvh * GROUP + offs_h)[:, None] * stride_qh
     h_mask = (offs_h < GROUP)[:, None]
@@ -66,6 +84,10 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_rows + offs_d[None, :], mask=h_mask, other=0.0)
         acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    if QUANT != "none":
+        q = q.to(tl.float16)
+    if QUANT == "int4":
+        q_hi = q_hi.to(tl.float16)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     for n0 in range(start, end, BLOCK_N):
@@ -86,8 +108,10 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         scale_rows += kvh * stride_sh
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :])
         if QUANT == "int4":
-            k = k.to(tl.int32)
-            s = tl.dot(q, tl.trans(((k & 15) - 8).to(q.dtype))) + tl.dot(q_hi, tl.trans(((k >> 4) - 8).to(q.dtype)))
+            k = k.to(tl.uint16)
+            s = tl.dot(q, tl.trans(_nibble_to_f16(k & 15))) + tl.dot(q_hi, tl.trans(_nibble_to_f16(k >> 4)))
+        elif QUANT == "int8":
+            s = tl.dot(q, tl.trans(_int8_to_f16(k)))
         else:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [BLOCK_H, BLOCK_N]
         if QUANT != "none":
@@ -101,9 +125,11 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
             p *= tl.load(v_scale_ptr + scale_rows)[None, :]
         v = tl.load(v_ptr + rows[:, None] + offs_d[None, :])
         if QUANT == "int4":
-            v = v.to(tl.int32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), ((v & 15) - 8).to(q.dtype))
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(q.dtype), ((v >> 4) - 8).to(q.dtype))
+            v = v.to(tl.uint16)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), _nibble_to_f16(v & 15))
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(q.dtype), _nibble_to_f16(v >> 4))
+        elif QUANT == "int8":
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), _int8_to_f16(v))
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
@@ -343,6 +369,8 @@ def _chunk(chunk, batch, num_kv_heads, capacity, sms):
     if chunk is None:
         return choose_chunk(batch, num_kv_heads, capacity, sms)
     check_power_of_two("chunk", chunk)
+    if chunk < 16:
+        raise ValueError(f"chunk {chunk} must be >= 16 (a chunk holds at least one 16-position step)")
     return chunk
 
 
@@ -388,7 +416,9 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     return launch
 
 
-def _block_k(block_k, chunk):
+def _block_k(block_k, chunk, quant):
+    if block_k is None:  # chunk is a power of two >= 16 here (_chunk)
+        block_k = min(chunk, BLOCK_N if quant == "none" else QUANT_BLOCK_N)
     check_power_of_two("block_k", block_k)
     if block_k < 16 or block_k > chunk:
         raise ValueError(f"block_k {block_k} must be in [16, chunk {chunk}] (tl.dot needs >= 16)")
@@ -396,7 +426,7 @@ def _block_k(block_k, chunk):
 
 
 def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
-                    chunk=None, block_k=BLOCK_N):
+                    chunk=None, block_k=None):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
@@ -404,11 +434,11 @@ def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     chunk = _chunk(chunk, batch, num_kv_heads, capacity, hw.num_sms(q.device))
     return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False,
-                 block_k=_block_k(block_k, chunk))
+                 block_k=_block_k(block_k, chunk, dims.quant))
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
-                      chunk=None, block_k=BLOCK_N, num_programs=None):
+                      chunk=None, block_k=None, num_programs=None):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
@@ -427,4 +457,4 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=triton.next_power_of_2(batch)),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
-                 block_k=_block_k(block_k, chunk))
+                 block_k=_block_k(block_k, chunk, dims.quant))

@@ -17,8 +17,8 @@ def positive(value):
 
 
 def power_of_two_dot(value):
-    # tl.dot needs a dimension of at least 16
-    return None if value >= 16 and value & (value - 1) == 0 else "must be a power of two >= 16"
+    # tl.dot needs a dimension of at least 16; None: each kernel's own default
+    return None if value is None or (value >= 16 and value & (value - 1) == 0) else "must be a power of two >= 16"
 
 
 def positive_or_auto(value):
@@ -72,8 +72,8 @@ WORKLOAD_OPTIONS = {
         Option("--tier", "decode tiers (SPEC 2)", default="all", choices=("all", "small", "medium", "large")),
         Option("--quantization", "KV cache formats", default="all", choices=("all", "none", "int8", "int4", "fp8")),
         Option("--backend", "decode-loop backends", default="all", choices=("all", "triton", "graphs", "cuda")),
-        Option("--block-k", "KV positions per attention step of the Triton kernels", default=64, type=int,
-               check=power_of_two_dot),
+        Option("--block-k", "KV positions per attention step of the Triton kernels (default: the kernel's, "
+               "64 on bf16/fp16 caches, 128 on quantized ones)", default=None, type=int, check=power_of_two_dot),
         Option("--num-programs", "grid of the persistent decode attention (default: SMs x programs per SM)",
                default=None, type=int, check=positive_or_auto),
     ),

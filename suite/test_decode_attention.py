@@ -258,6 +258,7 @@ def test_num_programs_knob(device):
 
 
 @pytest.mark.parametrize("bad, match", [(dict(block_k=48), "block_k must be a positive power of two"),
+                                        (dict(chunk=8), "chunk 8 must be >= 16"),
                                         (dict(block_k=8), "block_k 8 must be in"),
                                         (dict(num_programs=0), "num_programs must be a positive int")])
 def test_bad_knobs(bad, match, device):

@@ -38,7 +38,8 @@ def pytest_generate_tests(metafunc):
 
 def _decoder(backend, config):
     if backend == "triton":
-        return lambda *args, **kw: decode_loop.triton_persistent(*args, block_k=config.getoption("block_k"), **kw)
+        block_k = config.getoption("block_k") or decode_loop.BLOCK_N
+        return lambda *args, **kw: decode_loop.triton_persistent(*args, block_k=block_k, **kw)
     return lambda *args, **kw: decode_graphs.graph_decode(*args, mode="full_and_piecewise",
                                                            max_capture=config.getoption("max_capture"), **kw)
 

@@ -1,8 +1,9 @@
 """Sweep the Triton decode kernels' launch constants on the GPU; prints GB/s per config, best first.
 
-    python -m tools.tune_decode_attention
+    python -m tools.tune_decode_attention [--quant int8 int4 fp8] [--shapes 64x4096 1x4096]
 """
 
+import argparse
 import itertools
 
 import torch
@@ -11,26 +12,35 @@ from kernels import decode_attention as da
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
 
-SHAPES = [(1, 4096, False), (1, 1024, False), (16, 1024, False)]
 # Module constants of kernels/decode_attention.py to sweep, then the launcher's chunk (last).
-SWEEP = {"BLOCK_N": (64, 128), "NUM_STAGES": (2, 3, 4), "NUM_WARPS": (4, 8), "chunk": (128, 256, 512)}
+SWEEP = {"BLOCK_N": (64, 128), "NUM_STAGES": (2, 3), "NUM_WARPS": (4, 8), "PROGRAMS_PER_SM": (2, 3),
+         "chunk": (1024, 2048)}
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant", nargs="+", default=["none"], choices=("none", "int8", "int4", "fp8"))
+    parser.add_argument("--shapes", nargs="+", default=["64x4096"], help="BATCHxLENGTH, uniform lengths")
+    parser.add_argument("--layouts", nargs="+", default=["contiguous"], choices=("contiguous", "paged"))
+    args = parser.parse_args()
     names = list(SWEEP)
-    for (batch, length, variable), layout in itertools.product(SHAPES, ("contiguous", "paged")):
-        case = DecodeCase(seeded_lengths(batch, length, variable, seed=0), 32, 8, 128, torch.bfloat16, layout)
+    for shape, layout, quant in itertools.product(args.shapes, args.layouts, args.quant):
+        batch, length = map(int, shape.split("x"))
+        case = DecodeCase(seeded_lengths(batch, length, False, seed=0), 32, 8, 128, torch.bfloat16, layout,
+                          quant=quant)
         inputs = make_inputs(case, "cuda")
         results = []
         for values in itertools.product(*SWEEP.values()):
             config = dict(zip(names, values))
             for name in names[:-1]:
                 setattr(da, name, config[name])
-            seconds = measure(da.triton_persistent(**inputs, chunk=config["chunk"]), device="cuda", rounds=20)
-            results.append((case.bytes_moved() / seconds / 1e9, values))
+            launch = da.triton_persistent(**inputs, chunk=config["chunk"], block_k=config["BLOCK_N"])
+            seconds = measure(launch, device="cuda", rounds=20)
+            results.append((case.bytes_moved() / seconds / 1e9, seconds, values))
         results.sort(key=lambda r: -r[0])
-        print(f"B{batch} L{length} {'var' if variable else 'uni'} {layout}: " +
-              ", ".join(f"{'/'.join(map(str, v))} {g:,.0f}" for g, v in results[:6]), flush=True)
+        print(f"B{batch} L{length} {layout} {quant} ({'/'.join(names)}): " +
+              ", ".join(f"{'/'.join(map(str, v))} {g:,.0f} GB/s {s * 1e6:.1f} us" for g, s, v in results[:5]),
+              flush=True)
 
 
 if __name__ == "__main__":
