@@ -122,6 +122,8 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
     path = Path(directory) / f"{key}.json"
     data = _read(path) if path.exists() else {"gates": {}}
     for gate_id, metrics in sorted(measured.items()):
+        if not any(m in METRICS and v is not None for m, v in metrics.items()):
+            continue  # nothing to gate (e.g. a baseline variant)
         entry = data["gates"].setdefault(gate_id, {})
         written = False
         for metric, value in metrics.items():
