@@ -49,14 +49,25 @@ def test_matches_reference(loop_variant, device, data):
               device)
 
 
+# Quantized caches: one graph variant suffices (the step is eager's; full_and_piecewise with
+# max_capture 4 replays both graph modes as T varies), which keeps the GPU run short.
+QUANTIZED_LOOPS = ("eager", "graphs_full_and_piecewise", "triton_persistent")
+
+
+@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.requires_cuda] if name in NEEDS_CUDA else [])
+                        for name in QUANTIZED_LOOPS])
+def quantized_loop(request):
+    return request.param, LOOP_VARIANTS[request.param]
+
+
 @pytest.mark.parametrize("kv_format", quant_params(kv_quant.FORMATS))
 @given(data=st.data())
-def test_quantized_cache_matches_reference(loop_variant, kv_format, device, data):
+def test_quantized_cache_matches_reference(quantized_loop, kv_format, device, data):
     kv_heads = data.draw(st.sampled_from((1, 2)), label="kv_heads")
     weights = tiny_decoder.random_weights(2 * kv_heads, kv_heads, data.draw(st.sampled_from((64, 128))),
                                           data.draw(st.sampled_from((torch.float16, torch.bfloat16))), device)
     prompt_lens = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=3), label="prompt_lens")
-    _run_case(loop_variant, weights, prompt_lens, data.draw(st.integers(1, 6), label="steps"), device, kv_format)
+    _run_case(quantized_loop, weights, prompt_lens, data.draw(st.integers(1, 6), label="steps"), device, kv_format)
 
 
 def test_eager_in_float32_is_the_reference(device):
