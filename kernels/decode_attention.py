@@ -284,40 +284,14 @@ class DecodeDims(NamedTuple):
     quant: str  # kv_quant format of the caches: none, int8, int4, fp8
 
 
-def _check_caches(q, k_cache, v_cache, k_scale, v_scale):
-    """dtype and scales of the caches: q's dtype, or a quantized format with float32 scales."""
-    cache_dtypes = (q.dtype,) + tuple(kv_quant.FORMATS.values())
-    check_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndim=4, device=q.device)
-    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=q.device)
-    fmt = kv_quant.format_of(k_cache)
-    if fmt == "none":
-        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if scale is not None:
-                raise ValueError(f"{name} is given but k_cache ({k_cache.dtype}) is not quantized")
-        return fmt
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if scale is None:
-            raise ValueError(f"{name} is required: k_cache is quantized ({fmt}, {k_cache.dtype})")
-        check_tensor(name, scale, dtypes=(torch.float32,), ndim=3, device=q.device)
-        check_shape(name, scale, k_cache.shape[:-1])
-    if v_scale.stride() != k_scale.stride():
-        raise ValueError(f"v_scale strides {v_scale.stride()} must equal k_scale strides {k_scale.stride()}")
-    return fmt
-
-
 def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=None, v_scale=None) -> DecodeDims:
     """Validate a decode-attention call (SPEC 7). Syncs once, for the value checks."""
     check_tensor("q", q, dtypes=ATTENTION_DTYPES, ndim=3)
     batch, num_q_heads, head_dim = q.shape
     check_head_dim("q", head_dim)
     check_unit_stride_last("q", q)
-    fmt = _check_caches(q, k_cache, v_cache, k_scale, v_scale)
+    fmt = kv_quant.check_caches(q.dtype, q.device, k_cache, v_cache, k_scale, v_scale)
     stored_dim = kv_quant.values_per_byte_row(fmt, head_dim)
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_unit_stride_last(name, cache)
-    check_shape("v_cache", v_cache, k_cache.shape)
-    if v_cache.stride() != k_cache.stride():
-        raise ValueError(f"v_cache strides {v_cache.stride()} must equal k_cache strides {k_cache.stride()}")
     paged = block_table is not None
     if paged:
         num_pages, page_size, num_kv_heads, _ = k_cache.shape

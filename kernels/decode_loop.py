@@ -145,31 +145,11 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
 
 def _check_caches(weights, h, k_cache, v_cache, k_scale, v_scale):
     w = weights
-    batch = h.shape[0]
     check_tensor("h", h, dtypes=(w.w_qkv.dtype,), ndim=2, device=w.w_qkv.device)
     check_unit_stride_last("h", h)
-    cache_dtypes = (h.dtype,) + tuple(kv_quant.FORMATS.values())
-    check_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndim=4, device=h.device)
-    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=h.device)
-    fmt = kv_quant.format_of(k_cache)
+    fmt = kv_quant.check_caches(h.dtype, h.device, k_cache, v_cache, k_scale, v_scale)
     stored = kv_quant.values_per_byte_row(fmt, w.head_dim)
-    check_shape("k_cache", k_cache, (batch, w.kv_heads, k_cache.shape[2], stored))
-    check_shape("v_cache", v_cache, k_cache.shape)
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_unit_stride_last(name, cache)
-    if v_cache.stride() != k_cache.stride():
-        raise ValueError(f"v_cache strides {v_cache.stride()} must equal k_cache strides {k_cache.stride()}")
-    if fmt == "none":
-        if k_scale is not None or v_scale is not None:
-            raise ValueError(f"k_scale/v_scale are given but k_cache ({k_cache.dtype}) is not quantized")
-        return fmt
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if scale is None:
-            raise ValueError(f"{name} is required: k_cache is quantized ({fmt}, {k_cache.dtype})")
-        check_tensor(name, scale, dtypes=(torch.float32,), ndim=3, device=h.device)
-        check_shape(name, scale, k_cache.shape[:-1])
-    if v_scale.stride() != k_scale.stride():
-        raise ValueError(f"v_scale strides {v_scale.stride()} must equal k_scale strides {k_scale.stride()}")
+    check_shape("k_cache", k_cache, (h.shape[0], w.kv_heads, k_cache.shape[2], stored))
     return fmt
 
 
@@ -182,6 +162,8 @@ def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=
     fmt = _check_caches(w, h, k_cache, v_cache, k_scale, v_scale)
     check_decode(w, h, k_cache, seq_lens, steps)
     check_power_of_two("block_k", block_k)
+    if block_k < DOT_ROWS:
+        raise ValueError(f"block_k {block_k} must be >= {DOT_ROWS} (tl.dot needs >= 16)")
     batch = h.shape[0]
     if fmt == "none":  # unused by the kernel; any tensor will do
         k_scale = v_scale = h

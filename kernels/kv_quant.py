@@ -14,6 +14,8 @@ The cache's dtype names its format. Dequantization happens inside the attention 
 
 import torch
 
+from kernels.checks import check_shape, check_tensor, check_unit_stride_last
+
 FORMATS = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}
 QUANTIZATIONS = ("none",) + tuple(FORMATS)
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
@@ -58,3 +60,30 @@ def dequantize(data, scale, fmt):
     else:
         q = data
     return q.double() * scale.double()[..., None]
+
+
+def check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale) -> str:
+    """Validate a KV cache pair (SPEC 7): the model dtype, or a format here with float32 scales of
+    the cache's shape without D; unit stride in D; K and V (and their scales) strided alike.
+    Returns the format."""
+    check_tensor("k_cache", k_cache, dtypes=(dtype,) + tuple(FORMATS.values()), ndim=4, device=device)
+    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=device)
+    check_shape("v_cache", v_cache, k_cache.shape)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_unit_stride_last(name, cache)
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache strides {v_cache.stride()} must equal k_cache strides {k_cache.stride()}")
+    fmt = format_of(k_cache)
+    if fmt == "none":
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} is given but k_cache ({k_cache.dtype}) is not quantized")
+        return fmt
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} is required: k_cache is quantized ({fmt}, {k_cache.dtype})")
+        check_tensor(name, scale, dtypes=(torch.float32,), ndim=3, device=device)
+        check_shape(name, scale, k_cache.shape[:-1])
+    if v_scale.stride() != k_scale.stride():
+        raise ValueError(f"v_scale strides {v_scale.stride()} must equal k_scale strides {k_scale.stride()}")
+    return fmt

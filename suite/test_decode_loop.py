@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import decode_graphs, kv_quant, tiny_decoder
+from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
 from suite import reference
 from suite.decode_cases import quant_params
 from suite.loop_cases import bind, check_loop, loop_variants, make_loop_inputs
@@ -134,3 +134,28 @@ def test_graph_decode_bad_arguments(device):
         decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 2, mode="half")
     with pytest.raises(ValueError, match="max_capture must be >= 1"):
         decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 2, max_capture=0)
+
+
+def test_persistent_loop_bad_input_names_the_argument(device):
+    w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+    inputs = make_loop_inputs(w, [5, 9], 4, device)
+    h, k, v, lens = inputs.h, inputs.caches["k_cache"], inputs.caches["v_cache"], inputs.seq_lens
+    k8, k_scale = kv_quant.quantize(k, "int8")
+    v8, v_scale = kv_quant.quantize(v, "int8")
+    cases = [
+        (dict(h=h.half()), TypeError, "h has dtype"),
+        (dict(k=k[:, :1], v=v[:, :1]), ValueError, "k_cache has shape"),
+        (dict(v=v8), TypeError, "v_cache has dtype"),
+        (dict(k=k8, v=v8), ValueError, "k_scale is required"),
+        (dict(k=k8, v=v8, k_scale=k_scale, v_scale=v_scale[..., :-1]), ValueError, "v_scale has shape"),
+        (dict(k_scale=k_scale, v_scale=v_scale), ValueError, "is given but k_cache"),
+        (dict(steps=0), ValueError, "steps must be >= 1"),
+        (dict(steps=40), ValueError, "exceeds the cache capacity"),
+        (dict(block_k=48), ValueError, "block_k must be a positive power of two"),
+        (dict(block_k=8), ValueError, "block_k 8 must be >= 16"),
+    ]
+    for change, error, match in cases:
+        args = dict(h=h, k=k, v=v, steps=4) | change
+        kw = {name: args[name] for name in ("k_scale", "v_scale", "block_k") if name in args}
+        with pytest.raises(error, match=match):
+            decode_loop.triton_persistent(w, args["h"], args["k"], args["v"], lens, args["steps"], **kw)
