@@ -47,7 +47,8 @@ def _gemv(x_ptr, w_ptr, n0, K: tl.constexpr, N: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _append_kv(qkv_ptr, cache_ptr, scale_ptr, row, scale_row, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _append_kv(qkv_ptr, cache_ptr, scale_ptr, row, scale_row, QUANT: tl.constexpr, QMAX: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
     # One head's new k (or v), fp32 in qkv_ptr[0:D], into the cache row (and its scale), in the
     # formats of kernels/kv_quant.py: scale = amax / qmax per token and head.
     half = tl.arange(0, HEAD_DIM // 2)
@@ -58,13 +59,7 @@ def _append_kv(qkv_ptr, cache_ptr, scale_ptr, row, scale_row, QUANT: tl.constexp
         tl.store(cache_ptr + row + HEAD_DIM // 2 + half, hi.to(cache_ptr.dtype.element_ty))
     else:
         amax = tl.maximum(tl.max(tl.abs(lo), 0), tl.max(tl.abs(hi), 0))
-        if QUANT == "int8":
-            qmax = 127.0
-        elif QUANT == "int4":
-            qmax = 7.0
-        else:
-            qmax = 448.0
-        scale = tl.maximum(amax / qmax, 1.1754943508222875e-38)  # float32 tiny, as kv_quant
+        scale = tl.maximum(amax / QMAX, 1.1754943508222875e-38)  # float32 tiny, as kv_quant
         tl.store(scale_ptr + scale_row, scale)
         lo = lo / scale
         hi = hi / scale
@@ -74,8 +69,8 @@ def _append_kv(qkv_ptr, cache_ptr, scale_ptr, row, scale_row, QUANT: tl.constexp
         else:
             # Round half to even, as torch.round: adding and removing 1.5 * 2^23 leaves the fp32
             # adder's rounding on the integer grid (|x| <= 127 here). Same on CPU and GPU.
-            lo = tl.clamp((lo + ROUND_MAGIC) - ROUND_MAGIC, -qmax, qmax).to(tl.int32)
-            hi = tl.clamp((hi + ROUND_MAGIC) - ROUND_MAGIC, -qmax, qmax).to(tl.int32)
+            lo = tl.clamp((lo + ROUND_MAGIC) - ROUND_MAGIC, -QMAX, QMAX).to(tl.int32)
+            hi = tl.clamp((hi + ROUND_MAGIC) - ROUND_MAGIC, -QMAX, QMAX).to(tl.int32)
             if QUANT == "int8":
                 tl.store(cache_ptr + row + half, lo.to(tl.int8))
                 tl.store(cache_ptr + row + HEAD_DIM // 2 + half, hi.to(tl.int8))
@@ -88,6 +83,7 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
                  out_ptr, scratch_ptr, model_scratch_ptr, steps, eps, qk_scale,
                  stride_kb, stride_kh, stride_kl, stride_sb, stride_sh, stride_sl,
                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
+                 QMAX: tl.constexpr,
                  BLOCK_DM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr):
     # grid (B,): program b runs sequence b's steps. Scratch rows (per sequence):
@@ -120,9 +116,10 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
         for kvh in range(KV_HEADS):  # append k, v at position seq_len
             row = b.to(tl.int64) * stride_kb + kvh * stride_kh + seq_len.to(tl.int64) * stride_kl
             scale_row = b.to(tl.int64) * stride_sb + kvh * stride_sh + seq_len.to(tl.int64) * stride_sl
-            _append_kv(qkv_row + D_MODEL + kvh * HEAD_DIM, k_ptr, k_scale_ptr, row, scale_row, QUANT, HEAD_DIM)
+            _append_kv(qkv_row + D_MODEL + kvh * HEAD_DIM, k_ptr, k_scale_ptr, row, scale_row, QUANT, QMAX,
+                       HEAD_DIM)
             _append_kv(qkv_row + D_MODEL + (KV_HEADS + kvh) * HEAD_DIM, v_ptr, v_scale_ptr, row, scale_row,
-                       QUANT, HEAD_DIM)
+                       QUANT, QMAX, HEAD_DIM)
         seq_len += 1
         tl.debug_barrier()
         for kvh in range(KV_HEADS):  # attention over positions 0..seq_len - 1, the new one included
@@ -139,7 +136,8 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
             h_new = tl.load(h_row + cols, mask=cols < D_MODEL) + _gemv(attn_row, w_o_ptr, n0, D_MODEL, D_MODEL,
                                                                         BLOCK_K, BLOCK_OUT)
             tl.store(h_row + cols, h_new, mask=cols < D_MODEL)
-            tl.store(out_ptr + (b * steps + t) * D_MODEL + cols, h_new.to(out_ptr.dtype.element_ty), mask=cols < D_MODEL)
+            tl.store(out_ptr + (b * steps + t) * D_MODEL + cols, h_new.to(out_ptr.dtype.element_ty),
+                     mask=cols < D_MODEL)
     tl.store(seq_lens_ptr + b, seq_len)
 
 
@@ -178,6 +176,7 @@ def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=
             steps, RMS_EPS, math.log2(math.e) / math.sqrt(w.head_dim),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides)
     meta = dict(Q_HEADS=w.q_heads, KV_HEADS=w.kv_heads, HEAD_DIM=w.head_dim, QUANT=fmt,
+                QMAX=kv_quant.QMAX.get(fmt, 1.0),  # unused unquantized
                 BLOCK_DM=triton.next_power_of_2(w.d_model),
                 BLOCK_H=max(DOT_ROWS, triton.next_power_of_2(w.q_heads // w.kv_heads)), BLOCK_N=block_k,
                 BLOCK_K=min(BLOCK_K, w.d_model), BLOCK_OUT=BLOCK_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES)

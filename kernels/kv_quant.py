@@ -52,16 +52,6 @@ def quantize(x, fmt):
     return packed.to(torch.uint8), scale
 
 
-def dequantize(data, scale, fmt):
-    """The values a kernel reads from (data, scale), in float64: [..., D]."""
-    if fmt == "int4":
-        b = data.to(torch.int32)
-        q = torch.cat([(b & 15) - INT4_BIAS, (b >> 4) - INT4_BIAS], dim=-1)
-    else:
-        q = data
-    return q.double() * scale.double()[..., None]
-
-
 def check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale) -> str:
     """Validate a KV cache pair (SPEC 7): the model dtype, or a format here with float32 scales of
     the cache's shape without D; unit stride in D; K and V (and their scales) strided alike.

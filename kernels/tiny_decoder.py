@@ -108,7 +108,8 @@ class QuantizedKV:
     def __init__(self, weights, k_cache, v_cache, k_scale, v_scale, seq_lens):
         self.fmt = kv_quant.format_of(k_cache)
         if self.fmt == "none":
-            raise TypeError(f"k_cache has dtype {k_cache.dtype}: QuantizedKV needs one of {kv_quant.FORMATS}")
+            raise TypeError(f"k_cache has dtype {k_cache.dtype}: QuantizedKV needs one of "
+                            f"{tuple(kv_quant.FORMATS.values())}")
         self.caches = ((k_cache, k_scale), (v_cache, v_scale))
         self.q = torch.empty(k_cache.shape[0], weights.q_heads, weights.head_dim, device=k_cache.device,
                              dtype=weights.w_qkv.dtype)

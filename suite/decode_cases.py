@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kernels import decode_attention, kv_quant, sdpa_decode
+from suite import reference
 
 VARIANTS = {
     "sdpa": sdpa_decode.sdpa,  # the anchor
@@ -22,6 +23,19 @@ def quant_params(formats):
 # Inputs are exact in the kernel dtype; the error comes from rounding P to that dtype for the
 # P.V product and rounding the output: a few units of the dtype's epsilon (2^-10 fp16, 2^-7 bf16).
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def check_output(out, inputs):
+    """Every element of out against the float64 reference on the same inputs (a quantized cache
+    as stored: dequantized)."""
+    tol = TOLERANCE[inputs["q"].dtype]
+    torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=tol, rtol=tol)
+
+
+def quantization_loss(out, inputs, exact):
+    """Largest |out - attention over the unquantized caches `exact`|: what quantizing cost."""
+    unquantized = reference.decode_attention(**{**inputs, **exact, "k_scale": None, "v_scale": None})
+    return (out.double() - unquantized).abs().max().item()
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from kernels.sdpa_decode import BACKENDS
-from suite import reference
 from kernels import kv_quant
-from suite.decode_cases import (TOLERANCE, VARIANTS, DecodeCase, make_case_tensors, make_inputs, quant_params,
-                                seeded_lengths)
+from suite.decode_cases import (VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs, quant_params,
+                                quantization_loss, seeded_lengths)
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
@@ -80,11 +79,6 @@ def pytest_generate_tests(metafunc):
                              ids=[f"{v}-{layout}" for v, layout in pairs])
 
 
-def _check(out, inputs, dtype):
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=tol, rtol=tol)
-
-
 def _fastest_sdpa(inputs, device, rounds):
     """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs correctly."""
     timed = []
@@ -96,7 +90,7 @@ def _fastest_sdpa(inputs, device, rounds):
                 out = launch()
         except RuntimeError:  # this backend does not support the inputs (mask, GQA, dtype...)
             continue
-        _check(out, inputs, inputs["q"].dtype)  # correctness before timing, every backend
+        check_output(out, inputs)  # correctness before timing, every backend
         seconds = measure(launch, device=device, rounds=rounds) if device.type == "cuda" else 0.0
         timed.append((seconds, backend, launch))
     seconds, backend, launch = min(timed, key=lambda t: t[0])
@@ -114,7 +108,7 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
         benchmark.extra_info["sdpa_backend"] = backend
     else:
         launch = launcher(**inputs)
-    _check(launch(), inputs, case.dtype)  # correctness before timing
+    check_output(launch(), inputs)  # correctness before timing
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
 
     def anchor_seconds():
@@ -141,9 +135,8 @@ def test_decode_attention_quantized(benchmark, fmt, shape, device, perf, rounds)
     inputs, exact = make_case_tensors(case, device)
     launch = VARIANTS[QUANTIZED_VARIANT](**inputs)
     out = launch()
-    _check(out, inputs, case.dtype)  # tight: against the reference on the dequantized cache
-    unquantized = reference.decode_attention(**{**inputs, **exact, "k_scale": None, "v_scale": None})
-    benchmark.extra_info["accuracy_loss_max_abs"] = (out.double() - unquantized).abs().max().item()
+    check_output(out, inputs)  # tight: against the reference on the dequantized cache
+    benchmark.extra_info["accuracy_loss_max_abs"] = quantization_loss(out, inputs, exact)
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
 
     def bf16_seconds():

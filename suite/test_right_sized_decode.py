@@ -8,12 +8,13 @@ reference on the cache as stored) and record the accuracy quantization costs vs 
 """
 
 import pytest
-import torch
 
-from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
+from kernels import decode_loop, kv_quant, tiny_decoder
 from suite import reference
-from suite.decode_cases import TOLERANCE, VARIANTS, DecodeCase, make_case_tensors, make_inputs, quant_params
-from suite.loop_cases import DTYPE, bind, check_loop, make_loop_inputs, relative_errors, steps_of, tiers, time_loop
+from suite.decode_cases import (VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs, quant_params,
+                                quantization_loss)
+from suite.loop_cases import (DTYPE, bind, check_loop, loop_variants, make_loop_inputs, relative_errors, steps_of,
+                              tiers, time_loop)
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
@@ -37,11 +38,21 @@ def pytest_generate_tests(metafunc):
 
 
 def _decoder(backend, config):
-    if backend == "triton":
-        block_k = config.getoption("block_k") or decode_loop.BLOCK_N
-        return lambda *args, **kw: decode_loop.triton_persistent(*args, block_k=block_k, **kw)
-    return lambda *args, **kw: decode_graphs.graph_decode(*args, mode="full_and_piecewise",
-                                                           max_capture=config.getoption("max_capture"), **kw)
+    # triton: the persistent loop; graphs: full_and_piecewise (fused dequant through QuantizedKV)
+    block_k = config.getoption("block_k") or decode_loop.BLOCK_N
+    variants = loop_variants(("full_and_piecewise",), config.getoption("max_capture"), block_k)
+    return variants[{"triton": "triton_persistent", "graphs": "graphs_full_and_piecewise"}[backend]]
+
+
+def _vs_bf16(perf, device, key, fmt, seconds, bf16_seconds):
+    """{"bf16": seconds} of the same benchmark on the bf16 cache (recorded by its fmt none run,
+    or measured now), for the speedup_vs_bf16 gate; none for the bf16 run itself or without a GPU."""
+    if device.type != "cuda":
+        return {}
+    if fmt == "none":
+        perf.set_baseline(WORKLOAD, key, seconds)
+        return {}
+    return {"bf16": perf.baseline(WORKLOAD, key, bf16_seconds)}
 
 
 def test_right_sized_decode_loop(benchmark, tier_name, fmt, backend, device, perf, rounds, pytestconfig):
@@ -62,16 +73,12 @@ def test_right_sized_decode_loop(benchmark, tier_name, fmt, backend, device, per
         benchmark.extra_info["accuracy_loss_rel"] = max(relative_errors(out, unquantized))
         benchmark.extra_info["reference_error_rel"] = max(relative_errors(out, expected))
     seconds = time_loop(benchmark, launch, inputs, steps, device, rounds)
-    speedups = {}
-    if device.type == "cuda":
-        key = f"loop-{backend}/{tier_name}"
-        if fmt == "none":
-            perf.set_baseline(WORKLOAD, key, seconds)
-        else:
-            def bf16_seconds():
-                plain = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
-                return measure(bind(decode, weights, plain, steps), device=device, rounds=rounds, before=plain.reset)
-            speedups["bf16"] = perf.baseline(WORKLOAD, key, bf16_seconds)
+
+    def bf16_seconds():
+        plain = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
+        return measure(bind(decode, weights, plain, steps), device=device, rounds=rounds, before=plain.reset)
+
+    speedups = _vs_bf16(perf, device, f"loop-{backend}/{tier_name}", fmt, seconds, bf16_seconds)
     perf.record(benchmark, gate_id, seconds, shape=dict(tier.__dict__, tier=tier_name, quantization=fmt,
                                                          backend=backend, steps=steps),
                 speedups=speedups, rate=f"TPOT {1e3 * seconds / steps:.3f} ms")
@@ -88,21 +95,17 @@ def test_right_sized_decode_attention(benchmark, tier_name, fmt, device, perf, r
     inputs, exact = make_case_tensors(case, device)
     launch = VARIANTS["triton_persistent"](**inputs, **knobs)
     out = launch()
-    torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=TOLERANCE[DTYPE],
-                               rtol=TOLERANCE[DTYPE])
+    check_output(out, inputs)  # tight: against the reference on the dequantized cache
     if fmt != "none":
-        unquantized = reference.decode_attention(**{**inputs, **exact, "k_scale": None, "v_scale": None})
-        benchmark.extra_info["accuracy_loss_max_abs"] = (out.double() - unquantized).abs().max().item()
+        benchmark.extra_info["accuracy_loss_max_abs"] = quantization_loss(out, inputs, exact)
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
-    speedups = {}
-    if device.type == "cuda":
-        key = f"attention/{tier_name}"
-        if fmt == "none":
-            perf.set_baseline(WORKLOAD, key, seconds)
-        else:
-            plain = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous")
-            speedups["bf16"] = perf.baseline(WORKLOAD, key, lambda: measure(
-                VARIANTS["triton_persistent"](**make_inputs(plain, device), **knobs), device=device, rounds=rounds))
+
+    def bf16_seconds():
+        plain = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous")
+        return measure(VARIANTS["triton_persistent"](**make_inputs(plain, device), **knobs), device=device,
+                       rounds=rounds)
+
+    speedups = _vs_bf16(perf, device, f"attention/{tier_name}", fmt, seconds, bf16_seconds)
     perf.record(benchmark, gate_id, seconds, shape=dict(tier=tier_name, quantization=fmt, seq_lens_sum=sum(lengths),
                                                          **knobs),
                 bytes_moved=case.bytes_moved(), speedups=speedups)
