@@ -57,9 +57,15 @@ def _kernel_probe(min_capability, run_probe, what):
 
 @functools.cache
 def tma_ready():
-    from kernels.probes import tma_copy_probe
+    """Both ways the suite emits TMA: a CUDA kernel (NVRTC, cp.async.bulk.tensor) and Triton's
+    tensor descriptors."""
+    from kernels.probes import cuda_tma_probe, triton_tma_probe
 
-    return _kernel_probe((9, 0), tma_copy_probe, "TMA probe kernel (Triton tensor-descriptor copy)")
+    ok, cuda_probed = _kernel_probe((9, 0), cuda_tma_probe, "TMA probe kernel (CUDA, cp.async.bulk.tensor)")
+    if not ok:
+        return ok, cuda_probed
+    ok, triton_probed = _kernel_probe((9, 0), triton_tma_probe, "TMA probe kernel (Triton tensor descriptors)")
+    return ok, triton_probed if not ok else f"{cuda_probed}; {triton_probed}"
 
 
 @functools.cache

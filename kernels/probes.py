@@ -15,7 +15,7 @@ def _tma_copy(src_desc, dst_desc, TILE: tl.constexpr):
     dst_desc.store([row, 0], tile)
 
 
-def tma_copy_probe():
+def triton_tma_probe():
     # src, dst: [2 * TILE, TILE] fp16; a host tensor descriptor is a TMA descriptor on sm_90+.
     src = torch.randn(2 * PROBE_TILE, PROBE_TILE, device="cuda", dtype=torch.float16)
     dst = torch.full_like(src, float("nan"))
@@ -24,6 +24,25 @@ def tma_copy_probe():
     torch.cuda.synchronize()
     if not torch.equal(src, dst):
         raise RuntimeError("tensor-descriptor copy returned wrong data")
+
+
+def cuda_tma_probe():
+    """kernels/cuda/tma_probe.cu: a tile in through cp.async.bulk.tensor + mbarrier and out through
+    a tensor-map store, compiled by NVRTC; a toolchain that cannot emit tensor-map instructions
+    fails here."""
+    from kernels import cuda_build, tensor_maps
+
+    src = torch.randn(2 * PROBE_TILE, PROBE_TILE, device="cuda", dtype=torch.float16)
+    dst = torch.full_like(src, float("nan"))
+    maps = [tensor_maps.tiled(t, (PROBE_TILE, 2 * PROBE_TILE), (PROBE_TILE,), (PROBE_TILE, PROBE_TILE))
+            for t in (src, dst)]
+    box_bytes = PROBE_TILE * PROBE_TILE * src.element_size()
+    kernel = cuda_build.kernel("tma_probe", "tma_probe", src.device.index)
+    kernel((2,), (32,), box_bytes, *map(cuda_build.struct, maps), cuda_build.int32(PROBE_TILE),
+           cuda_build.int32(box_bytes))
+    torch.cuda.synchronize()
+    if not torch.equal(src, dst):
+        raise RuntimeError("the CUDA TMA kernel returned wrong data")
 
 
 def fp8_decode_probe(device):

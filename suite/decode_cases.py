@@ -6,15 +6,22 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import decode_attention, kv_quant, sdpa_decode
+from kernels import cuda_decode_attention, decode_attention, kv_quant, sdpa_decode
 from suite import reference
 
 VARIANTS = {
     "sdpa": sdpa_decode.sdpa,  # the anchor
     "triton_split_kv": decode_attention.triton_split_kv,
     "triton_persistent": decode_attention.triton_persistent,
+    "cuda_persistent": cuda_decode_attention.cuda_persistent,
 }
+NATIVE = ("cuda_persistent",)  # CUDA C++: needs a GPU, never runs in the interpreter
 LAYOUTS = ("contiguous", "paged")
+
+
+def variant_params(names):
+    """pytest params of decode-attention variants, the native ones marked requires_cuda."""
+    return [pytest.param(n, marks=[pytest.mark.requires_cuda] if n in NATIVE else [], id=n) for n in names]
 
 
 def quant_params(formats):

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # speedup_vs_<baseline>: anchor (what users run instead), baseline (the workload's baseline variant),
-# graphs (the CUDA-graph decode loop), bf16 (the same kernel on an unquantized cache)
-METRICS = ("speedup_vs_anchor", "speedup_vs_baseline", "speedup_vs_graphs", "speedup_vs_bf16", "roofline_fraction")
+# graphs (the CUDA-graph decode loop), bf16 (the same kernel on an unquantized cache), triton (the
+# Triton counterpart of a native CUDA variant)
+METRICS = ("speedup_vs_anchor", "speedup_vs_baseline", "speedup_vs_graphs", "speedup_vs_bf16", "speedup_vs_triton",
+           "roofline_fraction")
 ENTRY_KEYS = set(METRICS) | {"provenance", "hw_skip_reason"}
 KNOWN_GPUS = (("GB10", "gb10"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100"))
 DEFAULT_KEY = "default"

@@ -79,6 +79,10 @@ WORKLOAD_OPTIONS = {
     ),
 }
 WORKLOAD_FLAGS = {
+    "prefill_kv_write": (
+        ("--validate", "also check the cache after every timed round (re-poisoned before each), "
+                       "not only once before timing"),
+    ),
     "right_sized_decode": (
         ("--quick", "T = 8 steps and 10 rounds: a quick look, not a measurement to gate on"),
         ("--require-fused-fp8", "fail (do not skip) when fused FP8 decode is missing"),
@@ -97,9 +101,9 @@ def add_options(parser):
         _add(group, option)
     for flag, text in SUITE_FLAGS:
         group.addoption(flag, action="store_true", default=False, help=text)
-    for workload, options in WORKLOAD_OPTIONS.items():
+    for workload in dict.fromkeys([*WORKLOAD_OPTIONS, *WORKLOAD_FLAGS]):
         group = parser.getgroup(workload, f"workload {workload}")
-        for option in options:
+        for option in WORKLOAD_OPTIONS.get(workload, ()):
             _add(group, option)
         for flag, text in WORKLOAD_FLAGS.get(workload, ()):
             group.addoption(flag, action="store_true", default=False, help=text)

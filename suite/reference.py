@@ -35,6 +35,16 @@ def dequantize_kv(cache, scale):
     return cache.double() * scale.double().unsqueeze(-1)
 
 
+def prompt_slots(cu_seqlens, block_table, page_size):
+    """Where each packed prompt token goes in a paged cache: its flat index page * page_size + slot
+    (SPEC 1: position t of sequence b lives in page block_table[b, t // page_size])."""
+    slots = []
+    for b in range(len(cu_seqlens) - 1):
+        t = torch.arange(int(cu_seqlens[b + 1]) - int(cu_seqlens[b]))
+        slots.append(block_table[b].long().cpu()[t // page_size] * page_size + t % page_size)
+    return torch.cat(slots)
+
+
 def decode_attention(q, k_cache, v_cache, seq_lens, block_table=None, k_scale=None, v_scale=None):
     """q: [B, Hq, D] -> [B, Hq, D] float64: each sequence attends its first seq_lens[b] positions."""
     if k_scale is not None:

@@ -9,18 +9,19 @@ from kernels import decode_attention, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
-                                quant_params, quantization_loss)
+                                quant_params, quantization_loss, variant_params)
 
 pytestmark = pytest.mark.decode
 
 PAGE_SIZES = (1, 3, 16, 54, 64)
 FUSED_DEQUANT = ("triton_split_kv", "triton_persistent")  # variants that read quantized caches
 QUANTIZED = tuple(kv_quant.FORMATS)
+SPLIT_VARIANTS = ("triton_split_kv", "triton_persistent", "cuda_persistent")  # chunked, merged by LSE
 
 
 def pytest_generate_tests(metafunc):
     if "decode_variant" in metafunc.fixturenames:
-        metafunc.parametrize("decode_variant", sorted(VARIANTS), indirect=True)
+        metafunc.parametrize("decode_variant", variant_params(sorted(VARIANTS)), indirect=True)
     if "layout" in metafunc.fixturenames:
         metafunc.parametrize("layout", LAYOUTS)
 
@@ -85,7 +86,7 @@ def test_strided_inputs(decode_variant, layout, device):
     _run_case(decode_variant, case, device)
 
 
-@pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
+@pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
 @pytest.mark.parametrize("chunk", [64, 128])
 def test_many_chunks_per_sequence(variant, chunk, layout, device):
     # Small chunks: many tiles per program in the persistent loop, many partials to merge.
@@ -144,7 +145,7 @@ def test_bad_input_names_the_argument(decode_variant, device, bad):
         decode_variant[1](**inputs)
 
 
-@pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
+@pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
 def test_chunk_must_be_a_power_of_two(variant, device):
     inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
     with pytest.raises(ValueError, match="chunk must be a positive power of two"):
@@ -157,7 +158,7 @@ def test_sdpa_backend_must_be_known(device):
         VARIANTS["sdpa"](**inputs, backend="fastest")
 
 
-@pytest.mark.parametrize("variant", ["triton_split_kv", "triton_persistent"])
+@pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
 def test_a_bound_launch_runs_again(variant, layout, device):
     # The persistent kernel's merge counters reset themselves: launch twice, new q each time.
     case = DecodeCase((300, 45), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout)
@@ -244,10 +245,19 @@ def test_block_k_knob(variant, block_k, device):
     _run_case((variant, VARIANTS[variant]), case, device, chunk=256, block_k=block_k)
 
 
-def test_num_programs_knob(device):
+@pytest.mark.parametrize("variant", variant_params(["triton_persistent", "cuda_persistent"]))
+def test_num_programs_knob(variant, device):
     # --num-programs: the persistent grid; one program must still walk every tile.
     case = DecodeCase((300, 45, 7), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout="contiguous")
-    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_programs=1)
+    _run_case((variant, VARIANTS[variant]), case, device, chunk=64, num_programs=1)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_cuda_persistent_refuses_quantized_caches(fmt, device):
+    inputs = make_case_tensors(DecodeCase((40,), 4, 2, 64, torch.bfloat16, "contiguous", quant=fmt), device)[0]
+    with pytest.raises(ValueError, match="cuda_persistent reads fp16/bf16 caches"):
+        VARIANTS["cuda_persistent"](**inputs)
 
 
 @pytest.mark.parametrize("bad, match", [(dict(block_k=48), "block_k must be a positive power of two"),

@@ -13,8 +13,8 @@ import torch
 
 from kernels.sdpa_decode import BACKENDS
 from kernels import kv_quant
-from suite.decode_cases import (VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs, quant_params,
-                                quantization_loss, seeded_lengths)
+from suite.decode_cases import (NATIVE, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
+                                quant_params, quantization_loss, seeded_lengths)
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.decode
 WORKLOAD = "decode_attention"
 ANCHOR = "sdpa"
 QUANTIZED_VARIANT = "triton_persistent"
+TRITON_COUNTERPART = {"cuda_persistent": "triton_persistent"}  # native variants gated against these
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,13 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("shape", _shapes(config), ids=str)
     if "decode_variant" in metafunc.fixturenames:
         layouts = ("contiguous", "paged") if config.getoption("kv_layout") == "both" else (config.getoption("kv_layout"),)
+        # the anchor, then Triton, then native variants: each baseline is timed before its users
+        order = [ANCHOR] + sorted(v for v in VARIANTS if v not in NATIVE and v != ANCHOR) + list(NATIVE)
         pairs = [(ANCHOR, "contiguous")] * ("contiguous" in layouts) + \
-            [(v, layout) for v in sorted(VARIANTS) if v != ANCHOR for layout in layouts]
-        metafunc.parametrize("decode_variant,layout", pairs, indirect=["decode_variant"],
-                             ids=[f"{v}-{layout}" for v, layout in pairs])
+            [(v, layout) for v in order[1:] for layout in layouts]
+        metafunc.parametrize("decode_variant,layout", [
+            pytest.param(v, layout, marks=[pytest.mark.requires_cuda] if v in NATIVE else [], id=f"{v}-{layout}")
+            for v, layout in pairs], indirect=["decode_variant"])
 
 
 def _fastest_sdpa(inputs, device, rounds):
@@ -119,11 +123,18 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
         perf.set_baseline(WORKLOAD, str(shape), seconds)
     if (name, layout) == (QUANTIZED_VARIANT, "contiguous"):
         perf.set_baseline(f"{WORKLOAD}/bf16", str(shape), seconds)
+    if name in TRITON_COUNTERPART.values():
+        perf.set_baseline(f"{WORKLOAD}/{name}/{layout}", str(shape), seconds)
     baseline = perf.baseline(WORKLOAD, str(shape), anchor_seconds) \
         if device.type == "cuda" and name != ANCHOR else None
+    speedups = None
+    if name in TRITON_COUNTERPART and device.type == "cuda":
+        triton_name = TRITON_COUNTERPART[name]
+        speedups = {"triton": perf.baseline(f"{WORKLOAD}/{triton_name}/{layout}", str(shape), lambda: measure(
+            VARIANTS[triton_name](**inputs), device=device, rounds=rounds))}
     perf.record(benchmark, gate_id, seconds, shape=dict(variant=name, layout=layout, case=str(shape),
                                                          seq_lens_sum=sum(case.seq_lens)),
-                bytes_moved=case.bytes_moved(), baseline_seconds=baseline)
+                bytes_moved=case.bytes_moved(), baseline_seconds=baseline, speedups=speedups)
 
 
 def test_decode_attention_quantized(benchmark, fmt, shape, device, perf, rounds):

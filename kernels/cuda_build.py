@@ -1,0 +1,165 @@
+"""Build layer for the CUDA C++ sources in kernels/cuda/ (SPEC 2.1, 2.4): NVRTC through cuda-python.
+
+Why NVRTC and not torch's extension builder: a source compiles in well under a second with no
+host compiler, where torch.utils.cpp_extension took 63 s on the H100 machine; kernels are plain
+`extern "C" __global__` functions, launched through the driver API on torch's current stream,
+so they can be captured in CUDA graphs like any torch kernel.
+
+Each (source, defines, architecture) compiles once per process and is cached on disk under
+$KERNEL_SUITE_CACHE (default ~/.cache/kernel-suite/cubin), keyed by the source text and every
+header it can include, the options, the architecture and NVRTC's version: a change of any of
+them, switching CUDA versions included, never reuses a stale build. Every CUDA call's status is
+checked; a failed compile raises with NVRTC's log.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE_DIR = Path(__file__).parent / "cuda"
+CACHE_DIR = Path(os.environ.get("KERNEL_SUITE_CACHE", Path.home() / ".cache" / "kernel-suite")) / "cubin"
+STD = "--std=c++17"
+MAX_STATIC_SMEM = 48 * 1024  # beyond this a kernel must opt in to dynamic shared memory
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def _bindings():
+    """cuda-python's driver and NVRTC modules: a declared dependency, so missing is an error."""
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError as exc:
+        raise ImportError("the CUDA kernels need cuda-python (pip install cuda-bindings nvidia-cuda-nvrtc): "
+                          f"{exc}") from exc
+    return driver, nvrtc
+
+
+def check(result, call):
+    """cuda-python returns (status, *values): raise on any status but success, else the values."""
+    driver, nvrtc = _bindings()
+    status, *values = result if isinstance(result, tuple) else (result,)
+    if isinstance(status, nvrtc.nvrtcResult):
+        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise CudaError(f"{call}: {nvrtc.nvrtcGetErrorString(status)[1].decode()}")
+    elif status != driver.CUresult.CUDA_SUCCESS:
+        name = driver.cuGetErrorName(status)[1]
+        raise CudaError(f"{call}: {name.decode() if name else status}")
+    return values[0] if len(values) == 1 else values
+
+
+def arch_for(capability) -> str:
+    """NVRTC's target for a compute capability. sm_90a / sm_100a ('a': the arch-specific features,
+    wgmma and friends) run only on exactly that capability, which is the device being targeted."""
+    major, minor = capability
+    return f"sm_{major}{minor}a" if major >= 9 else f"sm_{major}{minor}"
+
+
+def nvrtc_version():
+    return tuple(check(_bindings()[1].nvrtcVersion(), "nvrtcVersion"))
+
+
+def _headers():
+    return {p.name: p.read_bytes() for p in sorted(SOURCE_DIR.glob("*.cuh"))}
+
+
+def options(arch, defines):
+    return [STD, f"--gpu-architecture={arch}", f"--include-path={SOURCE_DIR}"] + \
+        [f"-D{name}={value}" for name, value in sorted(defines.items())]
+
+
+def cache_key(source, arch, defines):
+    digest = hashlib.sha256()
+    for part in [source.encode(), *(n.encode() + b"\0" + t for n, t in _headers().items()),
+                 " ".join(options(arch, defines)).encode(), repr(nvrtc_version()).encode()]:
+        digest.update(part + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def compile_cubin(name, arch, defines=None) -> bytes:
+    """kernels/cuda/<name>.cu compiled for `arch` with -D`defines`: the cubin, from the disk cache
+    when this exact build was made before."""
+    defines = defines or {}
+    source = (SOURCE_DIR / f"{name}.cu").read_text()
+    path = CACHE_DIR / f"{name}-{arch}-{cache_key(source, arch, defines)}.cubin"
+    if path.exists():
+        return path.read_bytes()
+    _, nvrtc = _bindings()
+    program = check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
+                    "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in options(arch, defines)]
+        status = nvrtc.nvrtcCompileProgram(program, len(opts), opts)[0]
+        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            size = check(nvrtc.nvrtcGetProgramLogSize(program), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            check(nvrtc.nvrtcGetProgramLog(program, log), "nvrtcGetProgramLog")
+            raise CudaError(f"NVRTC failed to compile {name}.cu for {arch} with {defines}:\n"
+                            f"{log.decode(errors='replace')}")
+        size = check(nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        check(nvrtc.nvrtcGetCUBIN(program, cubin), "nvrtcGetCUBIN")
+    finally:
+        check(nvrtc.nvrtcDestroyProgram(program), "nvrtcDestroyProgram")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=CACHE_DIR, delete=False) as f:  # atomic: no torn cubins
+        f.write(cubin)
+    os.replace(f.name, path)
+    return cubin
+
+
+class Kernel:
+    """One __global__ function of a loaded module; call it with grid, block, shared-memory bytes
+    and (value, ctype) arguments: ctype None for a driver struct such as a tensor map."""
+
+    def __init__(self, function, name):
+        self.function, self.name, self.smem_limit = function, name, MAX_STATIC_SMEM
+
+    def __call__(self, grid, block, smem, *args):
+        driver, _ = _bindings()
+        if smem > self.smem_limit:
+            check(driver.cuFuncSetAttribute(
+                self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                f"cuFuncSetAttribute({self.name}, max dynamic smem {smem})")
+            self.smem_limit = smem
+        grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
+        values, ctypes_ = zip(*args)
+        check(driver.cuLaunchKernel(self.function, *grid, *block, smem, stream, (values, ctypes_), 0),
+              f"cuLaunchKernel({self.name}, grid={grid}, block={block}, smem={smem})")
+
+
+def pointer(tensor):
+    return tensor.data_ptr(), ctypes.c_void_p
+
+
+def int32(value):
+    return int(value), ctypes.c_int32
+
+
+def int64(value):
+    return int(value), ctypes.c_int64
+
+
+def struct(value):
+    return value, None
+
+
+@functools.cache
+def kernel(name, function, device_index, defines=()):
+    """`function` of kernels/cuda/<name>.cu built for the device, loaded into torch's context."""
+    driver, _ = _bindings()
+    device = torch.device("cuda", device_index)
+    torch.cuda.init()
+    with torch.cuda.device(device):
+        torch.empty(1, device=device)  # torch's primary context exists and is current on this thread
+        cubin = compile_cubin(name, arch_for(torch.cuda.get_device_capability(device)), dict(defines))
+        module = check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({name})")
+        return Kernel(check(driver.cuModuleGetFunction(module, function.encode()),
+                            f"cuModuleGetFunction({name}.{function})"), f"{name}.{function}")

@@ -1,0 +1,71 @@
+"""Every CUDA source compiles (SPEC 6): with nvcc and with NVRTC (the run-time path), for sm_90a
+(H100/H200) and sm_100a (B200), with every set of defines the launchers use. No GPU needed."""
+
+import subprocess
+
+import pytest
+
+from kernels import cuda_build, cuda_decode_attention, prefill_kv_write
+
+ARCHS = ("sm_90a", "sm_100a")
+BUILDS = {"tma_probe": [{}], "kv_write": prefill_kv_write.builds(),
+          "decode_attention": cuda_decode_attention.builds()}
+CASES = [(source, defines) for source, builds in BUILDS.items() for defines in builds]
+ELF_MAGIC = b"\x7fELF"
+
+
+def _id(case):
+    source, defines = case
+    return "-".join([source] + [f"{k}{v}" for k, v in defines.items()])
+
+
+def test_every_source_is_listed():
+    assert set(BUILDS) == {p.stem for p in cuda_build.SOURCE_DIR.glob("*.cu")}
+
+
+@pytest.mark.requires_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_nvcc_compiles(case, arch, tmp_path):
+    source, defines = case
+    command = ["nvcc", "-cubin", f"-arch={arch}", "--std=c++17", "-Werror", "all-warnings",
+               f"-I{cuda_build.SOURCE_DIR}", *(f"-D{k}={v}" for k, v in defines.items()),
+               "-o", str(tmp_path / "out.cubin"), str(cuda_build.SOURCE_DIR / f"{source}.cu")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_nvrtc_compiles(case, arch, tmp_path, monkeypatch):
+    source, defines = case
+    monkeypatch.setattr(cuda_build, "CACHE_DIR", tmp_path)
+    cubin = cuda_build.compile_cubin(source, arch, defines)
+    assert cubin[:4] == ELF_MAGIC
+    assert [p.read_bytes() for p in tmp_path.glob("*.cubin")] == [cubin]  # cached on disk, one file
+
+
+def test_build_cache_key_covers_every_input(monkeypatch):
+    source = (cuda_build.SOURCE_DIR / "tma_probe.cu").read_text()
+    key = cuda_build.cache_key(source, "sm_90a", {})
+    assert cuda_build.cache_key(source + " ", "sm_90a", {}) != key
+    assert cuda_build.cache_key(source, "sm_100a", {}) != key
+    assert cuda_build.cache_key(source, "sm_90a", {"HEAD_DIM": 64}) != key
+    monkeypatch.setattr(cuda_build, "nvrtc_version", lambda: (99, 0))  # another CUDA: another build
+    assert cuda_build.cache_key(source, "sm_90a", {}) != key
+    monkeypatch.setattr(cuda_build, "_headers", lambda: {"common.cuh": b"changed"})
+    assert cuda_build.cache_key(source, "sm_90a", {}) != key
+
+
+def test_compile_error_raises_with_the_log(tmp_path, monkeypatch):
+    (tmp_path / "broken.cu").write_text('extern "C" __global__ void broken() { undeclared(); }\n')
+    monkeypatch.setattr(cuda_build, "SOURCE_DIR", tmp_path)
+    monkeypatch.setattr(cuda_build, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(cuda_build.CudaError, match="undeclared"):
+        cuda_build.compile_cubin("broken", "sm_90a")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("capability,arch", [((9, 0), "sm_90a"), ((10, 0), "sm_100a"), ((8, 9), "sm_89")])
+def test_arch_for(capability, arch):
+    assert cuda_build.arch_for(capability) == arch

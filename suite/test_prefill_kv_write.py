@@ -1,0 +1,155 @@
+"""prefill_kv_write (SPEC 2.4): every native variant against the oracle, the oracle itself, bad input."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels import kv_quant
+from kernels.prefill_kv_write import HEAD_DIMS, VARIANTS, check_write_args
+from suite import reference
+from suite.decode_cases import quant_params
+from suite.kv_write_cases import BITS, POISON, WriteCase, check_write, make_inputs, poison
+
+pytestmark = pytest.mark.prefill
+
+FORMATS = ("none", "int8", "fp8")
+PAGE_SIZES = (1, 3, 16, 54, 64)
+NEEDS = {"native_cp_async": [pytest.mark.requires_cuda], "native_tma": [pytest.mark.requires_tma]}
+
+
+@pytest.fixture(params=[pytest.param(name, marks=NEEDS[name]) for name in sorted(VARIANTS)])
+def kv_write_variant(request):
+    return request.param, VARIANTS[request.param]
+
+
+def _run_case(kv_write_variant, case, device):
+    _, launcher = kv_write_variant
+    inputs = make_inputs(case, device)
+    launch = launcher(**inputs)
+    launch()
+    check_write(inputs)
+    poison(inputs)  # the bound launch is reusable: again, over a re-poisoned cache
+    launch()
+    check_write(inputs)
+
+
+@st.composite
+def write_cases(draw, fmt):
+    n = draw(st.integers(1, 6))
+    return WriteCase(prompt_lens=tuple(draw(st.lists(st.integers(1, 700), min_size=n, max_size=n))),
+                     kv_heads=draw(st.sampled_from((1, 2, 4, 8))), head_dim=draw(st.sampled_from(HEAD_DIMS)),
+                     dtype=draw(st.sampled_from((torch.float16, torch.bfloat16))),
+                     page_size=draw(st.sampled_from(PAGE_SIZES)), quant=fmt,
+                     spare_pages=draw(st.integers(0, 5)), q_heads=draw(st.sampled_from((0, 4))))
+
+
+@pytest.mark.parametrize("fmt", quant_params(FORMATS))
+@given(data=st.data())
+def test_matches_reference(kv_write_variant, fmt, device, data):
+    _run_case(kv_write_variant, data.draw(write_cases(fmt), label="case"), device)
+
+
+@pytest.mark.parametrize("prompt_lens", [(1,), (54, 97), (1, 64, 65, 251), (127, 2, 193)], ids=str)
+@pytest.mark.parametrize("fmt", quant_params(FORMATS))
+def test_awkward_lengths(kv_write_variant, fmt, device, prompt_lens):
+    _run_case(kv_write_variant, WriteCase(prompt_lens, 2, 128, torch.bfloat16, page_size=16, quant=fmt), device)
+
+
+def test_strided_qkv_view(kv_write_variant, device):
+    case = WriteCase((97, 31), kv_heads=2, head_dim=64, dtype=torch.float16, page_size=16, q_heads=8)
+    assert not make_inputs(case, "cpu")["k"].is_contiguous()  # really strided: views of x @ W_qkv
+    _run_case(kv_write_variant, case, device)
+
+
+# --- the oracle: it passes a correct write and catches wrong ones (runs without a GPU) ---
+
+def _write_in_torch(inputs):
+    """A correct write, in plain torch (what the kernels must produce)."""
+    slots = reference.prompt_slots(inputs["cu_seqlens"], inputs["block_table"], inputs["k_cache"].shape[1])
+    fmt = kv_quant.format_of(inputs["k_cache"])
+    for name in ("k", "v"):
+        src = inputs[name][: len(slots)]
+        if fmt == "none":
+            inputs[f"{name}_cache"].flatten(0, 1)[slots] = src
+        else:
+            data, scale = kv_quant.quantize(src, fmt)
+            inputs[f"{name}_cache"].flatten(0, 1)[slots] = data
+            inputs[f"{name}_scale"].flatten(0, 1)[slots] = scale
+
+
+@pytest.mark.parametrize("fmt", ["none", "int8", "fp8"])
+def test_oracle_catches_wrong_writes(fmt):
+    case = WriteCase((5, 40), kv_heads=2, head_dim=64, dtype=torch.bfloat16, page_size=16, quant=fmt)
+    inputs = make_inputs(case, "cpu")
+    _write_in_torch(inputs)
+    check_write(inputs)  # a correct write passes
+    slots = reference.prompt_slots(inputs["cu_seqlens"], inputs["block_table"], 16)
+    cache = inputs["k_cache"].flatten(0, 1)
+    wrong = {
+        "a value off": lambda: cache.view(BITS[cache.element_size()])[slots[7], 1, 3].bitwise_xor_(1),
+        "a token missing": lambda: cache[slots[44]].fill_(POISON[cache.dtype]),
+        "a row beyond the prompt": lambda: cache[slots[44] + 1].copy_(cache[slots[44]]),
+    }
+    for what, corrupt in wrong.items():
+        saved = cache.clone()
+        corrupt()
+        with pytest.raises(AssertionError):
+            check_write(inputs)
+        cache.copy_(saved)
+    if fmt != "none":  # a scale off by one float32 step
+        inputs["v_scale"].flatten(0, 1)[slots[3], 0] *= 1 + 2**-22
+        with pytest.raises(AssertionError):
+            check_write(inputs)
+
+
+
+# --- bad input (SPEC 7): checked before anything runs, so these need no GPU ---
+
+def _bad_inputs():
+    inputs = make_inputs(WriteCase((5, 40), kv_heads=2, head_dim=64, dtype=torch.bfloat16, page_size=16), "cpu")
+    return inputs | dict(k_scale=None, v_scale=None)
+
+
+def _int4_caches(i):
+    shape = i["k_cache"].shape
+    i["k_cache"], i["v_cache"] = (torch.zeros(shape[:-1] + (32,), dtype=torch.uint8) for _ in "kv")
+    i["k_scale"], i["v_scale"] = torch.ones(shape[:-1]), torch.ones(shape[:-1])
+
+
+def _page_twice(i):
+    i["block_table"][1, 1] = i["block_table"][0, 0]
+
+
+BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
+    "k float32": (lambda i: i.update(k=i["k"].float()), TypeError, "k has dtype"),
+    "v other shape": (lambda i: i.update(v=i["v"][:, :1]), ValueError, "v has shape"),
+    "head dim 96": (lambda i: i.update(k=torch.randn(45, 2, 96).bfloat16(), v=torch.randn(45, 2, 96).bfloat16()), ValueError, "head dim 96"),
+    "k heads strided": (lambda i: i.update(k=i["k"].transpose(1, 2).contiguous().transpose(1, 2)),
+                        ValueError, "each token's [Hkv, D] contiguously"),
+    "int4 cache": (_int4_caches, ValueError, "not written by prefill_kv_write"),
+    "cache heads": (lambda i: i.update(k_cache=i["k_cache"][:, :, :1], v_cache=i["v_cache"][:, :, :1]),
+                    ValueError, "k_cache has shape"),
+    "cu_seqlens int64": (lambda i: i.update(cu_seqlens=i["cu_seqlens"].long()), TypeError, "cu_seqlens has dtype"),
+    "cu_seqlens decreasing": (lambda i: i.update(cu_seqlens=torch.tensor([0, 30, 20], dtype=torch.int32)),
+                              ValueError, "never decrease"),
+    "cu_seqlens beyond k": (lambda i: i.update(cu_seqlens=torch.tensor([0, 5, 46], dtype=torch.int32)),
+                            ValueError, "beyond k's 45 tokens"),
+    "prompt beyond capacity": (lambda i: i.update(block_table=i["block_table"][:, :2].contiguous()),
+                               ValueError, "exceeds the block table's capacity"),
+    "page out of range": (lambda i: i["block_table"].__setitem__((0, 0), 99), ValueError,
+                          "block_table[0, 0] = 99 is outside"),
+    "page twice": (_page_twice, ValueError, "writes would race"),
+    "cpu tensors": (lambda i: None, ValueError, "need a CUDA tensor"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+def test_bad_input(bad):
+    change, error, message = BAD_INPUTS[bad]
+    inputs = _bad_inputs()
+    change(inputs)
+    with pytest.raises(error, match=re.escape(message)):
+        check_write_args(**inputs)
