@@ -15,8 +15,9 @@ from kernels.decode_attention import MAX_BATCH, check_decode_args, choose_chunk
 from kernels.checks import HEAD_DIMS, check_power_of_two
 
 THREADS = 128
-CTAS_PER_SM = 2  # ~110 KB of shared memory each at D=128 (3 stages of K and V, 64 positions)
-STAGES, BLOCK_N, WARPS = 3, 64, 4  # as decode_attention.cu (its SMEM_BYTES traps on a mismatch)
+CTAS_PER_SM = 2  # ~105 KB of shared memory each at D=128 (3 stages of K and V, 64 positions)
+STAGES = 3  # blocks of K and V in flight per CTA
+BLOCK_N, WARPS = 64, 4  # as decode_attention.cu (it traps when given less shared memory than it uses)
 GROUP_CLASSES = (4, 8, 16)  # GROUP_MAX builds: query heads per KV head, up to the 16 rows of an mma tile
 ROW_ALIGN = 16  # bytes: cp.async moves K and V rows in 16-byte chunks
 
@@ -35,8 +36,8 @@ def group_max(group):
     return next(g for g in GROUP_CLASSES if g >= group)
 
 
-def smem_bytes(head_dim, group):
-    return STAGES * 2 * BLOCK_N * head_dim * 2 + WARPS * group_max(group) * (head_dim + 2) * 4
+def smem_bytes(head_dim, group, stages, batch):
+    return stages * 2 * BLOCK_N * head_dim * 2 + WARPS * group_max(group) * (head_dim + 2) * 4 + batch * 4
 
 
 def _check_native(q, k_cache, v_cache, dims, out):
@@ -59,7 +60,7 @@ def _check_native(q, k_cache, v_cache, dims, out):
 
 
 def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
-                    chunk=None, num_programs=None):
+                    chunk=None, num_programs=None, stages=STAGES):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D]; seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
     _check_native(q, k_cache, v_cache, dims, out)
@@ -73,6 +74,8 @@ def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
         num_programs = sms * CTAS_PER_SM
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
+    if stages not in (2, 3, 4):
+        raise ValueError(f"stages must be 2, 3 or 4, got {stages!r}")
     max_chunks = triton.cdiv(capacity, chunk)
     out = torch.empty_like(q) if out is None else out
     part_o = torch.empty(batch, num_q_heads, max_chunks, head_dim, device=q.device, dtype=torch.float32)
@@ -90,19 +93,21 @@ def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
                  math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), kx, ky, kh, stride_bt,
                  out.stride(0), out.stride(1), page_size, max_chunks, num_q_heads, num_kv_heads, group, chunk, batch)
     defines = (("ELEM_BF16", int(q.dtype == torch.bfloat16)), ("GROUP_MAX", group_max(group)),
-               ("HEAD_DIM", head_dim), ("PAGED", int(paged)))
+               ("HEAD_DIM", head_dim), ("PAGED", int(paged)), ("STAGES", stages))
     kernel = cuda_build.kernel("decode_attention", "decode_persistent", q.device.index, defines)
     grid = min(num_programs, batch * num_kv_heads * max_chunks)
-    smem = smem_bytes(head_dim, group)
+    smem = smem_bytes(head_dim, group, stages, batch)
 
     def launch():
         kernel((grid,), (THREADS,), smem, cuda_build.struct(args))
         return out
 
+    # args holds raw pointers: the tensors behind them live as long as the launch
+    launch.tensors = (q, k_cache, v_cache, seq_lens, table, part_o, part_lse, counters, out)
     return launch
 
 
 def builds():
     """Every set of -D defines cuda_persistent compiles with (the compile check's list)."""
-    return [dict(ELEM_BF16=bf16, GROUP_MAX=g, HEAD_DIM=d, PAGED=p) for bf16 in (0, 1) for g in GROUP_CLASSES
-            for d in HEAD_DIMS for p in (0, 1)]
+    return [dict(ELEM_BF16=bf16, GROUP_MAX=g, HEAD_DIM=d, PAGED=p, STAGES=STAGES) for bf16 in (0, 1)
+            for g in GROUP_CLASSES for d in HEAD_DIMS for p in (0, 1)]

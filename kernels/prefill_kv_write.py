@@ -132,6 +132,7 @@ def native_cp_async(k, v, cu_seqlens, block_table, k_cache, v_cache, *, k_scale=
         kernel((grid,), (CP_THREADS,), smem, *args)
         return k_cache, v_cache
 
+    launch.tensors = (k, v, cu_seqlens, block_table, k_cache, v_cache, *scales)  # behind args' raw pointers
     return launch
 
 
@@ -160,6 +161,7 @@ def native_tma(k, v, cu_seqlens, block_table, k_cache, v_cache, *, k_scale=None,
         kernel((grid,), (TMA_THREADS[quantized],), smem, *args)
         return k_cache, v_cache
 
+    launch.tensors = (k, v, cu_seqlens, block_table, k_cache, v_cache, *scales)  # behind the maps' addresses
     return launch
 
 

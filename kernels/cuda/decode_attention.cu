@@ -11,7 +11,7 @@
 //   and the tile that finishes last for its (sequence, KV head) merges them (an atomic counter
 //   per (sequence, KV head), reset by that tile for the next launch).
 //
-// Defines: ELEM_BF16 (1 bf16, 0 fp16), HEAD_DIM (64, 128), GROUP_MAX (4, 8 or 16: at least the
+// Defines: ELEM_BF16 (1 bf16, 0 fp16), HEAD_DIM (64, 128), STAGES (blocks in flight), GROUP_MAX (4, 8 or 16: at least the
 // query heads per KV head, which are a run-time argument; it sizes the merge buffer),
 // PAGED (1: k, v are [pages, page_size, Hkv, D] through block_table; 0: [B, Hkv, L_max, D]).
 #include "common.cuh"
@@ -20,7 +20,6 @@ constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int WARP_N = 16;                   // positions per warp per block
 constexpr int BLOCK_N = WARPS * WARP_N;      // positions per pipeline stage
-constexpr int STAGES = 3;
 constexpr int CHUNKS = HEAD_DIM / 8;         // 16-byte chunks per K or V row
 constexpr int K_STEPS = HEAD_DIM / 16;       // mma k-steps of Q K^T
 constexpr int D_TILES = HEAD_DIM / 8;        // mma n-tiles of O
@@ -30,9 +29,11 @@ constexpr int SCAN_PER_THREAD = MAX_BATCH / THREADS;
 
 static_assert(GROUP_MAX >= 1 && GROUP_MAX <= 16, "query heads per KV head: the 16 rows of an mma tile");
 
-// Dynamic shared memory: STAGES x (K, V) blocks, then the warps' softmax states for the merge.
-// The launcher computes the same size (kernels/cuda_decode.py); a smaller one traps.
-constexpr int SMEM_BYTES = STAGES * STAGE_ELEMS * 2 + WARPS * GROUP_MAX * (HEAD_DIM + 2) * 4;
+// Dynamic shared memory: STAGES x (K, V) blocks, the warps' softmax states for the merge, then the
+// work list's prefix sums (batch ints). The launcher computes the same size
+// (kernels/cuda_decode_attention.py); a smaller one traps.
+constexpr int MERGE_OFFSET = STAGES * STAGE_ELEMS * 2;
+constexpr int TILE_END_OFFSET = MERGE_OFFSET + WARPS * GROUP_MAX * (HEAD_DIM + 2) * 4;
 
 __device__ __forceinline__ void cp_async_16_zfill(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
@@ -128,13 +129,14 @@ struct Stream {
     }
 };
 
-__device__ __forceinline__ const u16* row_ptr(const Args& a, const u16* base, const Tile& tile, int pos) {
+// Element offset of position pos's K (and V) row; K and V share strides.
+__device__ __forceinline__ long long row_offset(const Args& a, const Tile& tile, int pos) {
     long long x = tile.b, y = pos;
 #if PAGED
     x = a.block_table[tile.b * a.stride_bt + pos / a.page_size];
     y = pos % a.page_size;
 #endif
-    return base + x * a.stride_kx + y * a.stride_ky + tile.kvh * a.stride_kh;
+    return x * a.stride_kx + y * a.stride_ky + tile.kvh * a.stride_kh;
 }
 
 // All threads: K and V rows of block j of the tile into a stage; rows past the end zero-filled.
@@ -142,9 +144,9 @@ __device__ __forceinline__ void issue(const Args& a, const Stream& s, u16* stage
     for (int i = threadIdx.x; i < BLOCK_N * CHUNKS; i += THREADS) {
         int r = i / CHUNKS, c = i % CHUNKS, pos = s.tile.start + s.j * BLOCK_N + r;
         bool valid = pos < s.tile.end;
-        int safe = valid ? pos : s.tile.start;
-        cp_async_16_zfill(stage + swz(r, c), row_ptr(a, a.k, s.tile, safe) + c * 8, valid);
-        cp_async_16_zfill(stage + BLOCK_N * HEAD_DIM + swz(r, c), row_ptr(a, a.v, s.tile, safe) + c * 8, valid);
+        long long off = row_offset(a, s.tile, valid ? pos : s.tile.start) + c * 8;
+        cp_async_16_zfill(stage + swz(r, c), a.k + off, valid);
+        cp_async_16_zfill(stage + BLOCK_N * HEAD_DIM + swz(r, c), a.v + off, valid);
     }
 }
 
@@ -202,12 +204,12 @@ __device__ void finish_tile(const Args& a, const Tile& tile, float* merge, int* 
 extern "C" __global__ void __launch_bounds__(THREADS) decode_persistent(const Args a) {
     extern __shared__ __align__(1024) u8 smem_raw[];
     u16* stages = reinterpret_cast<u16*>(smem_raw);
-    float* merge = reinterpret_cast<float*>(smem_raw + STAGES * STAGE_ELEMS * 2);
-    __shared__ int tile_end[MAX_BATCH];
+    float* merge = reinterpret_cast<float*>(smem_raw + MERGE_OFFSET);
+    int* tile_end = reinterpret_cast<int*>(smem_raw + TILE_END_OFFSET);
     __shared__ int warp_sums[WARPS];
     __shared__ int last_flag;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (dynamic_smem_bytes() < SMEM_BYTES) __trap();
+    if (dynamic_smem_bytes() < TILE_END_OFFSET + a.batch * 4) __trap();
 
     // Work list: inclusive prefix sums of cdiv(len_b, chunk) * Hkv tiles, a block-wide scan.
     int counts[SCAN_PER_THREAD], running = 0;
@@ -230,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_persistent(const Ar
 #pragma unroll
     for (int i = 0; i < SCAN_PER_THREAD; ++i) {
         offset += counts[i];
-        tile_end[threadIdx.x * SCAN_PER_THREAD + i] = offset;
+        if (threadIdx.x * SCAN_PER_THREAD + i < a.batch) tile_end[threadIdx.x * SCAN_PER_THREAD + i] = offset;
     }
     __syncthreads();
 
