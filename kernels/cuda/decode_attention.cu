@@ -24,6 +24,7 @@ constexpr int CHUNKS = HEAD_DIM / 8;         // 16-byte chunks per K or V row
 constexpr int K_STEPS = HEAD_DIM / 16;       // mma k-steps of Q K^T
 constexpr int D_TILES = HEAD_DIM / 8;        // mma n-tiles of O
 constexpr int STAGE_ELEMS = 2 * BLOCK_N * HEAD_DIM;  // K then V
+constexpr int MERGE_BATCH = 8;              // partials loaded at once by the cross-chunk merge
 constexpr int MAX_BATCH = 1024;
 constexpr int SCAN_PER_THREAD = MAX_BATCH / THREADS;
 
@@ -36,7 +37,7 @@ constexpr int MERGE_OFFSET = STAGES * STAGE_ELEMS * 2;
 constexpr int TILE_END_OFFSET = MERGE_OFFSET + WARPS * GROUP_MAX * (HEAD_DIM + 2) * 4;
 
 __device__ __forceinline__ void cp_async_16_zfill(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 16 : 0)
                  : "memory");
 }
@@ -190,12 +191,23 @@ __device__ void finish_tile(const Args& a, const Tile& tile, float* merge, int* 
         int g = i / HEAD_DIM, d = i % HEAD_DIM;
         long long part = (head0 + g) * a.max_chunks;
         float m = NEG_INF, l = 0.f, o = 0.f;
-        for (int c = 0; c < tile.n_chunks; ++c) {  // .cg: partials of other SMs, never from L1
-            float lse = __ldcg(a.part_lse + part + c), m_new = fmaxf(m, lse);
-            float alpha = exp2_approx(m - m_new), w = exp2_approx(lse - m_new);
-            l = l * alpha + w;
-            o = o * alpha + w * __ldcg(a.part_o + (part + c) * HEAD_DIM + d);
-            m = m_new;
+        for (int c0 = 0; c0 < tile.n_chunks; c0 += MERGE_BATCH) {
+            float lse[MERGE_BATCH], po[MERGE_BATCH];
+#pragma unroll
+            for (int u = 0; u < MERGE_BATCH; ++u) {  // all loads in flight at once; .cg: never from L1
+                bool ok = c0 + u < tile.n_chunks;
+                lse[u] = ok ? __ldcg(a.part_lse + part + c0 + u) : NEG_INF;
+                po[u] = ok ? __ldcg(a.part_o + (part + c0 + u) * HEAD_DIM + d) : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < MERGE_BATCH; ++u) {
+                if (c0 + u >= tile.n_chunks) break;
+                float m_new = fmaxf(m, lse[u]);
+                float alpha = exp2_approx(m - m_new), w = exp2_approx(lse[u] - m_new);
+                l = l * alpha + w;
+                o = o * alpha + w * po[u];
+                m = m_new;
+            }
         }
         a.out[tile.b * a.stride_ob + (tile.kvh * a.group + g) * a.stride_oh + d] = f32_to_elem(o / l);
     }
