@@ -119,7 +119,8 @@ class Expectations:
 def update(directory, key, measured: dict, *, margin: float, provenance: dict, allow_lower=False) -> Path:
     """Write floors = measured * (1 - margin) into <directory>/<key>.json.
 
-    An existing floor is never lowered unless allow_lower. Returns the path written.
+    An existing floor is never lowered unless allow_lower, and a floor set by hand (its entry has a
+    "why") is left as it is. Returns the path written.
     """
     path = Path(directory) / f"{key}.json"
     data = _read(path) if path.exists() else {"gates": {}}
@@ -131,6 +132,8 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
         for metric, value in metrics.items():
             if metric not in METRICS or value is None:
                 continue
+            if "why" in entry.get(metric, {}):
+                continue  # a deliberate floor, with its reason: an update does not override it
             floor = round(value * (1 - margin), 3)
             old = entry.get(metric, {}).get("floor")
             if old is not None and floor < old and not allow_lower:

@@ -15,7 +15,8 @@ from suite.expectations import Expectations, ExpectationsError, hardware_key, up
 from suite.perf import PerfRecorder
 
 DEFAULT_STORAGE = "file://./.benchmarks"
-HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 20, "full": 200}  # max_examples
+# max_examples per hypothesis test; on a GPU each new shape may compile new kernel specializations
+HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 10, "full": 200}
 ROUNDS = {"minimal": 30, "full": 200}
 QUICK_ROUNDS = 10
 RECORDER = pytest.StashKey[PerfRecorder]()

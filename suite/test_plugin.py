@@ -121,6 +121,14 @@ def test_update_keeps_the_measured_value_and_provenance_of_a_kept_floor(tmp_path
     assert (entry[SPEEDUP]["measured"], entry["provenance"]) == (1.0, PROV_A)
 
 
+def test_update_leaves_a_floor_set_by_hand(tmp_path):
+    path = tmp_path / "h100.json"
+    hand = {"floor": 4.0, "measured": 8.0, "margin": 0.15, "why": "the baseline is host-bound"}
+    path.write_text(json.dumps({"gates": {GATE: {SPEEDUP: hand}}}))
+    update(tmp_path, "h100", {GATE: {SPEEDUP: 9.0}}, margin=0.1, provenance=PROV_A)
+    assert entry_of(path)[SPEEDUP] == hand
+
+
 @pytest.mark.parametrize("text", [
     json.dumps({"gates": {GATE: {"floor": 1.0}}}),
     "{not json",
