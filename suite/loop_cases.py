@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
+from kernels import cuda_decode_loop, decode_graphs, decode_loop, kv_quant, tiny_decoder
 from suite import reference
 from suite.timing import count_launches, run_benchmark
 
@@ -61,6 +61,14 @@ def time_loop(benchmark, launch, inputs, steps, device, rounds):
 
 
 
+NATIVE_LOOPS = ("cuda_persistent",)  # CUDA C++: needs a GPU, never runs in the interpreter
+
+
+def needs_cuda(name):
+    """Loop variants that only run on a GPU: CUDA graphs and the native kernels."""
+    return name.startswith("graphs") or name in NATIVE_LOOPS
+
+
 def loop_variants(graph_modes, max_capture, block_k=decode_loop.BLOCK_N):
     """name -> decode(weights, h, k, v, seq_lens, steps, **scales) returning launch()."""
     variants = {"eager": lambda *args, **kw: lambda: tiny_decoder.eager_decode(*args, **kw)}
@@ -68,6 +76,7 @@ def loop_variants(graph_modes, max_capture, block_k=decode_loop.BLOCK_N):
         variants[f"graphs_{mode}"] = (lambda mode: lambda *args, **kw: decode_graphs.graph_decode(
             *args, mode=mode, max_capture=max_capture, **kw))(mode)
     variants["triton_persistent"] = lambda *args, **kw: decode_loop.triton_persistent(*args, block_k=block_k, **kw)
+    variants["cuda_persistent"] = cuda_decode_loop.cuda_persistent
     return variants
 
 

@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 
-from kernels import cuda_build, cuda_decode_attention, prefill_kv_write
+from kernels import cuda_build, cuda_decode_attention, cuda_decode_loop, prefill_kv_write
 
 ARCHS = ("sm_90a", "sm_100a")
 BUILDS = {"tma_probe": [{}], "kv_write": prefill_kv_write.builds(),
-          "decode_attention": cuda_decode_attention.builds()}
+          "decode_attention": cuda_decode_attention.builds(), "decode_loop": cuda_decode_loop.builds()}
 ELF_MAGIC = b"\x7fELF"
 
 

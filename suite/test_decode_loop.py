@@ -8,17 +8,19 @@ from hypothesis import strategies as st
 from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
 from suite import reference
 from suite.decode_cases import quant_params
-from suite.loop_cases import bind, check_loop, loop_variants, make_loop_inputs
+from suite.loop_cases import bind, check_loop, loop_variants, make_loop_inputs, needs_cuda
 
 pytestmark = pytest.mark.decode
 
 # max_capture 4: hypothesis draws T on both sides of it, so full_and_piecewise runs both modes.
 LOOP_VARIANTS = loop_variants(decode_graphs.GRAPH_MODES, max_capture=4)
-NEEDS_CUDA = {name for name in LOOP_VARIANTS if name.startswith("graphs")}
 
 
-@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.requires_cuda] if name in NEEDS_CUDA else [])
-                        for name in sorted(LOOP_VARIANTS)])
+def _params(names):
+    return [pytest.param(n, marks=[pytest.mark.requires_cuda] if needs_cuda(n) else []) for n in names]
+
+
+@pytest.fixture(params=_params(sorted(LOOP_VARIANTS)))
 def loop_variant(request):
     return request.param, LOOP_VARIANTS[request.param]
 
@@ -49,13 +51,29 @@ def test_matches_reference(loop_variant, device, data):
               device)
 
 
+@pytest.mark.parametrize("name", _params(["triton_persistent", "cuda_persistent"]))
+def test_long_prompts(name, device):
+    # Many attention blocks per step and a partial last one, for the persistent kernels.
+    lens = (300, 129, 1) if device.type == "cuda" else (90, 1)
+    weights = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+    _run_case((name, LOOP_VARIANTS[name]), weights, lens, 3, device)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("fmt", kv_quant.FORMATS)
+def test_cuda_persistent_refuses_quantized_caches(fmt, device):
+    weights = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+    inputs = make_loop_inputs(weights, [20, 7], 2, device, fmt)
+    with pytest.raises(ValueError, match="cuda_persistent reads fp16/bf16 caches"):
+        bind(LOOP_VARIANTS["cuda_persistent"], weights, inputs, 2)
+
+
 # Quantized caches: one graph variant suffices (the step is eager's; full_and_piecewise with
 # max_capture 4 replays both graph modes as T varies), which keeps the GPU run short.
 QUANTIZED_LOOPS = ("eager", "graphs_full_and_piecewise", "triton_persistent")
 
 
-@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.requires_cuda] if name in NEEDS_CUDA else [])
-                        for name in QUANTIZED_LOOPS])
+@pytest.fixture(params=_params(QUANTIZED_LOOPS))
 def quantized_loop(request):
     return request.param, LOOP_VARIANTS[request.param]
 

@@ -7,14 +7,16 @@ is timed: every round restores the prompt lengths (untimed) and starts with the 
 import pytest
 
 from kernels import decode_graphs, tiny_decoder
-from suite.loop_cases import DTYPE, bind, check_loop, loop_variants, make_loop_inputs, steps_of, tiers, time_loop
+from suite.loop_cases import (DTYPE, bind, check_loop, loop_variants, make_loop_inputs, needs_cuda, steps_of, tiers,
+                              time_loop)
 from suite.timing import measure
 
 pytestmark = pytest.mark.decode
 
 WORKLOAD = "decode_loop"
 BASELINE = "eager"
-GRAPHS = "graphs_full"  # the graph baseline the persistent kernel is compared with
+GRAPHS = "graphs_full"  # the graph baseline the persistent kernels are compared with
+PERSISTENT = ("triton_persistent", "cuda_persistent")
 
 
 def graph_modes(config):
@@ -29,8 +31,7 @@ def variants(config):
 def pytest_generate_tests(metafunc):
     if "loop_name" in metafunc.fixturenames:
         config = metafunc.config
-        names = [pytest.param(n, marks=[pytest.mark.requires_cuda] if n.startswith("graphs") else [])
-                 for n in variants(config)]
+        names = [pytest.param(n, marks=[pytest.mark.requires_cuda] if needs_cuda(n) else []) for n in variants(config)]
         metafunc.parametrize("loop_name", names)
         metafunc.parametrize("tier_name", list(tiers(config)))
 
@@ -62,7 +63,7 @@ def test_decode_loop(benchmark, loop_name, tier_name, device, perf, rounds, pyte
         # the baselines exist whatever --graph-mode selected
         baselines = loop_variants(decode_graphs.GRAPH_MODES, pytestconfig.getoption("max_capture"))
         for name, key in ((BASELINE, "baseline"), (GRAPHS, "graphs")):
-            if loop_name != name and (name != GRAPHS or loop_name == "triton_persistent"):
+            if loop_name != name and (name != GRAPHS or loop_name in PERSISTENT):
                 speedups[key] = perf.baseline(WORKLOAD, f"{name}/{tier_name}", lambda: loop_seconds(
                     baselines[name], weights, tier, steps, device, rounds))
     perf.record(benchmark, gate_id, seconds, shape=dict(tier.__dict__, variant=loop_name, tier=tier_name, steps=steps),

@@ -14,78 +14,19 @@
 // Defines: ELEM_BF16 (1 bf16, 0 fp16), HEAD_DIM (64, 128), STAGES (blocks in flight), GROUP_MAX (4, 8 or 16: at least the
 // query heads per KV head, which are a run-time argument; it sizes the merge buffer),
 // PAGED (1: k, v are [pages, page_size, Hkv, D] through block_table; 0: [B, Hkv, L_max, D]).
-#include "common.cuh"
+#include "attention.cuh"
 
-constexpr int WARPS = 4;
+constexpr int WARPS = ATT_WARPS;
 constexpr int THREADS = WARPS * 32;
-constexpr int WARP_N = 16;                   // positions per warp per block
-constexpr int BLOCK_N = WARPS * WARP_N;      // positions per pipeline stage
-constexpr int CHUNKS = HEAD_DIM / 8;         // 16-byte chunks per K or V row
-constexpr int K_STEPS = HEAD_DIM / 16;       // mma k-steps of Q K^T
-constexpr int D_TILES = HEAD_DIM / 8;        // mma n-tiles of O
-constexpr int STAGE_ELEMS = 2 * BLOCK_N * HEAD_DIM;  // K then V
-constexpr int MERGE_BATCH = 8;              // partials loaded at once by the cross-chunk merge
+constexpr int MERGE_BATCH = 8;  // partials loaded at once by the cross-chunk merge
 constexpr int MAX_BATCH = 1024;
 constexpr int SCAN_PER_THREAD = MAX_BATCH / THREADS;
-
-static_assert(GROUP_MAX >= 1 && GROUP_MAX <= 16, "query heads per KV head: the 16 rows of an mma tile");
 
 // Dynamic shared memory: STAGES x (K, V) blocks, the warps' softmax states for the merge, then the
 // work list's prefix sums (batch ints). The launcher computes the same size
 // (kernels/cuda_decode_attention.py); a smaller one traps.
 constexpr int MERGE_OFFSET = STAGES * STAGE_ELEMS * 2;
-constexpr int TILE_END_OFFSET = MERGE_OFFSET + WARPS * GROUP_MAX * (HEAD_DIM + 2) * 4;
-
-__device__ __forceinline__ void cp_async_16_zfill(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// d += a (16x16, row) . b (16x8, col), fp32 accumulators
-__device__ __forceinline__ void mma(float* d, const u32* a, u32 b0, u32 b1) {
-#if ELEM_BF16
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};"
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};"
-#endif
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    u32 r;
-#if ELEM_BF16
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-    return r;
-}
-
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// Element offset of 16-byte chunk c of row r in a stage: chunks XOR-swizzled by the row so that
-// ldmatrix's eight rows of one chunk column fall in different banks.
-__device__ __forceinline__ int swz(int r, int c) { return r * HEAD_DIM + ((c ^ (r & 7)) * 8); }
+constexpr int TILE_END_OFFSET = MERGE_OFFSET + MERGE_FLOATS * 4;
 
 struct Args {
     const u16 *q, *k, *v;
@@ -153,21 +94,11 @@ __device__ __forceinline__ void issue(const Args& a, const Stream& s, u16* stage
 
 // Combine the warps' states in `merge` into the tile's result: the output (single chunk) or a
 // partial, then the cross-chunk merge by whichever tile of (b, kvh) finishes last.
-__device__ void finish_tile(const Args& a, const Tile& tile, float* merge, int* last_flag) {
-    const float* m_w = merge;
-    const float* l_w = merge + WARPS * GROUP_MAX;
-    const float* o_w = merge + 2 * WARPS * GROUP_MAX;
+__device__ void finish_tile(const Args& a, const Tile& tile, const float* merge, int* last_flag) {
     long long head0 = (long long)tile.b * a.num_q_heads + tile.kvh * a.group;
     for (int i = threadIdx.x; i < a.group * HEAD_DIM; i += THREADS) {
         int g = i / HEAD_DIM, d = i % HEAD_DIM;
-        float m = NEG_INF;
-        for (int w = 0; w < WARPS; ++w) m = fmaxf(m, m_w[w * GROUP_MAX + g]);
-        float l = 0.f, o = 0.f;
-        for (int w = 0; w < WARPS; ++w) {
-            float scale = exp2_approx(m_w[w * GROUP_MAX + g] - m);
-            l += l_w[w * GROUP_MAX + g] * scale;
-            o += o_w[(w * GROUP_MAX + g) * HEAD_DIM + d] * scale;
-        }
+        float m, l, o = merge_warps(merge, g, d, &m, &l);
         if (tile.n_chunks == 1) {
             a.out[tile.b * a.stride_ob + (tile.kvh * a.group + g) * a.stride_oh + d] = f32_to_elem(o / l);
         } else {
@@ -260,9 +191,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_persistent(const Ar
         cp_async_commit();
     }
 
-    u32 qa[K_STEPS][4];  // Q as mma A fragments: rows = query heads of the KV head, zero past GROUP
-    float o[D_TILES][4], m[2], l[2];  // rows lane / 4 and lane / 4 + 8
-    const int r0 = lane / 4, r1 = r0 + 8, cq = (lane % 4) * 2;
+    u32 qa[K_STEPS][4];
+    WarpSoftmax state;
     for (int i = 0; !cons.done(); ++i) {
         if (!prod.done()) {
             issue(a, prod, stages + ((i + STAGES - 1) % STAGES) * STAGE_ELEMS);
@@ -273,96 +203,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_persistent(const Ar
         __syncthreads();
         const Tile& tile = cons.tile;
         if (cons.j == 0) {
-            const u16* qb = a.q + tile.b * a.stride_qb + tile.kvh * a.group * a.stride_qh;
-#pragma unroll
-            for (int ks = 0; ks < K_STEPS; ++ks) {
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    int row = (h % 2) ? r1 : r0, col = ks * 16 + cq + (h / 2) * 8;
-                    qa[ks][h] = row < a.group ? *reinterpret_cast<const u32*>(qb + row * a.stride_qh + col) : 0u;
-                }
-            }
-#pragma unroll
-            for (int t = 0; t < D_TILES; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-            m[0] = m[1] = NEG_INF;
-            l[0] = l[1] = 0.f;
+            load_q(qa, a.q + tile.b * a.stride_qb + tile.kvh * a.group * a.stride_qh, a.stride_qh, a.group, lane);
+            state.reset();
         }
         const u16* kst = stages + (i % STAGES) * STAGE_ELEMS;
-        const u16* vst = kst + BLOCK_N * HEAD_DIM;
         int first = tile.start + cons.j * BLOCK_N + warp * WARP_N;  // this warp's 16 positions
-        if (first < tile.end) {
-            float s[2][4] = {};
-#pragma unroll
-            for (int ks = 0; ks < K_STEPS; ++ks) {
-                u32 b[4];
-                ldmatrix_x4(b, kst + swz(warp * WARP_N + (lane / 16) * 8 + lane % 8, ks * 2 + (lane / 8) % 2));
-                mma(s[0], qa[ks], b[0], b[1]);
-                mma(s[1], qa[ks], b[2], b[3]);
-            }
-            float mx[2] = {NEG_INF, NEG_INF};
-#pragma unroll
-            for (int t = 0; t < 2; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    bool valid = first + t * 8 + cq + e % 2 < tile.end;
-                    s[t][e] = valid ? s[t][e] * a.qk_scale : NEG_INF;
-                    mx[e / 2] = fmaxf(mx[e / 2], s[t][e]);
-                }
-            float alpha[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                float m_new = fmaxf(m[h], mx[h]);
-                alpha[h] = exp2_approx(m[h] - m_new);
-                m[h] = m_new;
-                l[h] *= alpha[h];
-            }
-#pragma unroll
-            for (int t = 0; t < 2; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[t][e] = exp2_approx(s[t][e] - m[e / 2]);
-                    l[e / 2] += s[t][e];
-                }
-            u32 pa[4] = {pack2(s[0][0], s[0][1]), pack2(s[0][2], s[0][3]), pack2(s[1][0], s[1][1]),
-                         pack2(s[1][2], s[1][3])};
-#pragma unroll
-            for (int t = 0; t < D_TILES; ++t) {
-                o[t][0] *= alpha[0];
-                o[t][1] *= alpha[0];
-                o[t][2] *= alpha[1];
-                o[t][3] *= alpha[1];
-            }
-#pragma unroll
-            for (int dp = 0; dp < D_TILES / 2; ++dp) {
-                u32 b[4];
-                ldmatrix_x4_trans(b, vst + swz(warp * WARP_N + ((lane / 8) % 2) * 8 + lane % 8, dp * 2 + lane / 16));
-                mma(o[2 * dp], pa, b[0], b[1]);
-                mma(o[2 * dp + 1], pa, b[2], b[3]);
-            }
-        }
+        if (first < tile.end) state.attend(kst, kst + BLOCK_N * HEAD_DIM, qa, first, tile.end, a.qk_scale, lane, warp);
         if (cons.last_block()) {  // the warps' states into shared memory, merged there
-            float* m_w = merge;
-            float* l_w = merge + WARPS * GROUP_MAX;
-            float* o_w = merge + 2 * WARPS * GROUP_MAX;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-                int row = h ? r1 : r0;
-                if (row < a.group) {
-                    if (lane % 4 == 0) {
-                        m_w[warp * GROUP_MAX + row] = m[h];
-                        l_w[warp * GROUP_MAX + row] = l[h];
-                    }
-#pragma unroll
-                    for (int t = 0; t < D_TILES; ++t) {
-                        o_w[(warp * GROUP_MAX + row) * HEAD_DIM + t * 8 + cq] = o[t][2 * h];
-                        o_w[(warp * GROUP_MAX + row) * HEAD_DIM + t * 8 + cq + 1] = o[t][2 * h + 1];
-                    }
-                }
-            }
+            state.store(merge, a.group, lane, warp);
             __syncthreads();
             finish_tile(a, tile, merge, &last_flag);
         }
