@@ -252,9 +252,8 @@ def test_num_programs_knob(variant, device):
     _run_case((variant, VARIANTS[variant]), case, device, chunk=64, num_programs=1)
 
 
-@pytest.mark.requires_cuda
 @pytest.mark.parametrize("fmt", QUANTIZED)
-def test_cuda_persistent_refuses_quantized_caches(fmt, device):
+def test_cuda_persistent_refuses_quantized_caches(fmt, device):  # refused before anything runs: no GPU needed
     inputs = make_case_tensors(DecodeCase((40,), 4, 2, 64, torch.bfloat16, "contiguous", quant=fmt), device)[0]
     with pytest.raises(ValueError, match="cuda_persistent reads fp16/bf16 caches"):
         VARIANTS["cuda_persistent"](**inputs)
@@ -268,3 +267,20 @@ def test_bad_knobs(bad, match, device):
     inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
     with pytest.raises(ValueError, match=match):
         VARIANTS["triton_persistent"](**inputs, **bad)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_persistent_replays_in_a_cuda_graph(layout, device):
+    # Launched on torch's current stream, so a CUDA graph captures it; new q, same graph.
+    case = DecodeCase((300, 45), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout=layout)
+    inputs = make_inputs(case, device)
+    launch = VARIANTS["cuda_persistent"](**inputs, chunk=64)
+    launch()  # compiled and loaded outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launch()
+    for _ in range(2):
+        inputs["q"].copy_(torch.randn_like(inputs["q"]))
+        out.fill_(float("nan"))
+        graph.replay()
+        check_output(out, inputs)

@@ -59,9 +59,8 @@ def test_long_prompts(name, device):
     _run_case((name, LOOP_VARIANTS[name]), weights, lens, 3, device)
 
 
-@pytest.mark.requires_cuda
 @pytest.mark.parametrize("fmt", kv_quant.FORMATS)
-def test_cuda_persistent_refuses_quantized_caches(fmt, device):
+def test_cuda_persistent_refuses_quantized_caches(fmt, device):  # refused before anything runs: no GPU needed
     weights = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
     inputs = make_loop_inputs(weights, [20, 7], 2, device, fmt)
     with pytest.raises(ValueError, match="cuda_persistent reads fp16/bf16 caches"):

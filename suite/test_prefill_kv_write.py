@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import kv_quant
-from kernels.prefill_kv_write import HEAD_DIMS, VARIANTS, check_write_args
+from kernels.prefill_kv_write import HEAD_DIMS, VARIANTS, check_write_args, tile_tokens
 from suite import reference
 from suite.decode_cases import quant_params
 from suite.kv_write_cases import BITS, POISON, WriteCase, check_write, make_inputs, poison
@@ -153,3 +153,27 @@ def test_bad_input(bad):
     change(inputs)
     with pytest.raises(error, match=re.escape(message)):
         check_write_args(**inputs)
+
+
+@pytest.mark.parametrize("page_size, token_bytes, tokens", [(16, 2048, 8), (16, 256, 16), (64, 256, 64), (54, 256, 2),
+                                                            (7, 256, 1), (16, 32768, 1), (1024, 64, 256)])
+def test_tile_tokens(page_size, token_bytes, tokens):
+    # a power of two dividing the page, within a stage's bytes and a TMA box side
+    assert tile_tokens(page_size, token_bytes) == tokens
+
+
+@pytest.mark.requires_tma
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_replays_in_a_cuda_graph(variant, device):
+    # Launched on torch's current stream, so a CUDA graph captures it (tensor maps included).
+    inputs = make_inputs(WriteCase((97, 31), 2, 128, torch.bfloat16, page_size=16), device)
+    launch = VARIANTS[variant](**inputs)
+    launch()  # compiled and loaded outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for _ in range(2):
+        inputs["k"].copy_(torch.randn_like(inputs["k"]))
+        poison(inputs)
+        graph.replay()
+        check_write(inputs)
