@@ -4,6 +4,7 @@ A workload adds its flags by adding an entry to WORKLOAD_OPTIONS; they appear un
 group in `pytest --help`, and every `check` runs before collection, failing with a usage error.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -23,6 +24,24 @@ def power_of_two_dot(value):
 
 def positive_or_auto(value):
     return None if value is None or value > 0 else "must be > 0"
+
+
+def parse_tile(value):
+    """'128x64' -> (128, 64); '64' -> (64, 64)."""
+    parts = [int(p) for p in str(value).lower().split("x")]
+    return (parts[0], parts[0]) if len(parts) == 1 else tuple(parts)
+
+
+def tile_size(value):
+    if value is None:
+        return None
+    try:
+        block_m, block_n = parse_tile(value)
+    except ValueError:
+        return "must be BLOCK_MxBLOCK_N (e.g. 128x64) or one size for both"
+    if any(v < 16 or v & (v - 1) for v in (block_m, block_n)) or block_m % block_n:
+        return "needs powers of two >= 16 with BLOCK_M a multiple of BLOCK_N"
+    return None
 
 
 def fraction(value):
@@ -56,6 +75,11 @@ SUITE_FLAGS = (
 )
 
 WORKLOAD_OPTIONS = {
+    "prefill_attention": (
+        # the env var is the default, so a bad TMA_TILE_SIZE is refused at start like a bad flag
+        Option("--tma-tile-size", "triton_tma's tile BLOCK_MxBLOCK_N, e.g. 128x64 (env TMA_TILE_SIZE; default: "
+               "the kernel's per head dim)", default=os.environ.get("TMA_TILE_SIZE"), check=tile_size),
+    ),
     "decode_attention": (
         Option("--kv-layout", "KV cache layouts to benchmark", default="both",
                choices=("both", "contiguous", "paged")),

@@ -45,6 +45,18 @@ def prompt_slots(cu_seqlens, block_table, page_size):
     return torch.cat(slots)
 
 
+def prefill_attention(q, k, v, cu_seqlens):
+    """Causal attention inside each packed prompt: q [T, Hq, D], k, v [T, Hkv, D] -> [T, Hq, D]
+    float64 (rows past cu_seqlens[-1] stay zero)."""
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    offsets = cu_seqlens.tolist()
+    for s, e in zip(offsets, offsets[1:]):
+        hidden = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu(1)  # keys after the query
+        out[s:e] = attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                             hidden).transpose(0, 1)
+    return out
+
+
 def decode_attention(q, k_cache, v_cache, seq_lens, block_table=None, k_scale=None, v_scale=None):
     """q: [B, Hq, D] -> [B, Hq, D] float64: each sequence attends its first seq_lens[b] positions."""
     if k_scale is not None:

@@ -5,16 +5,15 @@ Each benchmark first checks its own output against the float64 reference, then t
 at the same shape, with the fastest SDPA backend that runs it.
 """
 
-import warnings
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from kernels.sdpa_decode import BACKENDS
 from kernels import kv_quant
 from suite.decode_cases import (NATIVE, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
                                 quant_params, quantization_loss, seeded_lengths)
+from suite.anchors import sdpa_backends
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
@@ -85,18 +84,9 @@ def pytest_generate_tests(metafunc):
 
 def _fastest_sdpa(inputs, device, rounds):
     """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs correctly."""
-    timed = []
-    for backend in BACKENDS:
-        launch = VARIANTS[ANCHOR](**inputs, backend=backend)
-        try:
-            with warnings.catch_warnings():  # torch warns why a backend declines before it raises
-                warnings.simplefilter("ignore", UserWarning)
-                out = launch()
-        except RuntimeError:  # this backend does not support the inputs (mask, GQA, dtype...)
-            continue
-        check_output(out, inputs)  # correctness before timing, every backend
-        seconds = measure(launch, device=device, rounds=rounds) if device.type == "cuda" else 0.0
-        timed.append((seconds, backend, launch))
+    timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend),
+                          lambda out: check_output(out, inputs), device, rounds)
+    timed = [(seconds, backend, launch) for backend, (launch, seconds) in timed.items()]
     seconds, backend, launch = min(timed, key=lambda t: t[0])
     return backend, launch, seconds
 

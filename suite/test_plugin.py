@@ -206,6 +206,9 @@ def test_strict_markers_reject_an_unknown_marker(inner, args):
     (["--block-k", "8"], ["--block-k 8: must be a power of two >= 16"]),
     (["--num-programs", "-1"], ["--num-programs -1: must be > 0"]),
     (["--max-capture", "0"], ["--max-capture 0: must be > 0"]),
+    (["--tma-tile-size", "96x64"], ["--tma-tile-size '96x64': needs powers of two >= 16"]),
+    (["--tma-tile-size", "32x64"], ["--tma-tile-size '32x64': needs powers of two >= 16 with BLOCK_M a multiple"]),
+    (["--tma-tile-size", "big"], ["--tma-tile-size 'big': must be BLOCK_MxBLOCK_N"]),
 ])
 def test_bad_options_are_usage_errors(inner, args, parts):
     inner.makepyfile("def test_x():\n    pass\n")
@@ -223,12 +226,22 @@ def test_good_options_reach_the_tests(inner):
             assert (pytestconfig.getoption("tier"), pytestconfig.getoption("quantization")) == ("large", "int4")
             assert (pytestconfig.getoption("block_k"), pytestconfig.getoption("num_programs")) == (32, 100)
             assert pytestconfig.getoption("quick") and pytestconfig.getoption("graph_mode") == "piecewise"
+            assert pytestconfig.getoption("tma_tile_size") == "128x32" and pytestconfig.getoption("validate")
     """)
     result = inner.runpytest("-p", "suite.plugin", "--profile", "full", "--page-size", "32",
                              "--kv-layout", "paged", "--expectations-margin", "0", "--tier", "large",
                              "--quantization", "int4", "--block-k", "32", "--num-programs", "100", "--quick",
-                             "--graph-mode", "piecewise")
+                             "--graph-mode", "piecewise", "--tma-tile-size", "128x32", "--validate")
     assert result.ret == 0, result.stdout.str()
+
+
+def test_a_bad_tma_tile_size_env_var_is_a_usage_error(inner, monkeypatch):
+    monkeypatch.setenv("TMA_TILE_SIZE", "100")  # read when the options are defined: a fresh process
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # this checkout's suite, whatever is installed
+    inner.makepyfile("def test_x():\n    pass\n")
+    result = inner.runpytest_subprocess("-p", "suite.plugin")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--tma-tile-size '100': needs powers of two" in result.stderr.str()
 
 
 def test_malformed_expectations_dir_is_a_usage_error(inner, tmp_path):

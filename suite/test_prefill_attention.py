@@ -1,0 +1,113 @@
+"""Prefill attention (SPEC 2.3): every variant against the float64 reference, and bad input."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels.checks import HEAD_DIMS
+from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_async
+from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
+
+pytestmark = pytest.mark.prefill
+
+INTERPRETER_TILE = (16, 16)  # small tiles: the interpreter runs every program on the CPU
+
+
+@pytest.fixture(params=variant_params(sorted(VARIANTS)))
+def prefill_variant(request):
+    return request.param, VARIANTS[request.param]
+
+
+def _run_case(prefill_variant, case, device, **kwargs):
+    name, launcher = prefill_variant
+    inputs = make_inputs(case, device)
+    out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)  # poisoned
+    if name != "sdpa" and device.type != "cuda":
+        kwargs.setdefault("tile", INTERPRETER_TILE)
+    launcher(**inputs, out=out, **kwargs)()
+    check_output(out, inputs)
+
+
+def _limits(device):
+    if device.type == "cuda":
+        return dict(batch=4, max_len=700)
+    return dict(batch=3, max_len=40)
+
+
+@given(data=st.data())
+def test_matches_reference(prefill_variant, device, data):
+    limits = _limits(device)
+    n = data.draw(st.integers(1, limits["batch"]), label="batch")
+    kv_heads = data.draw(st.sampled_from((1, 2)), label="kv_heads")
+    case = PrefillCase(prompt_lens=tuple(data.draw(st.lists(st.integers(1, limits["max_len"]), min_size=n,
+                                                            max_size=n), label="prompt_lens")),
+                       q_heads=kv_heads * data.draw(st.sampled_from((1, 2, 4)), label="group"), kv_heads=kv_heads,
+                       head_dim=data.draw(st.sampled_from(HEAD_DIMS), label="head_dim"),
+                       dtype=data.draw(st.sampled_from((torch.float16, torch.bfloat16)), label="dtype"),
+                       fused_qkv=data.draw(st.booleans(), label="fused_qkv"))
+    _run_case(prefill_variant, case, device)
+
+
+@pytest.mark.parametrize("prompt_lens", [(1,), (54, 97), (1, 16, 17, 131), (127, 2)], ids=str)
+def test_awkward_lengths(prefill_variant, device, prompt_lens):
+    _run_case(prefill_variant, PrefillCase(prompt_lens, 4, 2, 64, torch.bfloat16), device)
+
+
+def test_fused_qkv_views(prefill_variant, device):
+    case = PrefillCase((37, 20), 4, 2, 128, torch.float16, fused_qkv=True)
+    assert not make_inputs(case, "cpu")["q"].is_contiguous()  # really strided: views of x @ W_qkv
+    _run_case(prefill_variant, case, device)
+
+
+@pytest.mark.parametrize("tile", [(32, 16), (16, 16), (64, 32)], ids=str)
+def test_tiles(tile, device):
+    # --tma-tile-size and the cp.async kernel's tile: any BLOCK_M multiple of BLOCK_N is exact
+    case = PrefillCase((70, 33), 2, 1, 64, torch.bfloat16)
+    for name in ("triton_cp_async", "triton_tma"):
+        if name == "triton_tma" and device.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+            continue
+        _run_case((name, VARIANTS[name]), case, device, tile=tile)
+
+
+# --- bad input (SPEC 7): refused before anything runs ---
+
+def _bad_inputs():
+    return make_inputs(PrefillCase((5, 40), 4, 2, 64, torch.bfloat16), "cpu") | dict(out=None)
+
+
+BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
+    "q float32": (lambda i: i.update(q=i["q"].float()), TypeError, "q has dtype"),
+    "head dim 96": (lambda i: i.update(q=torch.randn(45, 4, 96).bfloat16()), ValueError, "head dim 96"),
+    "k other dtype": (lambda i: i.update(k=i["k"].half()), TypeError, "k has dtype"),
+    "v other shape": (lambda i: i.update(v=i["v"][:, :1]), ValueError, "v has shape"),
+    "heads not a multiple": (lambda i: i.update(q=i["q"][:, :3].contiguous()), ValueError, "not a multiple"),
+    "q heads strided": (lambda i: i.update(q=i["q"].transpose(1, 2).contiguous().transpose(1, 2)),
+                        ValueError, "q must hold each token's [heads, D] contiguously"),
+    "cu_seqlens int64": (lambda i: i.update(cu_seqlens=i["cu_seqlens"].long()), TypeError, "cu_seqlens has dtype"),
+    "empty prompt": (lambda i: i.update(cu_seqlens=torch.tensor([0, 5, 5], dtype=torch.int32)), ValueError,
+                     "every prompt >= 1 token"),
+    "beyond q": (lambda i: i.update(cu_seqlens=torch.tensor([0, 5, 46], dtype=torch.int32)), ValueError,
+                 "beyond q's 45 tokens"),
+    "out shape": (lambda i: i.update(out=i["q"][:1].clone()), ValueError, "out has shape"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+def test_bad_input(bad):
+    change, error, message = BAD_INPUTS[bad]
+    inputs = _bad_inputs()
+    change(inputs)
+    with pytest.raises(error, match=re.escape(message)):
+        check_prefill_args(**inputs)
+
+
+@pytest.mark.parametrize("knobs, message", [(dict(tile=(48, 16)), "tile BLOCK_M must be a positive power of two"),
+                                            (dict(tile=(64, 8)), "tile BLOCK_N 8 must be >= 16"),
+                                            (dict(tile=(32, 64)), "BLOCK_M 32 must be a multiple of BLOCK_N 64"),
+                                            (dict(num_stages=1), "num_stages must be >= 2")])
+def test_bad_knobs(knobs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        triton_cp_async(**_bad_inputs(), **knobs)
