@@ -31,6 +31,7 @@ class PerfRecorder:
         self.baselines = {}  # (workload, case) -> seconds
         self._roofline = None
         self.update_path = None  # set when --expectations-update wrote a file
+        self.artifacts = []  # (what, path) of files a benchmark kept with the run: printed at the end
 
     @property
     def on_gpu(self):

@@ -155,5 +155,7 @@ def pytest_terminal_summary(terminalreporter, config):
     roof = recorder._roofline
     if roof is not None:
         terminalreporter.write_line(f"roofline measured this session on {device_name()}: {roof.as_dict()}")
+    for what, path in recorder.artifacts:
+        terminalreporter.write_line(f"{what}: {path}")
     if recorder.update_path is not None:
         terminalreporter.write_line(f"expectations updated: {recorder.update_path}")
