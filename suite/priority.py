@@ -27,7 +27,7 @@ class Scenario:
     def __post_init__(self):
         if self.variant not in PRIORITIES:
             raise ValueError(f"variant must be one of {PRIORITIES}, got {self.variant!r}")
-        lowest, highest = torch.cuda.Stream.priority_range()  # lower numbers run first
+        lowest, highest = torch.cuda.current_stream().priority_range()  # lower numbers run first
         decode_priority = highest if self.variant == "decode_high" else lowest
         self.prefill_stream = torch.cuda.Stream(priority=lowest)
         self.decode_stream = torch.cuda.Stream(priority=decode_priority)
