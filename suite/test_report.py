@@ -1,0 +1,104 @@
+"""The run report (tools/report.py), built from recorded runs: every chart exists and shows the
+data it claims."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tools import report
+
+RUNS = Path(__file__).parent.parent / ".benchmarks" / "h100" / "Linux-CPython-3.12-64bit"
+RUN = RUNS / "0005_3e7add7_20261126_210332.json"
+BASE = RUNS / "0004_0c468d9_20261126_193812.json"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return out, report.build(RUN, out, BASE)
+
+
+def test_every_chart_is_written_and_embedded(built):
+    out, drawn = built
+    page = (out / "index.html").read_text()
+    for name in drawn:
+        assert (out / name).read_bytes()[:8] == PNG
+    assert page.count("data:image/png;base64,") == len(drawn)  # self-contained: no file links
+
+
+def test_workload_charts_show_every_benchmark_with_its_median_and_speedup(built):
+    _, drawn = built
+    runs = json.loads(RUN.read_text())["benchmarks"]
+    for workload in ("decode_attention", "decode_loop", "prefill_kv_write", "right_sized_decode"):
+        expected = [(b["extra_info"]["gate_id"], b["stats"]["median"]) for b in runs
+                    if b["extra_info"]["gate_id"].startswith(workload + "/")]
+        assert [(g, s) for g, s, _ in drawn[f"workload_{workload}.png"]] == expected
+    cuda = {g: s for g, _, s in drawn["workload_decode_attention.png"]}
+    assert cuda["decode_attention/cuda_persistent/contiguous/B64-L4096-uniform"] == pytest.approx(0.9346, abs=1e-4)
+
+
+def test_roofline_chart_uses_the_sessions_rooflines(built):
+    _, drawn = built
+    data = drawn["roofline.png"]
+    machine = json.loads(RUN.read_text())["machine_info"]["gpu"]["roofline"]
+    assert data["roofline"] == machine
+    assert len(data["gbps"]) == sum(1 for b in json.loads(RUN.read_text())["benchmarks"]
+                                    if "achieved_gbps" in b["extra_info"])
+    assert data["tflops"] == []  # this run has no compute-bound benchmark
+
+
+def test_tpot_chart_has_every_tier_and_loop(built):
+    _, drawn = built
+    tiers = drawn["tpot.png"]
+    assert set(tiers) == {"small", "medium", "large"}
+    assert ("triton_persistent", pytest.approx(0.0134, abs=1e-3)) in [(label, v) for label, v in tiers["small"]]
+    assert any(label == "graphs-int4" for label, _ in tiers["medium"])
+
+
+def test_compare_flags_only_changes_beyond_noise():
+    base = [dict(gate_id=g, seconds=1.0, iqr=0.05) for g in ("a", "b", "c", "d")]
+    new = [dict(gate_id="a", seconds=1.03, iqr=0.05),  # 3% < 5% noise
+           dict(gate_id="b", seconds=1.2, iqr=0.01),  # 20% > 5%: slower
+           dict(gate_id="c", seconds=0.5, iqr=0.01),  # 50% faster
+           dict(gate_id="e", seconds=1.0, iqr=0.0)]  # not in the base run
+    verdicts = {g: v for g, _, _, v in report.compare(base, new)}
+    assert verdicts == {"a": "within noise", "b": "slower", "c": "faster"}
+
+
+def test_compare_chart_on_recorded_runs(built):
+    _, drawn = built
+    changes = drawn["compare.png"]
+    assert changes and all(v in ("slower", "faster", "within noise") for _, _, _, v in changes)
+    assert all(abs(c) > n for _, c, n, v in changes if v != "within noise")
+
+
+def test_cli_latest_compares_with_the_previous_run_of_the_same_gpu(tmp_path, monkeypatch):
+    runs = tmp_path / ".benchmarks" / "h100" / "Linux-CPython-3.12-64bit"
+    runs.mkdir(parents=True)
+    shutil.copy(BASE, runs / "0001_a.json")
+    shutil.copy(RUN, runs / "0002_b.json")
+    (runs / "0002_b.json").touch()  # newest
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["report", "--latest", "--compare-previous", "--out", "out"])
+    report.main()
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "0002_b.json" in page and "Compared with 0001_a.json" in page
+
+
+def test_stream_priority_timelines_are_embedded(tmp_path):
+    from suite.priority import timeline_png
+
+    png = tmp_path / "timeline.png"
+    timeline_png({7: [(0.0, 900.0, "_prefill")], 13: [(50.0, 40.0, "decode"), (400.0, 40.0, "decode")]},
+                 {7: "prefill stream", 13: "decode stream"}, png, "stream_priority-decode_high-128x64")
+    run = json.loads(RUN.read_text())
+    run["benchmarks"][0]["extra_info"].update(gate_id="stream_priority/decode_high/tile128x64", timeline_png=str(png))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    drawn = report.build(path, tmp_path / "out")
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "Timeline: stream_priority/decode_high/tile128x64" in page
+    assert page.count("data:image/png;base64,") == len(drawn) + 1  # the timeline, as kept by the run
