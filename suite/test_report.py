@@ -102,3 +102,12 @@ def test_stream_priority_timelines_are_embedded(tmp_path):
     page = (tmp_path / "out" / "index.html").read_text()
     assert "Timeline: stream_priority/decode_high/tile128x64" in page
     assert page.count("data:image/png;base64,") == len(drawn) + 1  # the timeline, as kept by the run
+
+
+def test_side_by_side_table_lists_both_runs_times(built):
+    out, drawn = built
+    page = (out / "index.html").read_text()
+    base = {b["extra_info"]["gate_id"]: b["stats"]["median"] for b in json.loads(BASE.read_text())["benchmarks"]}
+    gate, change, _, _ = drawn["compare.png"][0]
+    assert f"<td>{gate}</td><td>{1e6 * base[gate]:,.1f}</td>" in page
+    assert page.count("<tr><td>") == len(drawn["compare.png"])

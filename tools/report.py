@@ -193,11 +193,15 @@ def build(run_path, out_dir, base_path=None):
     for title, png in sections:
         body.append(f"<h2>{html.escape(title)}</h2>{_img(png if Path(png).is_absolute() else out / png)}")
     if changes:
-        flagged = [c for c in changes if c[3] != "within noise"]
-        body.append(f"<h2>Changes beyond noise ({len(flagged)} of {len(changes)})</h2><table>"
-                    "<tr><th>benchmark</th><th>change</th><th>noise</th><th>verdict</th></tr>" +
-                    "".join(f"<tr><td>{html.escape(g)}</td><td>{100 * c:+.1f}%</td><td>{100 * n:.1f}%</td>"
-                            f"<td>{v}</td></tr>" for g, c, n, v in flagged) + "</table>")
+        seconds = {r["gate_id"]: r["seconds"] for r in rows}
+        flagged = sum(v != "within noise" for _, _, _, v in changes)
+        ordered = sorted(changes, key=lambda c: (c[3] == "within noise", -abs(c[1])))  # flagged first
+        body.append(f"<h2>Side by side: {flagged} of {len(changes)} changed beyond noise</h2><table>"
+                    "<tr><th>benchmark</th><th>base, us</th><th>this run, us</th><th>change</th><th>noise</th>"
+                    "<th>verdict</th></tr>" +
+                    "".join(f"<tr><td>{html.escape(g)}</td><td>{1e6 * seconds[g] / (1 + c):,.1f}</td>"
+                            f"<td>{1e6 * seconds[g]:,.1f}</td><td>{100 * c:+.1f}%</td><td>{100 * n:.1f}%</td>"
+                            f"<td>{v}</td></tr>" for g, c, n, v in ordered) + "</table>")
     (out / "index.html").write_text("<!doctype html><meta charset='utf-8'><title>kernel suite report</title>"
                                     "<style>img{max-width:100%}td,th{padding:2px 8px}</style>" + "".join(body))
     return drawn
