@@ -78,9 +78,8 @@ def test_compare_chart_on_recorded_runs(built):
 def test_cli_latest_compares_with_the_previous_run_of_the_same_gpu(tmp_path, monkeypatch):
     runs = tmp_path / ".benchmarks" / "h100" / "Linux-CPython-3.12-64bit"
     runs.mkdir(parents=True)
+    shutil.copy(RUN, runs / "0002_b.json")  # newest by its recorded datetime, whatever the file times
     shutil.copy(BASE, runs / "0001_a.json")
-    shutil.copy(RUN, runs / "0002_b.json")
-    (runs / "0002_b.json").touch()  # newest
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["report", "--latest", "--compare-previous", "--out", "out"])
     report.main()

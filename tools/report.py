@@ -208,8 +208,10 @@ def build(run_path, out_dir, base_path=None):
 
 
 def saved_runs(root=".benchmarks"):
-    """Saved runs under root (autosave's <gpu>/<machine>/NNNN_*.json), oldest first."""
-    return sorted(Path(root).glob("*/*/[0-9][0-9][0-9][0-9]_*.json"), key=lambda p: p.stat().st_mtime)
+    """Saved runs under root (autosave's <gpu>/<machine>/NNNN_*.json), oldest first by the time
+    each run recorded (a fresh checkout gives every file the same mtime)."""
+    return sorted(Path(root).glob("*/*/[0-9][0-9][0-9][0-9]_*.json"),
+                  key=lambda p: (json.loads(p.read_text()).get("datetime", ""), p.name))
 
 
 def main():
