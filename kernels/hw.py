@@ -92,6 +92,11 @@ def numa_nodes_with_memory() -> int:
     return nodes
 
 
+def pin_thread(cpus):
+    """Run the calling thread on these CPUs only (first touches then place pages on their node)."""
+    os.sched_setaffinity(0, cpus)
+
+
 def numa_remote():
     nodes = numa_nodes_with_memory()
     if nodes < 2:

@@ -75,6 +75,11 @@ SUITE_FLAGS = (
 )
 
 WORKLOAD_OPTIONS = {
+    "kv_locality": (
+        Option("--rows", "rows of the fp16 slab copied host to device", default=256, type=int, check=positive),
+        Option("--cols", "columns of the slab", default=4096, type=int, check=positive),
+        Option("--iters", "copies per timed round", default=200, type=int, check=positive),
+    ),
     "prefill_attention": (
         # the env var is the default, so a bad TMA_TILE_SIZE is refused at start like a bad flag
         Option("--tma-tile-size", "triton_tma's tile BLOCK_MxBLOCK_N, e.g. 128x64 (env TMA_TILE_SIZE; default: "

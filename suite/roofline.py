@@ -9,6 +9,7 @@ from suite.timing import measure
 
 STREAM_BYTES = 1 << 30  # far beyond any L2
 MATMUL_N = 8192
+H2D_BYTES = 256 << 20  # pinned host -> device: the link's peak
 ROUNDS = 20
 
 
@@ -17,12 +18,14 @@ class Roofline:
     copy_gbps: float  # device-to-device copy, bytes read + written
     read_gbps: float  # streaming read
     matmul_tflops: float  # bf16 [N, N] @ [N, N] on random data
+    h2d_gbps: float  # pinned host to device
 
     def as_dict(self):
         return {k: round(v, 1) for k, v in asdict(self).items()}
 
     def ceiling(self, kind):
-        return {"read": self.read_gbps, "copy": self.copy_gbps, "matmul": self.matmul_tflops}[kind]
+        return {"read": self.read_gbps, "copy": self.copy_gbps, "matmul": self.matmul_tflops,
+                "h2d": self.h2d_gbps}[kind]
 
 
 def calibrate(device) -> Roofline:
@@ -34,5 +37,9 @@ def calibrate(device) -> Roofline:
     a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=torch.bfloat16)
     b = torch.randn_like(a)
     mm_s = measure(lambda: a @ b, device=device, rounds=ROUNDS, cold=False)
+    del a, b
+    host = torch.empty(H2D_BYTES // 4, pin_memory=True).normal_()
+    dst = torch.empty(H2D_BYTES // 4, device=device)
+    h2d_s = measure(lambda: dst.copy_(host, non_blocking=True), device=device, rounds=ROUNDS, cold=False)
     return Roofline(copy_gbps=2 * STREAM_BYTES / copy_s / 1e9, read_gbps=STREAM_BYTES / read_s / 1e9,
-                    matmul_tflops=2 * MATMUL_N**3 / mm_s / 1e12)
+                    matmul_tflops=2 * MATMUL_N**3 / mm_s / 1e12, h2d_gbps=H2D_BYTES / h2d_s / 1e9)

@@ -206,6 +206,8 @@ def test_strict_markers_reject_an_unknown_marker(inner, args):
     (["--block-k", "8"], ["--block-k 8: must be a power of two >= 16"]),
     (["--num-programs", "-1"], ["--num-programs -1: must be > 0"]),
     (["--max-capture", "0"], ["--max-capture 0: must be > 0"]),
+    (["--rows", "0"], ["--rows 0: must be > 0"]),
+    (["--iters", "-5"], ["--iters -5: must be > 0"]),
     (["--tma-tile-size", "96x64"], ["--tma-tile-size '96x64': needs powers of two >= 16"]),
     (["--tma-tile-size", "32x64"], ["--tma-tile-size '32x64': needs powers of two >= 16 with BLOCK_M a multiple"]),
     (["--tma-tile-size", "big"], ["--tma-tile-size 'big': must be BLOCK_MxBLOCK_N"]),
@@ -282,7 +284,7 @@ def test_perf_record_on_cpu_is_a_smoke_run_with_a_table(tmp_path):
 def gpu_recorder(tmp_path, updating):
     # The GPU path without a GPU: a cuda device object and a roofline given instead of calibrated.
     rec = PerfRecorder("cuda", gated(tmp_path), updating=updating)
-    rec._roofline = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0)
+    rec._roofline = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0, h2d_gbps=50.0)
     return rec
 
 

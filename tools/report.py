@@ -79,14 +79,14 @@ def roofline_chart(machine, rows, path):
     tflops = [(r["gate_id"], r["extra"]["flops"], r["extra"]["achieved_tflops"]) for r in rows
               if "achieved_tflops" in r["extra"]]
     fig, (mem, comp) = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, points, unit, ceilings in ((mem, gbps, "GB/s", ("read_gbps", "copy_gbps")),
+    for ax, points, unit, ceilings in ((mem, gbps, "GB/s", ("read_gbps", "copy_gbps", "h2d_gbps")),
                                        (comp, tflops, "TFLOP/s", ("matmul_tflops",))):
         for workload in sorted({g.split("/")[0] for g, _, _ in points}):
             mine = [(x, v) for g, x, v in points if g.split("/")[0] == workload]
             ax.scatter([x for x, _ in mine], [v for _, v in mine], s=10, label=workload)
         for i, name in enumerate(n for n in ceilings if n in roof):
             ax.axhline(roof[name], linestyle="--", linewidth=1, color="gray")
-            ax.annotate(f"{name} {roof[name]:,.0f}", (0.01 + 0.5 * i, roof[name]), xycoords=("axes fraction", "data"),
+            ax.annotate(f"{name} {roof[name]:,.0f}", (0.01 + 0.33 * i, roof[name]), xycoords=("axes fraction", "data"),
                         fontsize=8, va="bottom")
         if not points:
             ax.text(0.5, 0.5, f"no benchmark reports {unit} in this run", transform=ax.transAxes, ha="center")

@@ -1,0 +1,142 @@
+"""kv_locality (SPEC 2.8): an H2D copy of a [rows, cols] fp16 slab into HBM, by where the slab lives.
+
+Sources: pageable host memory; pinned memory on the GPU's NUMA node (pinned_local) and on another
+node (pinned_remote); another HBM buffer (hbm, device to device). Pinned pages are placed by first
+touch: they are allocated (cudaHostAlloc touches and locks every page) from a thread pinned to the
+CPUs of the chosen node. Allocation and placement happen before timing; copies are timed with CUDA
+events, `iters` copies per timed round.
+
+    python -m suite.kv_locality [--rows 256] [--cols 4096] [--iters 200]
+"""
+
+import argparse
+import threading
+from pathlib import Path
+
+import torch
+
+from kernels import hw
+
+SOURCES = ("pageable", "pinned_local", "pinned_remote", "hbm")
+DEFAULTS = dict(rows=256, cols=4096, iters=200)
+NODES = Path("/sys/devices/system/node")
+
+
+def parse_cpulist(text):
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11] (the kernel's cpulist format)."""
+    cpus = []
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def node_cpus(node, root=NODES):
+    return parse_cpulist((Path(root) / f"node{node}" / "cpulist").read_text())
+
+
+def gpu_node(device=0):
+    """The NUMA node of the GPU's PCI device (0 where the system does not say)."""
+    props = torch.cuda.get_device_properties(device)
+    bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    path = Path("/sys/bus/pci/devices") / bus / "numa_node"
+    node = int(path.read_text()) if path.exists() else -1
+    return max(node, 0)
+
+
+def remote_node(local, root=NODES):
+    """Another node with memory, or None."""
+    for path in sorted(Path(root).glob("node[0-9]*")):
+        node = int(path.name[4:])
+        if node != local and any("MemTotal:" in line and int(line.split()[-2]) > 0
+                                 for line in (path / "meminfo").read_text().splitlines()):
+            return node
+    return None
+
+
+def on_node(node, make, root=NODES):
+    """make(), run in a thread pinned to the CPUs of `node`: its first touches place the pages
+    there. Returns what make() returned; raises what it raised."""
+    result = {}
+
+    def run():
+        try:
+            hw.pin_thread(node_cpus(node, root))
+            result["value"] = make()
+        except BaseException as exc:  # re-raised in the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def allocate(source, rows, cols, device):
+    """The source slab [rows, cols] fp16 (random, never zeros) and the HBM destination."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    dst = torch.empty(rows, cols, dtype=torch.float16, device=device)
+    if source == "hbm":
+        return torch.randn(rows, cols, dtype=torch.float16, device=device), dst
+    if source == "pageable":
+        return torch.randn(rows, cols, dtype=torch.float16), dst
+    local = gpu_node(torch.device(device).index or 0)
+    node = local if source == "pinned_local" else remote_node(local)
+    if node is None:
+        raise RuntimeError("pinned_remote: no other NUMA node with memory (requires_numa_remote)")
+    src = on_node(node, lambda: torch.empty(rows, cols, dtype=torch.float16, pin_memory=True).normal_())
+    return src, dst
+
+
+def copies(src, dst, iters):
+    """launch(): `iters` copies of src into dst (asynchronous from pinned or device memory)."""
+    blocking = not (src.is_pinned() or src.is_cuda)
+
+    def launch():
+        for _ in range(iters):
+            dst.copy_(src, non_blocking=not blocking)
+
+    return launch
+
+
+def table(results):
+    """Lines of the standalone command's table: source, GB/s, ratio to pinned_local."""
+    base = results.get("pinned_local")
+    lines = [f"{'source':<14}{'GB/s':>10}{'vs pinned_local':>18}"]
+    for source, gbps in results.items():
+        ratio = f"{gbps / base:.2f}x" if base else "-"
+        lines.append(f"{source:<14}{gbps:>10.1f}{ratio:>18}")
+    return lines
+
+
+def main(argv=None):
+    from suite.timing import measure
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in DEFAULTS.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args(argv)
+    for name in DEFAULTS:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    ok, probed = hw.has_cuda()
+    if not ok:
+        parser.error(f"kv_locality copies into a GPU: {probed}")
+    results = {}
+    for source in SOURCES:
+        if source == "pinned_remote" and not hw.numa_remote()[0]:
+            print(f"pinned_remote: skipped, {hw.numa_remote()[1]}")
+            continue
+        src, dst = allocate(source, args.rows, args.cols, "cuda")
+        seconds = measure(copies(src, dst, args.iters), device="cuda", rounds=5, cold=False)
+        results[source] = args.iters * src.numel() * src.element_size() / seconds / 1e9
+        del src, dst
+    print("\n".join(table(results)))
+
+
+if __name__ == "__main__":
+    main()

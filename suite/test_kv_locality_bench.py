@@ -1,0 +1,40 @@
+"""kv_locality benchmarks (SPEC 2.8): GB/s of the [rows, cols] fp16 slab into HBM per source, against
+the pinned host-to-device peak measured in this session (hbm: the device copy roofline, bytes
+read and written), and each pinned source's speedup over pageable (the baseline).
+
+Flags --rows --cols --iters; the same measurement runs standalone: python -m suite.kv_locality."""
+
+import pytest
+import torch
+
+from suite import kv_locality
+from suite.timing import measure, run_benchmark
+
+pytestmark = [pytest.mark.offload, pytest.mark.requires_cuda]
+
+WORKLOAD = "kv_locality"
+BASELINE = "pageable"
+
+
+@pytest.mark.parametrize("source", [pytest.param(s, marks=[pytest.mark.requires_numa_remote] if s == "pinned_remote"
+                                                 else []) for s in kv_locality.SOURCES])
+def test_kv_locality(benchmark, source, device, perf, rounds, pytestconfig):
+    rows, cols, iters = (pytestconfig.getoption(name) for name in ("rows", "cols", "iters"))
+    gate_id = f"{WORKLOAD}/{source}/{rows}x{cols}"
+    perf.skip_if_not_applicable(gate_id)
+    src, dst = kv_locality.allocate(source, rows, cols, device)  # allocation and placement: untimed
+    launch = kv_locality.copies(src, dst, iters)
+    launch()
+    torch.cuda.synchronize()
+    assert torch.equal(dst.cpu().view(torch.int16), src.cpu().view(torch.int16))  # bit for bit
+    seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds, cold=False)
+    slab = src.numel() * src.element_size()
+    device_copy = source == "hbm"
+    if source == BASELINE:
+        perf.set_baseline(WORKLOAD, f"{rows}x{cols}", seconds)
+    speedups = {} if source == BASELINE else {"baseline": perf.baseline(WORKLOAD, f"{rows}x{cols}", lambda: measure(
+        kv_locality.copies(*kv_locality.allocate(BASELINE, rows, cols, device), iters), device=device,
+        rounds=rounds, cold=False))}
+    perf.record(benchmark, gate_id, seconds, shape=dict(source=source, rows=rows, cols=cols, iters=iters),
+                bytes_moved=iters * slab * (2 if device_copy else 1), roofline_kind="copy" if device_copy else "h2d",
+                speedups=speedups)
