@@ -37,12 +37,14 @@ def node_cpus(node, root=NODES):
 
 
 def gpu_node(device=0):
-    """The NUMA node of the GPU's PCI device (0 where the system does not say)."""
+    """(NUMA node of the GPU's PCI device, how it was found). A single-node system reports -1,
+    which is node 0; a system without the sysfs entry is taken as node 0, and says so."""
     props = torch.cuda.get_device_properties(device)
     bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
     path = Path("/sys/bus/pci/devices") / bus / "numa_node"
-    node = int(path.read_text()) if path.exists() else -1
-    return max(node, 0)
+    if not path.exists():
+        return 0, f"{path} missing: node 0 assumed"
+    return max(int(path.read_text()), 0), f"{path}"
 
 
 def remote_node(local, root=NODES):
@@ -84,7 +86,7 @@ def allocate(source, rows, cols, device):
         return torch.randn(rows, cols, dtype=torch.float16, device=device), dst
     if source == "pageable":
         return torch.randn(rows, cols, dtype=torch.float16), dst
-    local = gpu_node(torch.device(device).index or 0)
+    local, _ = gpu_node(torch.device(device).index or 0)
     node = local if source == "pinned_local" else remote_node(local)
     if node is None:
         raise RuntimeError("pinned_remote: no other NUMA node with memory (requires_numa_remote)")

@@ -28,6 +28,8 @@ def test_kv_locality(benchmark, source, device, perf, rounds, pytestconfig):
     torch.cuda.synchronize()
     assert torch.equal(dst.cpu().view(torch.int16), src.cpu().view(torch.int16))  # bit for bit
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds, cold=False)
+    node, found = kv_locality.gpu_node(torch.device(device).index or 0)
+    benchmark.extra_info.update(gpu_numa_node=node, gpu_numa_node_from=found)
     slab = src.numel() * src.element_size()
     device_copy = source == "hbm"
     if source == BASELINE:
