@@ -82,14 +82,21 @@ def fp8_fused_ready():
     return _kernel_probe((8, 9), lambda: fp8_decode_probe("cuda"), what)
 
 
-def numa_nodes_with_memory() -> int:
-    nodes = 0
-    for meminfo in glob.glob("/sys/devices/system/node/node*/meminfo"):
+NODES = "/sys/devices/system/node"
+
+
+def memory_nodes(root=NODES) -> list:
+    """Ids of the NUMA nodes that have memory, ascending."""
+    nodes = []
+    for meminfo in sorted(glob.glob(f"{root}/node[0-9]*/meminfo")):
         with open(meminfo) as f:
-            for line in f:
-                if "MemTotal:" in line and int(line.split()[-2]) > 0:
-                    nodes += 1
-    return nodes
+            if any("MemTotal:" in line and int(line.split()[-2]) > 0 for line in f):
+                nodes.append(int(os.path.basename(os.path.dirname(meminfo))[4:]))
+    return sorted(nodes)
+
+
+def numa_nodes_with_memory() -> int:
+    return len(memory_nodes())
 
 
 def pin_thread(cpus):

@@ -26,6 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_power_of_two, check_shape,
                             check_tensor)
+from kernels.sdpa_decode import BACKENDS  # one table of SDPA backends for the suite
 
 TILE = {64: (128, 64), 128: (128, 64)}  # head dim -> (BLOCK_M, BLOCK_N)
 NUM_WARPS = {64: 4, 128: 8}
@@ -187,8 +188,6 @@ def triton_tma(q, k, v, cu_seqlens, *, out=None, tile=None):
 def sdpa(q, k, v, cu_seqlens, *, out=None, backend=None):
     """The anchor: torch SDPA, causal, on the prompts right-padded to the longest (padded once,
     before launch()); a padded key is never seen by a real query under the causal mask."""
-    from kernels.sdpa_decode import BACKENDS  # one table of SDPA backends for the suite
-
     batch, q_heads, kv_heads, head_dim, lengths = check_prefill_args(q, k, v, cu_seqlens, out)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")

@@ -19,7 +19,7 @@ from kernels import hw
 
 SOURCES = ("pageable", "pinned_local", "pinned_remote", "hbm")
 DEFAULTS = dict(rows=256, cols=4096, iters=200)
-NODES = Path("/sys/devices/system/node")
+NODES = hw.NODES
 
 
 def parse_cpulist(text):
@@ -49,12 +49,7 @@ def gpu_node(device=0):
 
 def remote_node(local, root=NODES):
     """Another node with memory, or None."""
-    for path in sorted(Path(root).glob("node[0-9]*")):
-        node = int(path.name[4:])
-        if node != local and any("MemTotal:" in line and int(line.split()[-2]) > 0
-                                 for line in (path / "meminfo").read_text().splitlines()):
-            return node
-    return None
+    return next((node for node in hw.memory_nodes(root) if node != local), None)
 
 
 def on_node(node, make, root=NODES):
