@@ -7,17 +7,20 @@
 `graph_decode` captures outside the returned launch(); launch() replays and returns the outputs
 [B, T, d_model]. Like any decode it advances seq_lens and the caches by T steps: restore seq_lens
 to replay the same T steps (the written cache positions are simply written again).
+priority: the graph's kernels run at this stream priority (kernels/graph_priority.py says why a
+replay on a high-priority stream alone does not).
 """
 
 import torch
 
+from kernels.graph_priority import PriorityGraph, capture
 from kernels.tiny_decoder import bind_quantized, check_decode, decode_step
 
 GRAPH_MODES = ("full", "piecewise", "full_and_piecewise")
 
 
 def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", max_capture=64, k_scale=None,
-                 v_scale=None):
+                 v_scale=None, priority=None):
     # h: [B, d_model]; k/v: [B, Hkv, L_max, D] (kv_quant formats with k/v_scale [B, Hkv, L_max]);
     # seq_lens: [B] int32 on a CUDA device
     if h.device.type != "cuda":
@@ -43,16 +46,13 @@ def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", 
         else:
             static_h.copy_(decode_step(weights, static_h, k_cache, v_cache, seq_lens, quantized))
 
-    side = torch.cuda.Stream()  # warm up outside the capture, as torch.cuda.graph requires
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    seq_lens.copy_(start_lens)
-    static_h.copy_(h0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    def undo_warm_up():
+        seq_lens.copy_(start_lens)
+        static_h.copy_(h0)
+
+    graph = capture(body, undo_warm_up, keep_graph=priority is not None)
+    if priority is not None:
+        graph = PriorityGraph(graph, priority)
 
     def launch():
         if mode == "full":

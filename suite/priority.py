@@ -4,15 +4,34 @@ A scenario enqueues a long prefill on one stream and then decode steps, one afte
 another; each decode step is bracketed by CUDA events on its stream, so its latency includes
 any wait for SMs held by prefill CTAs. Hopper does not preempt running CTAs: a high-priority
 stream's CTAs only win the SMs that free up, so what priorities buy depends on how long each
-prefill CTA runs (its tile).
+prefill CTA runs (its tile) and on whether a decode CTA fits in what one retiring prefill CTA frees
+(a CTA that needs more waits while lower-priority CTAs that fit keep taking the space).
+
+The decode step is a CUDA graph; a replay ignores its stream's priority (kernels/graph_priority.py),
+so the step's kernel nodes carry the decode stream's priority themselves.
 """
 
+import argparse
+import datetime
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 PRIORITIES = ("same_priority", "decode_high")
+SLACK_CYCLES = 20_000_000  # ~10 ms at 2 GHz: longer than a scenario's or a probe round's enqueue
+PREFILL_TOKENS = 16384  # the new request's prompt
+STEPS = 32  # decode steps enqueued behind the prefill per scenario
+TILES = ((64, 64), (128, 64))  # the prefill attention's (BLOCK_M, BLOCK_N)
+
+
+def decode_priority(variant):
+    """The decode stream's priority: the prefill's (the lowest) or the highest."""
+    if variant not in PRIORITIES:
+        raise ValueError(f"variant must be one of {PRIORITIES}, got {variant!r}")
+    lowest, highest = torch.cuda.Stream.priority_range()  # lower numbers run first
+    return highest if variant == "decode_high" else lowest
 
 
 @dataclass
@@ -25,12 +44,9 @@ class Scenario:
     prefill_ms: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.variant not in PRIORITIES:
-            raise ValueError(f"variant must be one of {PRIORITIES}, got {self.variant!r}")
-        lowest, highest = torch.cuda.current_stream().priority_range()  # lower numbers run first
-        decode_priority = highest if self.variant == "decode_high" else lowest
+        lowest, _ = torch.cuda.Stream.priority_range()
         self.prefill_stream = torch.cuda.Stream(priority=lowest)
-        self.decode_stream = torch.cuda.Stream(priority=decode_priority)
+        self.decode_stream = torch.cuda.Stream(priority=decode_priority(self.variant))
         self._events = None
 
     def __call__(self):
@@ -64,6 +80,70 @@ class Scenario:
             s, e = events[2 + 2 * i], events[3 + 2 * i]
             if start.elapsed_time(s) < start.elapsed_time(end):
                 self.latencies_ms.append(s.elapsed_time(e))
+
+
+class Contention:
+    """A probe round's setup: host slack, then the prefill on the lowest-priority stream and, on the
+    current (decode) stream, a one-CTA wait of `delay_cycles`, by when the prefill holds the GPU.
+    Work timed on the current stream right after it meets the running prefill."""
+
+    def __init__(self, prefill, delay_cycles):
+        lowest, _ = torch.cuda.Stream.priority_range()
+        self.prefill, self.delay_cycles = prefill, delay_cycles
+        self.prefill_stream = torch.cuda.Stream(priority=lowest)
+
+    def __call__(self):
+        torch.cuda.synchronize()
+        decode = torch.cuda.current_stream()
+        torch.cuda._sleep(SLACK_CYCLES)  # the host enqueues everything below before the GPU starts
+        self.prefill_stream.wait_stream(decode)
+        with torch.cuda.stream(self.prefill_stream):
+            self.prefill()
+        torch.cuda._sleep(self.delay_cycles)
+
+
+def build(device):
+    """The running batch (loop_cases' medium tier) with its one-step decode graph per priority
+    (kernel nodes at the decode stream's priority), the long prefill per tile, and a reset of
+    the batch's lengths. -> (steps {priority: launch}, prefills {tile: launch}, reset)"""
+    from kernels import decode_graphs, request_path, tiny_decoder
+    from suite.loop_cases import DTYPE, TIERS
+
+    tier = TIERS["medium"]  # B8, d_model 512
+    w = tiny_decoder.random_weights(tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, device)
+    prompts = [torch.randn(n, w.d_model, dtype=DTYPE, device=device) for n in tier.prompt_lens()]
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(w, prompts, capacity=tier.prompt + STEPS)
+    start = seq_lens.clone()
+    steps = {p: decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 1, mode="full",
+                                           priority=decode_priority(p)) for p in PRIORITIES}
+    long_prompt = [torch.randn(PREFILL_TOKENS, w.d_model, dtype=DTYPE, device=device)]
+    prefills = {tile: request_path.bind(w, long_prompt, 1, "baseline", tile=tile).prefill for tile in TILES}
+    return steps, prefills, lambda: seq_lens.copy_(start)
+
+
+def trace(priority, tile, folder):
+    """One scenario, warmed up, under torch.profiler (after the timed rounds' host slack): its
+    Chrome trace and timeline PNG under folder. -> (trace path, PNG path). Run it in a process of
+    its own (python -m suite.priority): the profiler's CUDA hooks outlive the profile and slow
+    every later kernel launch of the process (the eager decode's TPOT tripled in a run after it)."""
+    steps, prefills, reset = build(torch.device("cuda"))
+    scenario = Scenario(prefills[tile], steps[priority], STEPS, priority)
+    scenario()
+    torch.cuda.synchronize()
+    reset()
+    name = f"stream_priority-{priority}-{tile[0]}x{tile[1]}"
+    stem = Path(folder) / f"{name}-{datetime.datetime.now():%Y%m%d_%H%M%S}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.cuda._sleep(SLACK_CYCLES)  # as in the timed rounds: everything enqueued before it runs
+        scenario()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(f"{stem}.json")
+    lanes = kernel_intervals(f"{stem}.json")
+    labels = {s: ("prefill stream" if any("prefill" in n for _, _, n in v) else "decode stream")
+              for s, v in lanes.items()}
+    timeline_png(lanes, labels, f"{stem}.png", name)
+    return f"{stem}.json", f"{stem}.png"
 
 
 def percentile(values, q):
@@ -110,3 +190,18 @@ def timeline_png(lanes, labels, path, title):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return drawn
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Trace one stream_priority scenario: Chrome trace + timeline PNG")
+    parser.add_argument("--priority", choices=PRIORITIES, required=True)
+    parser.add_argument("--tile", type=int, nargs=2, required=True, metavar=("BLOCK_M", "BLOCK_N"))
+    parser.add_argument("--folder", required=True)
+    args = parser.parse_args(argv)
+    if tuple(args.tile) not in TILES:
+        parser.error(f"--tile must be one of {TILES}, got {tuple(args.tile)}")
+    print("\n".join(trace(args.priority, tuple(args.tile), args.folder)))
+
+
+if __name__ == "__main__":
+    main()

@@ -111,3 +111,15 @@ def test_bad_input(bad):
 def test_bad_knobs(knobs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         triton_cp_async(**_bad_inputs(), **knobs)
+
+
+def test_sdpa_anchor_times_sdpa_alone(device):
+    # the benchmarked part is one SDPA call on the padded [B, Hq, P_max, D] layout; launch() packs it
+    case = PrefillCase((37, 20), 4, 2, 64, torch.bfloat16)
+    inputs = make_inputs(case, device)
+    launch = VARIANTS["sdpa"](**inputs)
+    padded = launch.timed()
+    assert padded.shape == (2, 4, 37, 64)
+    out = launch()
+    torch.testing.assert_close(out[37:], padded[1, :, :20].transpose(0, 1), rtol=0, atol=0)
+    check_output(out, inputs)

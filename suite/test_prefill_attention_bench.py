@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.prefill_attention import VARIANTS
-from suite.anchors import sdpa_backends
+from suite.anchors import sdpa_backends, timed_part
 from suite.decode_cases import seeded_lengths
 from suite.options import parse_tile
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
@@ -67,7 +67,7 @@ def test_prefill_attention(benchmark, variant, prefill_case, device, perf, round
         knobs["tile"] = parse_tile(tile) if tile else (SMOKE_TILE if device.type != "cuda" else None)
     launch = VARIANTS[variant](**inputs, **knobs)
     check_output(launch(), inputs)  # correctness before timing
-    seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds, cold=False)
+    seconds = run_benchmark(benchmark, timed_part(launch), device=device, rounds=rounds, cold=False)
     speedups = {}
     if device.type == "cuda":
         sdpa = perf.baseline(WORKLOAD, f"sdpa-all/{case}", lambda: _sdpa_seconds(inputs, device, rounds))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from suite.priority import kernel_intervals, percentile, timeline_png
+from suite.priority import kernel_intervals, main, percentile, timeline_png
 
 
 def test_percentile_interpolates():
@@ -37,3 +37,9 @@ def test_timeline_png_draws_every_interval(tmp_path):
     drawn = timeline_png(lanes, {7: "prefill stream", 13: "decode stream"}, path, "test")
     assert drawn == {7: 1, 13: 2}
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_trace_command_refuses_a_tile_it_does_not_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["--priority", "decode_high", "--tile", "32", "32", "--folder", "unused"])
+    assert "--tile must be one of" in capsys.readouterr().err

@@ -5,61 +5,55 @@ two prefill tiles (a CTA of a bigger tile holds its SM longer: Hopper does not p
 Per (priority, tile): the scenario's GPU time is pytest-benchmark's statistic; the table's time
 column and the gate are the p99 decode-step latency (decode_high gated as a speedup over
 same_priority's p99 at the same tile). A Chrome trace and a timeline PNG of one scenario are kept
-beside the saved runs; their paths are printed at the end."""
+beside the saved runs; their paths are printed at the end.
 
-import datetime
+The probe isolates the mechanism: PROBE_KERNELS one-CTA kernels enqueued on the decode stream while
+the prefill holds the GPU, launched eagerly, as a plain graph replay, and as a PriorityGraph; its
+statistic is their GPU time (decode_high's speedup: over same_priority with the same launch)."""
+
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from kernels import decode_graphs, request_path, tiny_decoder
-from suite.loop_cases import DTYPE, TIERS
-from suite.priority import PRIORITIES, Scenario, kernel_intervals, percentile, timeline_png
+from kernels.graph_priority import PriorityGraph, capture
+from suite.priority import (PREFILL_TOKENS, PRIORITIES, STEPS, TILES, Contention, Scenario, build, decode_priority,
+                            percentile)
 from suite.timing import run_benchmark
 
 pytestmark = [pytest.mark.decode, pytest.mark.prefill, pytest.mark.requires_cuda]
 
 WORKLOAD = "stream_priority"
-DECODE_TIER = TIERS["medium"]  # the running batch: B8, d_model 512
-PREFILL_TOKENS = 16384  # the new request's prompt
-STEPS = 32  # decode steps enqueued behind the prefill per scenario
-TILES = ((64, 64), (128, 64))  # the prefill attention's (BLOCK_M, BLOCK_N)
+TRACE_TIMEOUT_S = 180
+PROBE_KERNELS = 20
+PROBE_LAUNCHES = ("eager", "graph", "priority_graph")
+PROBE_DELAY_CYCLES = 600_000  # ~0.3 ms: the prefill's attention kernel has the GPU by then
 
 
 @pytest.fixture(scope="module")
 def contention(device):
-    """The running batch's one-step decode graph and the long prefill, per tile."""
-    w = tiny_decoder.random_weights(DECODE_TIER.q_heads, DECODE_TIER.kv_heads, DECODE_TIER.head_dim, DTYPE, device)
-    prompts = [torch.randn(n, w.d_model, dtype=DTYPE, device=device) for n in DECODE_TIER.prompt_lens()]
-    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(w, prompts, capacity=DECODE_TIER.prompt + STEPS)
-    start = seq_lens.clone()
-    step = decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 1, mode="full")
-    long_prompt = [torch.randn(PREFILL_TOKENS, w.d_model, dtype=DTYPE, device=device)]
-    prefills = {tile: request_path.bind(w, long_prompt, 1, "baseline", tile=tile).prefill for tile in TILES}
-    return step, prefills, lambda: seq_lens.copy_(start)
+    return build(device)
 
 
-def _trace(scenario, storage, name):
-    """One scenario under torch.profiler: the Chrome trace and its timeline PNG (paths)."""
+def _trace(priority, tile, storage):
+    """The scenario's Chrome trace and timeline PNG, made in a child process (priority.trace says why)."""
     folder = Path(storage.removeprefix("file://")) / "traces"
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"{name}-{datetime.datetime.now():%Y%m%d_%H%M%S}"
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        scenario()
-        torch.cuda.synchronize()
-    prof.export_chrome_trace(f"{stem}.json")
-    lanes = kernel_intervals(f"{stem}.json")
-    labels = {s: ("prefill stream" if any("prefill" in n for _, _, n in v) else "decode stream")
-              for s, v in lanes.items()}
-    timeline_png(lanes, labels, f"{stem}.png", name)
-    return f"{stem}.json", f"{stem}.png"
+    done = subprocess.run([sys.executable, "-m", "suite.priority", "--priority", priority, "--tile", *map(str, tile),
+                           "--folder", str(folder)], capture_output=True, text=True, timeout=TRACE_TIMEOUT_S,
+                          cwd=Path(__file__).parent.parent)
+    if done.returncode:
+        pytest.fail(f"tracing {priority} at tile {tile} failed:\n{done.stderr[-2000:]}")
+    trace, png = done.stdout.split()[-2:]
+    return trace, png
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"tile{t[0]}x{t[1]}")
 @pytest.mark.parametrize("priority", PRIORITIES)
 def test_stream_priority(benchmark, priority, tile, contention, device, perf, rounds, pytestconfig):
-    step, prefills, reset = contention
+    steps, prefills, reset = contention
+    step = steps[priority]
     gate_id = f"{WORKLOAD}/{priority}/tile{tile[0]}x{tile[1]}"
     perf.skip_if_not_applicable(gate_id)
     reset()
@@ -84,9 +78,7 @@ def test_stream_priority(benchmark, priority, tile, contention, device, perf, ro
     benchmark.extra_info.update(p50_us=1e3 * p50, p99_us=1e3 * p99, overlapped_steps=len(scenario.latencies_ms),
                                 prefill_ms=1e3 * prefill_s, prefill_tokens_per_s=PREFILL_TOKENS / prefill_s,
                                 tile=list(tile))
-    reset()
-    name = f"{WORKLOAD}-{priority}-{tile[0]}x{tile[1]}"
-    trace, png = _trace(scenario, pytestconfig.getoption("benchmark_storage"), name)
+    trace, png = _trace(priority, tile, pytestconfig.getoption("benchmark_storage"))
     benchmark.extra_info.update(chrome_trace=trace, timeline_png=png)
     perf.artifacts += [(f"{gate_id} trace", trace), (f"{gate_id} timeline", png)]
     key = f"tile{tile}"
@@ -99,3 +91,40 @@ def test_stream_priority(benchmark, priority, tile, contention, device, perf, ro
     perf.record(benchmark, gate_id, p99 / 1e3, shape=dict(priority=priority, tile=list(tile), steps=STEPS,
                                                           prefill_tokens=PREFILL_TOKENS),
                 speedups=speedups, rate=f"p50 {1e3 * p50:.0f} us, p99 {1e3 * p99:.0f} us")
+
+
+@pytest.mark.parametrize("launch", PROBE_LAUNCHES)
+@pytest.mark.parametrize("priority", PRIORITIES)
+def test_priority_probe(benchmark, priority, launch, contention, device, perf, rounds):
+    _, prefills, _ = contention
+    gate_id = f"{WORKLOAD}/{priority}/probe-{launch}"
+    perf.skip_if_not_applicable(gate_id)
+    x = torch.zeros(1024, device=device)  # one CTA per kernel; exact in fp32 for these counts
+
+    def work():
+        for _ in range(PROBE_KERNELS):
+            x.add_(1.0)
+
+    decode_stream = torch.cuda.Stream(priority=decode_priority(priority))
+    with torch.cuda.stream(decode_stream):
+        if launch == "eager":
+            run = work
+        else:
+            graph = capture(work, keep_graph=launch == "priority_graph")
+            run = graph.replay if launch == "graph" else PriorityGraph(graph, decode_priority(priority)).replay
+        before = x.clone()
+        run()
+        torch.cuda.synchronize()
+        assert torch.equal(x, before + PROBE_KERNELS)  # correctness: every kernel ran once
+        seconds = run_benchmark(benchmark, run, device=device, rounds=rounds, cold=False,
+                                round_setup=Contention(prefills[TILES[0]], PROBE_DELAY_CYCLES))
+    key = f"probe-{launch}"
+    speedups = {}
+    if priority == "same_priority":
+        perf.set_baseline(WORKLOAD, key, seconds)
+    else:
+        speedups["baseline"] = perf.baseline(WORKLOAD, key, lambda: pytest.fail(
+            "same_priority must run first for this launch (its time is the baseline)"))
+    perf.record(benchmark, gate_id, seconds, shape=dict(priority=priority, launch=launch, kernels=PROBE_KERNELS,
+                                                        tile=list(TILES[0]), prefill_tokens=PREFILL_TOKENS),
+                speedups=speedups, rate=f"{PROBE_KERNELS} one-CTA kernels")

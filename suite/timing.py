@@ -8,6 +8,7 @@ The L2 flush runs as pedantic's setup: enqueued before the start event, outside 
 
 import gc
 import statistics
+import time
 
 import torch
 
@@ -20,6 +21,10 @@ FLUSH_BYTES_MIN = 256 << 20
 # of some benchmarks' rounds at 2-7x their time.
 HOST_SLACK_CYCLES = 2_000_000
 WARMUP_CALLS = 3  # JIT compilation and autotuning happen here, never in a timed round
+# cover_enqueue: the slack is this many times the host's slowest warm enqueue of launch(), in
+# cycles of a 2 GHz SM clock (about the fastest target's; a slower clock only sleeps longer).
+ENQUEUE_MARGIN = 2.0
+SLEEP_CYCLES_PER_S = 2e9
 
 
 class CudaEventClock:
@@ -43,53 +48,70 @@ class RoundSetup:
     """Before each timed round: reset state (`before`, e.g. sequence lengths a decode loop
     advanced), overwrite a buffer 4x the L2 (when cold), then give the host slack."""
 
-    def __init__(self, device, cold, before=None):
+    def __init__(self, device, cold, before=None, slack_cycles=HOST_SLACK_CYCLES):
         size = max(FLUSH_BYTES_MIN, 4 * hw.l2_bytes(device))
         self.buffer = torch.empty(size // 4, dtype=torch.int32, device=device) if cold else None
         self.before = before
+        self.slack_cycles = slack_cycles
 
     def __call__(self):
         if self.before is not None:
             self.before()
         if self.buffer is not None:
             self.buffer.zero_()
-        torch.cuda._sleep(HOST_SLACK_CYCLES)
+        torch.cuda._sleep(self.slack_cycles)
 
 
-def _warm_up(launch, before=None):
+def _warm_up(launch, before=None, cover_enqueue=False):
+    """Run launch() untimed; returns the host slack (cycles) a timed round gets: HOST_SLACK_CYCLES,
+    or with cover_enqueue enough for the whole enqueue of launch() to finish before the GPU starts."""
+    enqueue_s = 0.0
     for _ in range(WARMUP_CALLS):
         if before is not None:
             before()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         launch()
+        enqueue_s = max(enqueue_s, time.perf_counter() - start)
     torch.cuda.synchronize()
+    if not cover_enqueue:
+        return HOST_SLACK_CYCLES
+    return max(HOST_SLACK_CYCLES, int(ENQUEUE_MARGIN * enqueue_s * SLEEP_CYCLES_PER_S))
 
 
-def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None):
+def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, cover_enqueue=False,
+                  round_setup=None):
     """Time launch() through pytest-benchmark; returns the median in seconds.
 
     On a GPU the clock is CudaEventClock and each round starts cold when `cold`, after
-    `before()` (untimed). Without a GPU this is a smoke run: one round on the host clock
-    (benchmark.extra_info['clock'] says so).
+    `before()` (untimed). cover_enqueue: the round's host slack covers launch()'s whole enqueue,
+    so host dispatch cost (e.g. of many small copies) stays out of the GPU time; leave it off
+    where that cost is part of what is measured (eager loops). round_setup replaces the whole
+    untimed setup (flush, slack) for measurements that stage their own contention. Without a GPU
+    this is a smoke run: one round on the host clock (benchmark.extra_info['clock'] says so).
     """
     if torch.device(device).type != "cuda":
         benchmark.extra_info["clock"] = "host (smoke run, no GPU)"
         benchmark.pedantic(launch, setup=before, rounds=1)
         return benchmark.stats.stats.median
-    _warm_up(launch, before)
+    slack = _warm_up(launch, before, cover_enqueue)
     benchmark._timer = CudaEventClock()  # pytest-benchmark has no public hook for the timer
     benchmark._disable_gc = True  # as --benchmark-disable-gc: no collection between the events
     benchmark.extra_info["clock"] = "cuda_event"
     benchmark.extra_info["l2"] = "flushed before every round" if cold else "warm"
-    benchmark.pedantic(launch, setup=RoundSetup(device, cold, before), rounds=rounds, warmup_rounds=1)
+    if round_setup is None:
+        benchmark.extra_info["host_slack_ms"] = 1e3 * slack / SLEEP_CYCLES_PER_S
+        round_setup = RoundSetup(device, cold, before, slack)
+    benchmark.pedantic(launch, setup=round_setup, rounds=rounds, warmup_rounds=1)
     stats = benchmark.stats.stats
     benchmark.extra_info["iqr_over_median"] = stats.iqr / stats.median
     return stats.median
 
 
-def measure(launch, *, device, rounds, cold=True, before=None) -> float:
+def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=False) -> float:
     """Median GPU seconds of launch() outside pytest-benchmark (baselines, roofline), same clock."""
-    _warm_up(launch, before)
-    clock, setup = CudaEventClock(), RoundSetup(device, cold, before)
+    slack = _warm_up(launch, before, cover_enqueue)
+    clock, setup = CudaEventClock(), RoundSetup(device, cold, before, slack)
     times = []
     gc.disable()
     try:
