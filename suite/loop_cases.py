@@ -8,7 +8,7 @@ import torch
 
 from kernels import cuda_decode_loop, decode_graphs, decode_loop, kv_quant, tiny_decoder
 from suite import reference
-from suite.timing import count_launches, run_benchmark
+from suite.timing import run_benchmark
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,13 @@ def steps_of(tier, config):
     return min(tier.steps, QUICK_STEPS) if config.getoption("quick") else tier.steps
 
 
-def time_loop(benchmark, launch, inputs, steps, device, rounds):
-    """Median GPU seconds of the T-step loop, timed through pytest-benchmark; TPOT and the
-    launches per step into extra_info."""
+def time_loop(benchmark, launch, inputs, steps, device, rounds, perf):
+    """Median GPU seconds of the T-step loop, timed through pytest-benchmark; TPOT into extra_info
+    now, the launches per step at the session's end (perf.count_launches_later says why)."""
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds, before=inputs.reset)
-    extra = benchmark.extra_info
-    extra.update(steps=steps, tpot_ms=1e3 * seconds / steps)
+    benchmark.extra_info.update(steps=steps, tpot_ms=1e3 * seconds / steps)
     if device.type == "cuda":
-        calls, work = count_launches(launch, inputs.reset)
-        extra.update(launch_calls_per_step=calls / steps, gpu_work_items_per_step=work / steps)
+        perf.count_launches_later(benchmark, launch, inputs.reset, steps)
     return seconds
 
 

@@ -7,6 +7,7 @@ import torch
 
 from suite import roofline
 from suite.expectations import Expectations
+from suite.timing import count_launches
 
 NOISY = 0.10  # interquartile range over median above which a measurement is flagged
 
@@ -32,6 +33,7 @@ class PerfRecorder:
         self._roofline = None
         self.update_path = None  # set when --expectations-update wrote a file
         self.artifacts = []  # (what, path) of files a benchmark kept with the run: printed at the end
+        self.launch_counts = []  # (extra_info, launch, before, steps): counted when every timing is done
 
     @property
     def on_gpu(self):
@@ -48,6 +50,18 @@ class PerfRecorder:
         if reason:
             self.rows.append(Row(gate_id, float("nan"), "", "", "", f"N/A: {reason}"))
             pytest.skip(f"N/A on this GPU ({self.expectations.path}): {reason}")
+
+    def count_launches_later(self, benchmark, launch, before, steps):
+        """Launches per step into the benchmark's extra_info, counted at the session's end: counting
+        profiles, and after a profile every later launch of the process is slower (an eager decode
+        loop's TPOT rose 0.52 -> 0.78 ms on an H100), which must not reach any timing."""
+        self.launch_counts.append((benchmark.extra_info, launch, before, steps))
+
+    def count_deferred_launches(self):
+        for extra, launch, before, steps in self.launch_counts:
+            calls, work = count_launches(launch, before)
+            extra.update(launch_calls_per_step=calls / steps, gpu_work_items_per_step=work / steps)
+        self.launch_counts.clear()
 
     def set_baseline(self, workload, case, seconds):
         self.baselines[(workload, case)] = seconds

@@ -134,15 +134,17 @@ def provenance(config):
             "driver": info.get("driver"), "torch": info["torch"], "triton": info["triton"]}
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest-benchmark's wrapper, which saves the run
 def pytest_sessionfinish(session):
     config = session.config
     recorder = config.stash.get(RECORDER, None)
-    if recorder is None or not recorder.measured:
-        return
-    path = update(expectations_dir(config), hardware_key(device_name()), recorder.measured,
-                  margin=config.getoption("expectations_margin"), provenance=provenance(config),
-                  allow_lower=config.getoption("expectations_allow_lower"))
-    recorder.update_path = path
+    if recorder is not None:
+        recorder.count_deferred_launches()  # into extra_info before the run is saved
+    if recorder is not None and recorder.measured:
+        recorder.update_path = update(expectations_dir(config), hardware_key(device_name()), recorder.measured,
+                                      margin=config.getoption("expectations_margin"), provenance=provenance(config),
+                                      allow_lower=config.getoption("expectations_allow_lower"))
+    yield
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -52,7 +52,7 @@ def test_decode_loop(benchmark, loop_name, tier_name, device, perf, rounds, pyte
     decoders = variants(pytestconfig)
     launch = bind(decoders[loop_name], weights, inputs, steps)
     check_loop(launch(), weights, inputs, steps)  # correctness before timing
-    seconds = time_loop(benchmark, launch, inputs, steps, device, rounds)
+    seconds = time_loop(benchmark, launch, inputs, steps, device, rounds, perf)
     if loop_name == BASELINE and device.type == "cuda":  # TTFT: the prefill of this tier's prompts
         benchmark.extra_info["ttft_ms"] = 1e3 * measure(
             lambda: tiny_decoder.prefill(weights, inputs.prompts, inputs.caches["k_cache"].shape[2]),

@@ -390,3 +390,23 @@ def test_runs_from_different_gpus_are_not_compared():
     plugin.pytest_benchmark_compare_machine_info(None, None, ours, {"machine_info": ours})
     with pytest.raises(pytest.UsageError, match="'NVIDIA B200'.*'NVIDIA H100 80GB HBM3'"):
         plugin.pytest_benchmark_compare_machine_info(None, None, ours, {"machine_info": {"gpu": {"name": "NVIDIA B200"}}})
+
+
+def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, tmp_path):
+    # the count happens at the session's end, yet reaches the JSON pytest-benchmark saves
+    inner.makepyfile("""
+        import suite.perf
+
+        COUNTED = []
+        suite.perf.count_launches = lambda launch, before: COUNTED.append(launch) or (10, 14)
+
+        def test_loop(benchmark, perf):
+            benchmark(lambda: None)
+            perf.count_launches_later(benchmark, "the loop", None, steps=2)
+            assert COUNTED == []  # not while timing may still follow
+    """)
+    out = tmp_path / "run.json"
+    result = inner.runpytest("-p", "suite.plugin", f"--benchmark-json={out}")
+    assert result.ret == 0, result.stdout.str()
+    (saved,) = json.loads(out.read_text())["benchmarks"]
+    assert (saved["extra_info"]["launch_calls_per_step"], saved["extra_info"]["gpu_work_items_per_step"]) == (5, 7)

@@ -74,7 +74,7 @@ def test_right_sized_decode_loop(benchmark, tier_name, fmt, backend, device, per
         unquantized = reference.decode_loop(weights, inputs.prompts, steps, tiny_decoder.RMS_EPS)
         benchmark.extra_info["accuracy_loss_rel"] = max(relative_errors(out, unquantized))
         benchmark.extra_info["reference_error_rel"] = max(relative_errors(out, expected))
-    seconds = time_loop(benchmark, launch, inputs, steps, device, rounds)
+    seconds = time_loop(benchmark, launch, inputs, steps, device, rounds, perf)
 
     def bf16_seconds():
         plain = make_loop_inputs(weights, tier.prompt_lens(), steps, device)

@@ -133,7 +133,8 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cu
 def count_launches(launch, before=None):
     """(host launch calls, GPU work items) of one launch(), counted by the profiler: the calls
     that enqueue work (kernels, graphs, async copies and sets), and the kernels, copies and sets
-    the GPU ran, graph-launched ones included."""
+    the GPU ran, graph-launched ones included. It leaves the profiler's hooks in the process,
+    which slow later launches: benchmarks count after all timing (PerfRecorder.count_launches_later)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
