@@ -7,6 +7,7 @@ import functools
 import glob
 import os
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -118,6 +119,46 @@ def multi_gpu():
     if not torch.cuda.can_device_access_peer(0, 1):
         return False, "GPUs 0 and 1 have no peer access"
     return True, f"{count} GPUs, 0 <-> 1 peer access"
+
+
+PCI_DEVICES = "/sys/bus/pci/devices"
+PCIE_GENERATIONS = {"2.5": 1, "5.0": 2, "8.0": 3, "16.0": 4, "32.0": 5, "64.0": 6}  # GT/s per lane
+
+
+def pci_path(device, root=PCI_DEVICES):
+    """The GPU's PCI device directory in sysfs."""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return Path(root) / f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+
+
+def pcie_link(path):
+    """'PCIe Gen5 x16' from a PCI device directory's current_link_speed ('32.0 GT/s PCIe') and
+    current_link_width; None where sysfs does not say."""
+    try:
+        speed = (path / "current_link_speed").read_text().split()[0]
+        width = (path / "current_link_width").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    gen = PCIE_GENERATIONS.get(speed)
+    return f"PCIe Gen{gen} x{width}" if gen else f"PCIe {speed} GT/s x{width}"
+
+
+def host_link(device, root=PCI_DEVICES):
+    """(kind, how it was found) of the GPU's link to host memory. NVLink-C2C where the GPU reads
+    pageable host memory through the host's own page tables (Grace: the coherent chip-to-chip link;
+    x86 HMM reads pageable memory through its own tables instead); else PCIe, as sysfs negotiated it."""
+    from kernels.cuda_build import _bindings, check
+
+    driver, _ = _bindings()
+    index = torch.device(device).index or 0
+    attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES
+    if check(driver.cuDeviceGetAttribute(attr, index), "cuDeviceGetAttribute"):
+        return "NVLink-C2C", "the GPU reads pageable host memory through the host's page tables"
+    path = pci_path(device, root)
+    link = pcie_link(path)
+    if link is None:
+        return "PCIe", f"{path}: no current_link_speed/width"
+    return "PCIe", f"{link} ({path})"
 
 
 def nvcc():

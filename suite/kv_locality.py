@@ -41,9 +41,7 @@ def node_cpus(node, root=NODES):
 def gpu_node(device=0):
     """(NUMA node of the GPU's PCI device, how it was found). A single-node system reports -1,
     which is node 0; a system without the sysfs entry is taken as node 0, and says so."""
-    props = torch.cuda.get_device_properties(device)
-    bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-    path = Path("/sys/bus/pci/devices") / bus / "numa_node"
+    path = hw.pci_path(device) / "numa_node"
     if not path.exists():
         return 0, f"{path} missing: node 0 assumed"
     return max(int(path.read_text()), 0), f"{path}"

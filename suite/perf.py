@@ -74,13 +74,14 @@ class PerfRecorder:
         return self.baselines[key]
 
     def record(self, benchmark, gate_id, seconds, *, shape, bytes_moved=None, flops=None,
-               roofline_kind="read", baseline_seconds=None, speedups=None, rate=None):
+               roofline_kind="read", baseline_seconds=None, speedups=None, rate=None, metrics=None):
         """baseline_seconds: the anchor's time; speedups: {name: seconds} of other baselines,
         recorded as speedup_vs_<name> (see expectations.METRICS); rate: the table's achieved
-        column when the headline metric is neither GB/s nor TFLOP/s (e.g. TPOT)."""
+        column when the headline metric is neither GB/s nor TFLOP/s (e.g. TPOT); metrics: other
+        gated metrics measured by the benchmark itself (e.g. overlap_fraction)."""
         extra = benchmark.extra_info
-        extra.update(shape=shape, gpu_time_s=seconds, gate_id=gate_id)
-        metrics, throughput, pct, speedup, achieved = {}, "", "", "", None
+        extra.update(shape=shape, gpu_time_s=seconds, gate_id=gate_id, **(metrics or {}))
+        metrics, throughput, pct, speedup, achieved = dict(metrics or {}), "", "", "", None
         if bytes_moved is not None:
             achieved = bytes_moved / seconds / 1e9
             extra.update(bytes_moved=bytes_moved, achieved_gbps=achieved)

@@ -1,0 +1,111 @@
+"""KV pages swapped between HBM and host memory between decode steps (SPEC 2.9).
+
+A SwapSpace holds host slots for pages of a paged cache [pages, page_size, Hkv, D]. swap_out
+gathers scattered GPU pages into a device staging buffer and copies it to consecutive host slots
+in one bulk copy per cache (K, V); swap_in does the reverse. A round is one decode step plus one
+swap out and one swap in of pages the step does not read (those of preempted sequences):
+- baseline: pageable host slots, blocking copies, everything on the caller's stream, in order;
+- optimized: pinned host slots, asynchronous copies on a copy stream, overlapped with the step.
+Without a GPU (Triton's interpreter) both run in order on the CPU: the math and the data path
+are checked, not the overlap.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+VARIANTS = ("baseline", "optimized")
+
+
+class SwapSpace:
+    """Host slots [2 (K, V), slots, page_size, Hkv, D] for pages of k_pages / v_pages, pinned or
+    pageable, and device staging for up to max_pages pages per direction."""
+
+    def __init__(self, k_pages, v_pages, slots, max_pages, *, pinned):
+        # k_pages, v_pages: [pages, page_size, Hkv, D], same shape and dtype, on one device
+        if k_pages.dim() != 4 or v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
+            raise ValueError(f"k_pages and v_pages must be [pages, page_size, Hkv, D] alike, got "
+                             f"{tuple(k_pages.shape)} {k_pages.dtype} and {tuple(v_pages.shape)} {v_pages.dtype}")
+        if v_pages.device != k_pages.device:
+            raise ValueError(f"v_pages is on {v_pages.device}, k_pages on {k_pages.device}")
+        for name, value in (("slots", slots), ("max_pages", max_pages)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if pinned and k_pages.device.type != "cuda":
+            raise ValueError("pinned host slots need the caches on a CUDA device")
+        self.caches = (k_pages, v_pages)
+        page = k_pages.shape[1:]
+        self.host = torch.empty((2, slots, *page), dtype=k_pages.dtype, pin_memory=pinned)
+        self.stage_out = torch.empty((2, max_pages, *page), dtype=k_pages.dtype, device=k_pages.device)
+        self.stage_in = torch.empty_like(self.stage_out)
+        self.pinned = pinned
+
+    def _check(self, pages, slot):
+        n = pages.numel()
+        if pages.dtype != torch.int64 or pages.dim() != 1 or pages.device != self.caches[0].device:
+            raise ValueError(f"pages must be a 1-D int64 tensor on {self.caches[0].device}, got "
+                             f"{pages.dtype} {tuple(pages.shape)} on {pages.device}")
+        if not 1 <= n <= self.stage_out.shape[1]:
+            raise ValueError(f"pages: 1 to {self.stage_out.shape[1]} pages per swap, got {n}")
+        if not 0 <= slot <= self.host.shape[1] - n:
+            raise ValueError(f"slot {slot}: {n} pages from it overrun the {self.host.shape[1]} host slots")
+        return n
+
+    def swap_out(self, pages, slot):
+        """GPU pages -> host slots slot .. slot + len(pages) (enqueued on the current stream)."""
+        n = self._check(pages, slot)
+        for i, cache in enumerate(self.caches):
+            torch.index_select(cache, 0, pages, out=self.stage_out[i, :n])
+            self.host[i, slot:slot + n].copy_(self.stage_out[i, :n], non_blocking=self.pinned)
+
+    def swap_in(self, slot, pages):
+        """Host slots slot .. slot + len(pages) -> GPU pages (enqueued on the current stream)."""
+        n = self._check(pages, slot)
+        for i, cache in enumerate(self.caches):
+            self.stage_in[i, :n].copy_(self.host[i, slot:slot + n], non_blocking=self.pinned)
+            cache.index_copy_(0, pages, self.stage_in[i, :n])
+
+    def page_bytes(self):
+        return self.host[0, 0].numel() * self.host.element_size() * 2  # K and V
+
+
+@dataclass
+class SwapRound:
+    """One round: step(), then swap() (the copies), in order or overlapped. Call it to run one."""
+    step: Callable
+    swap: Callable
+    space: SwapSpace
+    copy_stream: object = None  # optimized on a GPU: the copies' stream
+
+    def __call__(self):
+        if self.copy_stream is None:
+            self.step()
+            self.swap()
+            return
+        caller = torch.cuda.current_stream()
+        self.copy_stream.wait_stream(caller)  # the previous round's step is done with its pages
+        with torch.cuda.stream(self.copy_stream):
+            self.swap()
+        self.step()
+        caller.wait_stream(self.copy_stream)
+
+
+def bind(variant, step, k_pages, v_pages, out_pages, in_pages):
+    """A round of `variant`: step() (a decode step that reads neither out_pages nor in_pages), the
+    swap out of out_pages to host slots 0.. and the swap in of host slots len(out_pages).. into
+    in_pages (int64 page indices on the caches' device)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    n_out, n_in = out_pages.numel(), in_pages.numel()
+    if set(out_pages.tolist()) & set(in_pages.tolist()):
+        raise ValueError("out_pages and in_pages overlap: a page cannot leave and arrive in one round")
+    optimized = variant == "optimized" and k_pages.device.type == "cuda"
+    space = SwapSpace(k_pages, v_pages, n_out + n_in, max(n_out, n_in), pinned=optimized)
+    space.host.normal_()  # the swapped-in slots hold pages that left earlier: random, never zeros
+
+    def swap():
+        space.swap_out(out_pages, 0)
+        space.swap_in(n_out, in_pages)
+
+    return SwapRound(step, swap, space, torch.cuda.Stream() if optimized else None)

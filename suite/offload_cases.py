@@ -1,0 +1,82 @@
+"""nvlink_offload cases (SPEC 2.9): a paged decode batch with spare pages to swap, and the oracle."""
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import decode_attention, kv_swap
+from suite.decode_cases import DecodeCase, check_output, make_inputs
+
+
+@dataclass(frozen=True)
+class SwapCase:
+    batch: int
+    length: int  # every resident sequence's cache length
+    swap_pages: int  # pages swapped out and pages swapped in per round
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    page_size: int = 16
+    dtype: torch.dtype = torch.bfloat16
+
+    def decode_case(self):
+        # two sets of spare pages: the ones leaving and the ones arriving, outside every block table
+        return DecodeCase((self.length,) * self.batch, self.q_heads, self.kv_heads, self.head_dim, self.dtype,
+                          "paged", page_size=self.page_size, spare=2 * self.swap_pages)
+
+    def swap_bytes(self):
+        # out and in, K and V
+        return 2 * 2 * self.swap_pages * self.page_size * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    def __str__(self):
+        return f"B{self.batch}-L{self.length}-swap{self.swap_pages}x{self.page_size}"
+
+
+def spare_pages(inputs):
+    """Pages of the cache no block table references, in index order (int64, on the cache's device)."""
+    num_pages = inputs["k_cache"].shape[0]
+    used = torch.zeros(num_pages, dtype=torch.bool, device=inputs["k_cache"].device)
+    table = inputs["block_table"]
+    used[table[table >= 0].long()] = True
+    return (~used).nonzero().flatten()
+
+
+@dataclass
+class Bound:
+    inputs: dict  # the decode step's q, caches, seq_lens, block_table
+    out: torch.Tensor  # the step's output [B, Hq, D]
+    round: kv_swap.SwapRound
+    out_pages: torch.Tensor
+    in_pages: torch.Tensor
+
+
+def bind_case(case, variant, device):
+    """Fresh inputs (never zeros), the decode step (triton_persistent, paged) and the variant's round."""
+    inputs = make_inputs(case.decode_case(), device)
+    spare = spare_pages(inputs)
+    out_pages, in_pages = spare[: case.swap_pages], spare[case.swap_pages:]
+    out = torch.empty_like(inputs["q"])
+    step = decode_attention.triton_persistent(**inputs, out=out)
+    round_ = kv_swap.bind(variant, step, inputs["k_cache"], inputs["v_cache"], out_pages, in_pages)
+    return Bound(inputs, out, round_, out_pages, in_pages)
+
+
+def check_round(case, bound):
+    """Run one round with the step's output poisoned and check all of it: the step's attention
+    against the float64 reference, the pages that left bit for bit in their host slots, the slots
+    that arrived bit for bit in their pages, every other page untouched."""
+    k, v = bound.inputs["k_cache"], bound.inputs["v_cache"]
+    before = (k.clone(), v.clone())
+    host = bound.round.space.host
+    arriving = host[:, case.swap_pages:].clone()
+    bound.out.fill_(float("nan"))
+    bound.round()
+    if k.is_cuda:
+        torch.cuda.synchronize()
+    check_output(bound.out, bound.inputs)
+    for i, (cache, old) in enumerate(zip((k, v), before)):
+        assert torch.equal(host[i, : case.swap_pages], old[bound.out_pages].cpu()), "a page left changed"
+        assert torch.equal(cache[bound.in_pages].cpu(), arriving[i]), "a page arrived changed"
+        untouched = torch.ones(cache.shape[0], dtype=torch.bool, device=cache.device)
+        untouched[bound.in_pages] = False
+        assert torch.equal(cache[untouched], old[untouched]), "a page outside the swap changed"

@@ -1,0 +1,117 @@
+"""nvlink_offload (SPEC 2.9): every round's attention against the float64 reference, every page
+that left or arrived bit for bit, round trips exact, nothing left behind, the link read from
+sysfs, and bad input."""
+
+import gc
+
+import pytest
+import torch
+
+from kernels import hw, kv_swap
+from suite.offload_cases import SwapCase, bind_case, check_round
+
+pytestmark = pytest.mark.offload
+
+SMALL = {"cpu": SwapCase(batch=3, length=37, swap_pages=3, q_heads=4, kv_heads=2, head_dim=64, page_size=8),
+         "cuda": SwapCase(batch=5, length=1000, swap_pages=17)}
+
+
+@pytest.fixture(params=kv_swap.VARIANTS)
+def variant(request):
+    return request.param
+
+
+def test_round_attends_and_swaps_exactly(variant, device):
+    case = SMALL[device.type]
+    bound = bind_case(case, variant, device)
+    for _ in range(2):  # a second round over the same slots and pages
+        check_round(case, bound)
+
+
+def test_round_trip_is_bit_identical(variant, device):
+    case = SMALL[device.type]
+    bound = bind_case(case, variant, device)
+    space, k = bound.round.space, bound.inputs["k_cache"]
+    leaving = (k[bound.out_pages].clone(), bound.inputs["v_cache"][bound.out_pages].clone())
+    space.swap_out(bound.out_pages, 0)
+    space.swap_in(0, bound.in_pages)  # back into other pages
+    if k.is_cuda:
+        torch.cuda.synchronize()
+    assert torch.equal(k[bound.in_pages], leaving[0]) and torch.equal(bound.inputs["v_cache"][bound.in_pages],
+                                                                      leaving[1])
+
+
+@pytest.mark.requires_cuda
+def test_optimized_host_slots_are_pinned_and_baseline_pageable():
+    case = SMALL["cuda"]
+    for variant, pinned in (("baseline", False), ("optimized", True)):
+        assert bind_case(case, variant, torch.device("cuda")).round.space.host.is_pinned() == pinned
+
+
+PINNED_IN_USE = "active_bytes.current"  # torch's pinned-memory allocator: bytes of blocks in use
+
+
+@pytest.mark.requires_cuda
+def test_nothing_is_left_behind(variant):
+    # device memory back to where it was, pinned host blocks back in the caching allocator
+    case = SMALL["cuda"]
+    gc.collect()
+    torch.cuda.synchronize()
+    device_before = torch.cuda.memory_allocated()
+    pinned_before = torch.cuda.host_memory_stats().get(PINNED_IN_USE, 0)
+    bound = bind_case(case, variant, torch.device("cuda"))
+    bound.round()
+    torch.cuda.synchronize()
+    if variant == "optimized":
+        assert torch.cuda.host_memory_stats()[PINNED_IN_USE] > pinned_before  # the statistic sees the slots
+    del bound
+    gc.collect()
+    assert torch.cuda.memory_allocated() == device_before
+    assert torch.cuda.host_memory_stats().get(PINNED_IN_USE, 0) == pinned_before
+
+
+def _space(device, **kw):
+    k = torch.randn(10, 4, 2, 8, device=device)
+    return k, kv_swap.SwapSpace(k, torch.randn_like(k), slots=kw.pop("slots", 4), max_pages=4, pinned=False)
+
+
+@pytest.mark.parametrize("pages, slot, match", [
+    (torch.tensor([1, 2], dtype=torch.int32), 0, "pages must be a 1-D int64 tensor"),
+    (torch.arange(5), 0, "pages: 1 to 4 pages per swap"),
+    (torch.arange(3), 2, "overrun the 4 host slots"),
+])
+def test_bad_swap_arguments_name_the_argument(device, pages, slot, match):
+    _, space = _space(device)
+    with pytest.raises(ValueError, match=match):
+        space.swap_out(pages.to(device), slot)
+
+
+def test_bad_bind_arguments_name_the_argument(device):
+    k, _ = _space(device)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        kv_swap.bind("fastest", lambda: None, k, k, torch.arange(2, device=device), torch.arange(2, 4, device=device))
+    with pytest.raises(ValueError, match="out_pages and in_pages overlap"):
+        kv_swap.bind("baseline", lambda: None, k, k, torch.arange(2, device=device), torch.arange(1, 3, device=device))
+    with pytest.raises(ValueError, match="k_pages and v_pages must be"):
+        kv_swap.SwapSpace(k, k[:, :2], slots=2, max_pages=2, pinned=False)
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        kv_swap.SwapSpace(k, k, slots=0, max_pages=2, pinned=False)
+
+
+@pytest.mark.parametrize("speed, width, expected", [
+    ("32.0 GT/s PCIe\n", "16\n", "PCIe Gen5 x16"), ("16.0 GT/s PCIe", "8", "PCIe Gen4 x8"),
+    ("3.0 GT/s PCIe", "4", "PCIe 3.0 GT/s x4")])
+def test_pcie_link_reads_sysfs(tmp_path, speed, width, expected):
+    (tmp_path / "current_link_speed").write_text(speed)
+    (tmp_path / "current_link_width").write_text(width)
+    assert hw.pcie_link(tmp_path) == expected
+
+
+def test_pcie_link_without_sysfs_entries_is_none(tmp_path):
+    assert hw.pcie_link(tmp_path) is None
+
+
+@pytest.mark.requires_cuda
+def test_host_link_names_a_kind():
+    kind, how = hw.host_link(torch.device("cuda"))
+    assert kind in ("NVLink-C2C", "PCIe") and how
