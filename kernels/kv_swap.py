@@ -5,7 +5,9 @@ gathers scattered GPU pages into a device staging buffer and copies it to consec
 in one bulk copy per cache (K, V); swap_in does the reverse. A round is one decode step plus one
 swap out and one swap in of pages the step does not read (those of preempted sequences):
 - baseline: pageable host slots, blocking copies, everything on the caller's stream, in order;
-- optimized: pinned host slots, asynchronous copies on a copy stream, overlapped with the step.
+- optimized: pinned host slots, asynchronous copies overlapped with the step, out and in on a
+  copy stream each (PCIe and C2C are full duplex). The gathers are enqueued before the step: a
+  persistent step holds every SM until it ends, so a gather behind it would hold back the copy.
 Without a GPU (Triton's interpreter) both run in order on the CPU: the math and the data path
 are checked, not the overlap.
 """
@@ -53,17 +55,21 @@ class SwapSpace:
         return n
 
     def swap_out(self, pages, slot):
-        """GPU pages -> host slots slot .. slot + len(pages) (enqueued on the current stream)."""
+        """GPU pages -> host slots slot .. slot + len(pages) (enqueued on the current stream):
+        both gathers, then both copies."""
         n = self._check(pages, slot)
         for i, cache in enumerate(self.caches):
             torch.index_select(cache, 0, pages, out=self.stage_out[i, :n])
+        for i in range(2):
             self.host[i, slot:slot + n].copy_(self.stage_out[i, :n], non_blocking=self.pinned)
 
     def swap_in(self, slot, pages):
-        """Host slots slot .. slot + len(pages) -> GPU pages (enqueued on the current stream)."""
+        """Host slots slot .. slot + len(pages) -> GPU pages (enqueued on the current stream):
+        both copies, then both scatters."""
         n = self._check(pages, slot)
-        for i, cache in enumerate(self.caches):
+        for i in range(2):
             self.stage_in[i, :n].copy_(self.host[i, slot:slot + n], non_blocking=self.pinned)
+        for i, cache in enumerate(self.caches):
             cache.index_copy_(0, pages, self.stage_in[i, :n])
 
     def page_bytes(self):
@@ -72,23 +78,42 @@ class SwapSpace:
 
 @dataclass
 class SwapRound:
-    """One round: step(), then swap() (the copies), in order or overlapped. Call it to run one."""
+    """One round: step() and the swap, in order (no streams) or overlapped. Call it to run one;
+    swap() runs the copies alone, as the round enqueues them."""
     step: Callable
-    swap: Callable
     space: SwapSpace
-    copy_stream: object = None  # optimized on a GPU: the copies' stream
+    out_pages: torch.Tensor
+    in_pages: torch.Tensor
+    streams: tuple = ()  # optimized on a GPU: (out's copy stream, in's copy stream)
 
-    def __call__(self):
-        if self.copy_stream is None:
-            self.step()
-            self.swap()
+    def _enqueue_swap(self):
+        n_out = self.out_pages.numel()
+        if not self.streams:
+            self.space.swap_out(self.out_pages, 0)
+            self.space.swap_in(n_out, self.in_pages)
             return
         caller = torch.cuda.current_stream()
-        self.copy_stream.wait_stream(caller)  # the previous round's step is done with its pages
-        with torch.cuda.stream(self.copy_stream):
-            self.swap()
-        self.step()
-        caller.wait_stream(self.copy_stream)
+        for stream, run in zip(self.streams, (lambda: self.space.swap_out(self.out_pages, 0),
+                                              lambda: self.space.swap_in(n_out, self.in_pages))):
+            stream.wait_stream(caller)  # the previous round's step is done with its pages
+            with torch.cuda.stream(stream):
+                run()
+
+    def _join(self):
+        for stream in self.streams:
+            torch.cuda.current_stream().wait_stream(stream)
+
+    def swap(self):
+        self._enqueue_swap()
+        self._join()
+
+    def __call__(self):
+        if not self.streams:
+            self.step()
+        self._enqueue_swap()
+        if self.streams:
+            self.step()
+        self._join()
 
 
 def bind(variant, step, k_pages, v_pages, out_pages, in_pages):
@@ -103,9 +128,5 @@ def bind(variant, step, k_pages, v_pages, out_pages, in_pages):
     optimized = variant == "optimized" and k_pages.device.type == "cuda"
     space = SwapSpace(k_pages, v_pages, n_out + n_in, max(n_out, n_in), pinned=optimized)
     space.host.normal_()  # the swapped-in slots hold pages that left earlier: random, never zeros
-
-    def swap():
-        space.swap_out(out_pages, 0)
-        space.swap_in(n_out, in_pages)
-
-    return SwapRound(step, swap, space, torch.cuda.Stream() if optimized else None)
+    streams = (torch.cuda.Stream(), torch.cuda.Stream()) if optimized else ()
+    return SwapRound(step, space, out_pages, in_pages, streams)

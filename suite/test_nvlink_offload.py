@@ -3,6 +3,7 @@ that left or arrived bit for bit, round trips exact, nothing left behind, the li
 sysfs, and bad input."""
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -48,26 +49,22 @@ def test_optimized_host_slots_are_pinned_and_baseline_pageable():
         assert bind_case(case, variant, torch.device("cuda")).round.space.host.is_pinned() == pinned
 
 
-PINNED_IN_USE = "active_bytes.current"  # torch's pinned-memory allocator: bytes of blocks in use
-
-
 @pytest.mark.requires_cuda
 def test_nothing_is_left_behind(variant):
-    # device memory back to where it was, pinned host blocks back in the caching allocator
+    # device memory back to where it was; the host slots (pinned or not) freed: nothing holds them.
+    # (torch's pinned-memory statistics also count torch's own small staging buffers: not usable.)
     case = SMALL["cuda"]
     gc.collect()
     torch.cuda.synchronize()
     device_before = torch.cuda.memory_allocated()
-    pinned_before = torch.cuda.host_memory_stats().get(PINNED_IN_USE, 0)
     bound = bind_case(case, variant, torch.device("cuda"))
     bound.round()
     torch.cuda.synchronize()
-    if variant == "optimized":
-        assert torch.cuda.host_memory_stats()[PINNED_IN_USE] > pinned_before  # the statistic sees the slots
+    host = weakref.ref(bound.round.space.host)
     del bound
     gc.collect()
+    assert host() is None
     assert torch.cuda.memory_allocated() == device_before
-    assert torch.cuda.host_memory_stats().get(PINNED_IN_USE, 0) == pinned_before
 
 
 def _space(device, **kw):
