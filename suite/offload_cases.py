@@ -1,11 +1,13 @@
-"""nvlink_offload cases (SPEC 2.9): a paged decode batch with spare pages to swap, and the oracle."""
+"""Offload cases: nvlink_offload (SPEC 2.9), a paged decode batch with spare pages to swap, and
+paged_kv_offload (SPEC 2.10), a context in host memory; their oracles."""
 
 from dataclasses import dataclass
 
 import torch
 
-from kernels import decode_attention, kv_swap
-from suite.decode_cases import DecodeCase, check_output, make_inputs
+from kernels import decode_attention, kv_quant, kv_swap
+from suite import reference
+from suite.decode_cases import TOLERANCE, DecodeCase, check_output, make_inputs
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,36 @@ def check_round(case, bound):
         untouched = torch.ones(cache.shape[0], dtype=torch.bool, device=cache.device)
         untouched[bound.in_pages] = False
         assert torch.equal(cache[untouched], old[untouched]), "a page outside the swap changed"
+
+
+@dataclass(frozen=True)
+class ContextCase:
+    """paged_kv_offload: B sequences of `length` tokens whose KV lives in host memory, streamed
+    through the GPU `chunk` tokens at a time."""
+    batch: int
+    length: int
+    chunk: int
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: torch.dtype = torch.bfloat16
+
+    def __str__(self):
+        return f"B{self.batch}-L{self.length}-chunk{self.chunk}"
+
+
+def make_context(case, device):
+    """Fresh random q [B, Hq, D] on `device` and k, v [B, L, Hkv, D] (never zeros)."""
+    q = torch.randn(case.batch, case.q_heads, case.head_dim, dtype=case.dtype, device=device)
+    k, v = (torch.randn(case.batch, case.length, case.kv_heads, case.head_dim, dtype=case.dtype) for _ in "kv")
+    return q, k, v
+
+
+def check_context_output(out, q, k, v, fmt):
+    """out against float64 attention over the whole context (the fp8 values as stored)."""
+    if fmt == "fp8":
+        k, v = (reference.dequantize_kv(*kv_quant.quantize(x, "fp8")) for x in (k, v))
+    lengths = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32)
+    expected = reference.decode_attention(q.cpu(), k.transpose(1, 2), v.transpose(1, 2), lengths)
+    tol = TOLERANCE[q.dtype]
+    torch.testing.assert_close(out.double().cpu(), expected, atol=tol, rtol=tol)

@@ -80,6 +80,11 @@ WORKLOAD_OPTIONS = {
         Option("--cols", "columns of the slab", default=4096, type=int, check=positive),
         Option("--iters", "copies per timed round", default=200, type=int, check=positive),
     ),
+    "paged_kv_offload": (
+        Option("--page-cache", "the page file's pages before each timed round: warm (in the OS page cache, as "
+               "written) or cold (written back and evicted: every chunk is read from disk)", default="warm",
+               choices=("warm", "cold")),
+    ),
     "prefill_attention": (
         # the env var is the default, so a bad TMA_TILE_SIZE is refused at start like a bad flag
         Option("--tma-tile-size", "triton_tma's tile BLOCK_MxBLOCK_N, e.g. 128x64 (env TMA_TILE_SIZE; default: "

@@ -62,9 +62,10 @@ class RoundSetup:
         torch.cuda._sleep(self.slack_cycles)
 
 
-def _warm_up(launch, before=None, cover_enqueue=False):
+def _warm_up(launch, before=None, cover_enqueue=False, host_bound=False):
     """Run launch() untimed; returns the host slack (cycles) a timed round gets: HOST_SLACK_CYCLES,
-    or with cover_enqueue enough for the whole enqueue of launch() to finish before the GPU starts."""
+    with cover_enqueue enough for the whole enqueue of launch() to finish before the GPU starts,
+    with host_bound none (the host's own work is part of what is measured)."""
     enqueue_s = 0.0
     for _ in range(WARMUP_CALLS):
         if before is not None:
@@ -74,19 +75,23 @@ def _warm_up(launch, before=None, cover_enqueue=False):
         launch()
         enqueue_s = max(enqueue_s, time.perf_counter() - start)
     torch.cuda.synchronize()
+    if host_bound:
+        return 0
     if not cover_enqueue:
         return HOST_SLACK_CYCLES
     return max(HOST_SLACK_CYCLES, int(ENQUEUE_MARGIN * enqueue_s * SLEEP_CYCLES_PER_S))
 
 
 def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, cover_enqueue=False,
-                  round_setup=None):
+                  round_setup=None, host_bound=False):
     """Time launch() through pytest-benchmark; returns the median in seconds.
 
     On a GPU the clock is CudaEventClock and each round starts cold when `cold`, after
     `before()` (untimed). cover_enqueue: the round's host slack covers launch()'s whole enqueue,
     so host dispatch cost (e.g. of many small copies) stays out of the GPU time; leave it off
-    where that cost is part of what is measured (eager loops). round_setup replaces the whole
+    where that cost is part of what is measured (eager loops). host_bound: no slack at all, for
+    launches whose host work (filling staging buffers, say) is on the critical path: the timed span
+    starts with it. round_setup replaces the whole
     untimed setup (flush, slack) for measurements that stage their own contention. Without a GPU
     this is a smoke run: one round on the host clock (benchmark.extra_info['clock'] says so).
     """
@@ -94,7 +99,7 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, 
         benchmark.extra_info["clock"] = "host (smoke run, no GPU)"
         benchmark.pedantic(launch, setup=before, rounds=1)
         return benchmark.stats.stats.median
-    slack = _warm_up(launch, before, cover_enqueue)
+    slack = _warm_up(launch, before, cover_enqueue, host_bound)
     benchmark._timer = CudaEventClock()  # pytest-benchmark has no public hook for the timer
     benchmark._disable_gc = True  # as --benchmark-disable-gc: no collection between the events
     benchmark.extra_info["clock"] = "cuda_event"
@@ -108,9 +113,9 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, 
     return stats.median
 
 
-def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=False) -> float:
+def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=False, host_bound=False) -> float:
     """Median GPU seconds of launch() outside pytest-benchmark (baselines, roofline), same clock."""
-    slack = _warm_up(launch, before, cover_enqueue)
+    slack = _warm_up(launch, before, cover_enqueue, host_bound)
     clock, setup = CudaEventClock(), RoundSetup(device, cold, before, slack)
     times = []
     gc.disable()

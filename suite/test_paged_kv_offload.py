@@ -1,0 +1,87 @@
+"""paged_kv_offload (SPEC 2.10): attention over a host-resident context, chunk by chunk, merged by
+log-sum-exp, against float64 attention over the whole context; the page file; bad input."""
+
+import pytest
+import torch
+
+from kernels import paged_offload
+from suite.offload_cases import ContextCase, check_context_output, make_context
+
+pytestmark = pytest.mark.offload
+
+SMALL = dict(q_heads=4, kv_heads=2, head_dim=64)
+
+
+def _params():
+    on_gpu = torch.cuda.is_available()
+    for variant in paged_offload.VARIANTS:
+        for fmt in paged_offload.FORMATS:
+            # the optimized fp8 path dequantizes inside the kernel: on a GPU only where that is supported
+            marks = [pytest.mark.requires_fp8_fused] if on_gpu and (variant, fmt) == ("optimized", "fp8") else []
+            yield pytest.param(variant, fmt, marks=marks, id=f"{variant}-{fmt}")
+
+
+def _run(case, variant, fmt, device, tmp_path, page_cache="warm"):
+    q, k, v = make_context(case, device)
+    path = tmp_path / "pages" if variant == "optimized" else None
+    host = paged_offload.store(k, v, case.chunk, fmt, page_file_path=path)
+    try:
+        if page_cache == "cold":
+            host.page_file.drop_from_page_cache()
+        decode = paged_offload.Decoder(variant, q, host)
+        decode.out.fill_(float("nan"))  # poisoned
+        out = decode()
+        check_context_output(out, q, k, v, fmt)
+        return decode
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("variant, fmt", _params())
+@pytest.mark.parametrize("batch, length, chunk", [(1, 1, 16), (2, 45, 16), (3, 97, 32), (2, 64, 64)],
+                         ids=lambda x: str(x))
+def test_matches_attention_over_the_whole_context(variant, fmt, batch, length, chunk, device, tmp_path):
+    _run(ContextCase(batch, length, chunk, **SMALL), variant, fmt, device, tmp_path)
+
+
+def test_a_cold_page_file_gives_the_same_result(device, tmp_path):
+    _run(ContextCase(2, 70, 16, **SMALL), "optimized", "fp16", device, tmp_path, page_cache="cold")
+
+
+def test_the_page_file_is_gone_after_close(tmp_path):
+    k = torch.randn(1, 40, 2, 64, dtype=torch.bfloat16)
+    host = paged_offload.store(k, k, 16, "fp16", page_file_path=tmp_path / "pages")
+    assert host.page_file.path.stat().st_size == host.bytes()
+    assert torch.equal(host.k.flatten(0, 2)[:40], k[0].cpu())  # chunk-major, bit for bit
+    host.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.requires_cuda
+def test_optimized_staging_is_pinned_and_double_buffered(tmp_path):
+    case = ContextCase(2, 100, 32, **SMALL)
+    q, k, v = make_context(case, torch.device("cuda"))
+    host = paged_offload.store(k, v, case.chunk, "fp16", page_file_path=tmp_path / "pages")
+    try:
+        decode = paged_offload.Decoder("optimized", q, host)
+        assert len(decode.staging) == len(decode.buffers) == 2
+        assert all(t.is_pinned() for buffer in decode.staging for t in buffer)
+    finally:
+        host.close()
+
+
+def test_bad_arguments_name_the_argument():
+    k = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        paged_offload.store(k, k, 4, "int3")
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        paged_offload.store(k, k, 0, "fp16")
+    with pytest.raises(ValueError, match="k and v must be"):
+        paged_offload.store(k, k[:, :4], 4, "fp16")
+    host = paged_offload.store(k, k, 4, "fp16")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        paged_offload.Decoder("fast", torch.randn(1, 4, 64, dtype=torch.bfloat16), host)
+    with pytest.raises(ValueError, match="does not fit the host KV"):
+        paged_offload.Decoder("baseline", torch.randn(1, 3, 64, dtype=torch.bfloat16), host)
+    with pytest.raises(ValueError, match="q must be"):
+        paged_offload.Decoder("baseline", torch.randn(1, 4, 64), host)

@@ -1,0 +1,89 @@
+"""paged_kv_offload benchmarks (SPEC 2.10): one decode step's attention for a batch whose context
+lives in host memory, streamed through two chunk buffers on the GPU.
+
+pytest-benchmark's statistic is the step's GPU time, with no host slack: the host's work (the
+optimized path fills pinned staging from the page file) is on the critical path, so the timed span
+starts with it. Reported: tokens/s (one token per sequence), effective GB/s of host KV streamed
+against the session's pinned H2D peak, and the overlap: the share of the shorter of streaming
+alone and attention alone that the step hides under the longer, (stream + attend - step) /
+min(stream, attend), clipped to [0, 1]. --page-cache cold evicts the page file from the OS page
+cache before every round (README: the page cache). fp8 runs fused only where requires_fp8_fused
+holds; otherwise the optimized variant streams fp16 and extra_info says why."""
+
+import pytest
+
+from kernels import hw, paged_offload
+from suite.offload_cases import ContextCase, check_context_output, make_context
+from suite.timing import measure, run_benchmark
+
+pytestmark = pytest.mark.offload
+
+WORKLOAD = "paged_kv_offload"
+BASELINE = "baseline"
+# 4 sequences of 32768 tokens: 537 MB of bf16 K+V per step in host memory, 8 chunks of 4096 tokens;
+# the GPU holds two chunks (134 MB)
+DEFAULT = ContextCase(batch=4, length=32768, chunk=4096)
+SMOKE = ContextCase(batch=2, length=40, chunk=16, q_heads=4, kv_heads=2, head_dim=64)  # no GPU
+
+
+def overlap(stream_s, attend_s, step_s):
+    return min(1.0, max(0.0, (stream_s + attend_s - step_s) / min(stream_s, attend_s)))
+
+
+def _format(variant, fmt, device):
+    """(format the variant streams, why it differs from fmt or None)."""
+    if fmt == "fp8" and variant == "optimized" and device.type == "cuda":
+        ok, probed = hw.fp8_fused_ready()
+        if not ok:
+            return "fp16", f"no fused FP8 decode here ({probed}): fp16 streamed instead"
+    return fmt, None
+
+
+@pytest.mark.parametrize("fmt", paged_offload.FORMATS)
+@pytest.mark.parametrize("variant", paged_offload.VARIANTS)
+def test_paged_kv_offload(benchmark, variant, fmt, device, perf, rounds, pytestconfig, tmp_path):
+    case = DEFAULT if device.type == "cuda" else SMOKE
+    gate_id = f"{WORKLOAD}/{variant}-{fmt}/{case}"
+    perf.skip_if_not_applicable(gate_id)
+    used, why = _format(variant, fmt, device)
+    q, k, v = make_context(case, device)
+    host = paged_offload.store(k, v, case.chunk, used,
+                               page_file_path=tmp_path / "pages" if variant == "optimized" else None)
+    try:
+        decode = paged_offload.Decoder(variant, q, host)
+        decode.out.fill_(float("nan"))
+        check_context_output(decode(), q, k, v, used)  # correctness before timing
+        del k, v
+        cold = pytestconfig.getoption("page_cache") == "cold" and host.page_file is not None
+        before = host.page_file.drop_from_page_cache if cold else None
+        seconds = run_benchmark(benchmark, decode, device=device, rounds=rounds, cold=False, before=before,
+                                host_bound=True)
+        metrics, speedups, rate = {}, {}, "smoke (no GPU)"
+        benchmark.extra_info.update(streamed_format=used, format_note=why, chunks=host.k.shape[0],
+                                    page_cache=pytestconfig.getoption("page_cache") if host.page_file else "none",
+                                    host_kv_bytes=host.bytes())
+        if device.type == "cuda":
+            stream_s = measure(lambda: decode(compute=False), device=device, rounds=rounds, cold=False,
+                               before=before, host_bound=True)
+            attend_s = measure(lambda: decode(copy=False), device=device, rounds=rounds, cold=False)
+            metrics["overlap_fraction"] = overlap(stream_s, attend_s, seconds)
+            benchmark.extra_info.update(stream_ms=1e3 * stream_s, attend_ms=1e3 * attend_s,
+                                        tokens_per_s=case.batch / seconds)
+            rate = f"{case.batch / seconds:,.0f} tok/s, {100 * metrics['overlap_fraction']:.0f}% overlapped"
+            key = f"{fmt}/{case}"
+            if variant == BASELINE:
+                perf.set_baseline(WORKLOAD, key, seconds)
+            else:
+                speedups["baseline"] = perf.baseline(WORKLOAD, key, lambda: pytest.fail(
+                    "the baseline must run first at this format (its time is the speedup's base)"))
+        perf.record(benchmark, gate_id, seconds, shape=dict(case.__dict__, dtype=str(case.dtype), variant=variant,
+                                                             fmt=fmt), bytes_moved=host.bytes(), roofline_kind="h2d",
+                    speedups=speedups, rate=rate, metrics=metrics)
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("stream_s, attend_s, step_s, expected", [
+    (10.0, 2.0, 10.0, 1.0), (10.0, 2.0, 12.0, 0.0), (10.0, 2.0, 11.0, 0.5), (2.0, 10.0, 10.5, 0.75)])
+def test_overlap(stream_s, attend_s, step_s, expected):
+    assert overlap(stream_s, attend_s, step_s) == pytest.approx(expected)
