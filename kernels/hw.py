@@ -3,6 +3,7 @@
 Probes that launch kernels run once per process (functools.cache).
 """
 
+import ctypes
 import functools
 import glob
 import os
@@ -159,6 +160,54 @@ def host_link(device, root=PCI_DEVICES):
     if link is None:
         return "PCIe", f"{path}: no current_link_speed/width"
     return "PCIe", f"{link} ({path})"
+
+
+NVML_NVLINK_MAX_LINKS = 18
+NVML_NVLINK_DEVICE_TYPE_SWITCH = 2
+
+
+class _NvmlPciInfo(ctypes.Structure):  # nvmlPciInfo_t
+    _fields_ = [("busIdLegacy", ctypes.c_char * 16), ("domain", ctypes.c_uint), ("bus", ctypes.c_uint),
+                ("device", ctypes.c_uint), ("pciDeviceId", ctypes.c_uint), ("pciSubSystemId", ctypes.c_uint),
+                ("busId", ctypes.c_char * 32)]
+
+
+def peer_link(a, b):
+    """(kind, how it was found) of the link between GPUs a and b: 'peer NVLink' when an active
+    NVLink of GPU a reaches b's PCI address or an NVSwitch, else 'peer PCIe' (NVML, through ctypes);
+    'none' without peer access. A missing NVML is said, not guessed."""
+    if not torch.cuda.can_device_access_peer(a, b):
+        return "none", f"GPUs {a} and {b} have no peer access"
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError as exc:
+        return "peer (link unknown)", f"libnvidia-ml.so.1 not loadable: {exc}"
+    if nvml.nvmlInit_v2():
+        return "peer (link unknown)", "nvmlInit_v2 failed"
+    try:
+        ids = [torch.cuda.get_device_properties(d) for d in (a, b)]
+        bus_id = f"{ids[0].pci_domain_id:08x}:{ids[0].pci_bus_id:02x}:{ids[0].pci_device_id:02x}.0".encode()
+        handle = ctypes.c_void_p()
+        if nvml.nvmlDeviceGetHandleByPciBusId_v2(bus_id, ctypes.byref(handle)):
+            return "peer (link unknown)", f"NVML has no device at {bus_id.decode()}"
+        direct = switched = 0
+        for link in range(NVML_NVLINK_MAX_LINKS):
+            state, kind, pci = ctypes.c_uint(), ctypes.c_int(), _NvmlPciInfo()
+            if nvml.nvmlDeviceGetNvLinkState(handle, link, ctypes.byref(state)) or state.value != 1:
+                continue
+            if not nvml.nvmlDeviceGetNvLinkRemoteDeviceType(handle, link, ctypes.byref(kind)) \
+                    and kind.value == NVML_NVLINK_DEVICE_TYPE_SWITCH:
+                switched += 1
+            elif not nvml.nvmlDeviceGetNvLinkRemotePciInfo_v2(handle, link, ctypes.byref(pci)) and \
+                    (pci.domain, pci.bus, pci.device) == (ids[1].pci_domain_id, ids[1].pci_bus_id, ids[1].pci_device_id):
+                direct += 1
+    finally:
+        nvml.nvmlShutdown()
+    if direct:
+        return "peer NVLink", f"{direct} active NVLinks from GPU {a} to GPU {b} (NVML)"
+    if switched:
+        return "peer NVLink", f"GPU {a} has {switched} active NVLinks to NVSwitches (NVML)"
+    return "peer PCIe", f"no active NVLink of GPU {a} reaches GPU {b} (NVML)"
 
 
 def nvcc():

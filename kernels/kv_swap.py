@@ -7,7 +7,8 @@ swap out and one swap in of pages the step does not read (those of preempted seq
 - baseline: pageable host slots, blocking copies, everything on the caller's stream, in order;
 - optimized: pinned host slots, asynchronous copies overlapped with the step, out and in on a
   copy stream each (PCIe and C2C are full duplex). The gathers are enqueued before the step: a
-  persistent step holds every SM until it ends, so a gather behind it would hold back the copy.
+  persistent step holds every SM until it ends, so a gather behind it would hold back the copy;
+- peer: as optimized, with the slots in another GPU's memory (peer access).
 Without a GPU (Triton's interpreter) both run in order on the CPU: the math and the data path
 are checked, not the overlap.
 """
@@ -17,14 +18,15 @@ from typing import Callable
 
 import torch
 
-VARIANTS = ("baseline", "optimized")
+VARIANTS = ("baseline", "optimized", "peer")
 
 
 class SwapSpace:
-    """Host slots [2 (K, V), slots, page_size, Hkv, D] for pages of k_pages / v_pages, pinned or
-    pageable, and device staging for up to max_pages pages per direction."""
+    """Slots [2 (K, V), slots, page_size, Hkv, D] for pages of k_pages / v_pages: in host memory,
+    pinned or pageable, or on another GPU (target); device staging for up to max_pages pages per
+    direction."""
 
-    def __init__(self, k_pages, v_pages, slots, max_pages, *, pinned):
+    def __init__(self, k_pages, v_pages, slots, max_pages, *, pinned, target=None):
         # k_pages, v_pages: [pages, page_size, Hkv, D], same shape and dtype, on one device
         if k_pages.dim() != 4 or v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
             raise ValueError(f"k_pages and v_pages must be [pages, page_size, Hkv, D] alike, got "
@@ -34,14 +36,17 @@ class SwapSpace:
         for name, value in (("slots", slots), ("max_pages", max_pages)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if pinned and k_pages.device.type != "cuda":
-            raise ValueError("pinned host slots need the caches on a CUDA device")
+        if (pinned or target is not None) and k_pages.device.type != "cuda":
+            raise ValueError("pinned or peer slots need the caches on a CUDA device")
+        if target is not None and torch.device(target) == k_pages.device:
+            raise ValueError(f"target {target}: the peer slots must be on another GPU than the caches")
         self.caches = (k_pages, v_pages)
         page = k_pages.shape[1:]
-        self.host = torch.empty((2, slots, *page), dtype=k_pages.dtype, pin_memory=pinned)
+        self.host = torch.empty((2, slots, *page), dtype=k_pages.dtype, pin_memory=pinned) if target is None \
+            else torch.empty((2, slots, *page), dtype=k_pages.dtype, device=target)
         self.stage_out = torch.empty((2, max_pages, *page), dtype=k_pages.dtype, device=k_pages.device)
         self.stage_in = torch.empty_like(self.stage_out)
-        self.pinned = pinned
+        self.pinned = pinned or target is not None  # the copies are asynchronous
 
     def _check(self, pages, slot):
         n = pages.numel()
@@ -116,17 +121,20 @@ class SwapRound:
         self._join()
 
 
-def bind(variant, step, k_pages, v_pages, out_pages, in_pages):
+def bind(variant, step, k_pages, v_pages, out_pages, in_pages, *, peer=None):
     """A round of `variant`: step() (a decode step that reads neither out_pages nor in_pages), the
-    swap out of out_pages to host slots 0.. and the swap in of host slots len(out_pages).. into
-    in_pages (int64 page indices on the caches' device)."""
+    swap out of out_pages to slots 0.. and the swap in of slots len(out_pages).. into in_pages
+    (int64 page indices on the caches' device). peer: the GPU holding the slots (variant peer)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     n_out, n_in = out_pages.numel(), in_pages.numel()
     if set(out_pages.tolist()) & set(in_pages.tolist()):
         raise ValueError("out_pages and in_pages overlap: a page cannot leave and arrive in one round")
-    optimized = variant == "optimized" and k_pages.device.type == "cuda"
-    space = SwapSpace(k_pages, v_pages, n_out + n_in, max(n_out, n_in), pinned=optimized)
+    if (variant == "peer") != (peer is not None):
+        raise ValueError(f"peer: a GPU for variant peer and for it only, got {peer!r} with {variant!r}")
+    optimized = variant != "baseline" and k_pages.device.type == "cuda"
+    space = SwapSpace(k_pages, v_pages, n_out + n_in, max(n_out, n_in), pinned=variant == "optimized" and optimized,
+                      target=peer)
     space.host.normal_()  # the swapped-in slots hold pages that left earlier: random, never zeros
     streams = (torch.cuda.Stream(), torch.cuda.Stream()) if optimized else ()
     return SwapRound(step, space, out_pages, in_pages, streams)

@@ -52,6 +52,11 @@ class Bound:
     in_pages: torch.Tensor
 
 
+def peer_of(device):
+    """The other GPU of a two-GPU pair (variant peer's slots)."""
+    return torch.device("cuda", 1 if (device.index or 0) == 0 else 0)
+
+
 def bind_case(case, variant, device):
     """Fresh inputs (never zeros), the decode step (triton_persistent, paged) and the variant's round."""
     inputs = make_inputs(case.decode_case(), device)
@@ -59,7 +64,8 @@ def bind_case(case, variant, device):
     out_pages, in_pages = spare[: case.swap_pages], spare[case.swap_pages:]
     out = torch.empty_like(inputs["q"])
     step = decode_attention.triton_persistent(**inputs, out=out)
-    round_ = kv_swap.bind(variant, step, inputs["k_cache"], inputs["v_cache"], out_pages, in_pages)
+    round_ = kv_swap.bind(variant, step, inputs["k_cache"], inputs["v_cache"], out_pages, in_pages,
+                          peer=peer_of(device) if variant == "peer" else None)
     return Bound(inputs, out, round_, out_pages, in_pages)
 
 
@@ -77,8 +83,8 @@ def check_round(case, bound):
         torch.cuda.synchronize()
     check_output(bound.out, bound.inputs)
     for i, (cache, old) in enumerate(zip((k, v), before)):
-        assert torch.equal(host[i, : case.swap_pages], old[bound.out_pages].cpu()), "a page left changed"
-        assert torch.equal(cache[bound.in_pages].cpu(), arriving[i]), "a page arrived changed"
+        assert torch.equal(host[i, : case.swap_pages].cpu(), old[bound.out_pages].cpu()), "a page left changed"
+        assert torch.equal(cache[bound.in_pages].cpu(), arriving[i].cpu()), "a page arrived changed"
         untouched = torch.ones(cache.shape[0], dtype=torch.bool, device=cache.device)
         untouched[bound.in_pages] = False
         assert torch.equal(cache[untouched], old[untouched]), "a page outside the swap changed"

@@ -17,7 +17,13 @@ SMALL = {"cpu": SwapCase(batch=3, length=37, swap_pages=3, q_heads=4, kv_heads=2
          "cuda": SwapCase(batch=5, length=1000, swap_pages=17)}
 
 
-@pytest.fixture(params=kv_swap.VARIANTS)
+def variant_params():
+    """peer keeps its slots on a second GPU: requires_multi_gpu."""
+    return [pytest.param(v, marks=[pytest.mark.requires_multi_gpu] if v == "peer" else [], id=v)
+            for v in kv_swap.VARIANTS]
+
+
+@pytest.fixture(params=variant_params())
 def variant(request):
     return request.param
 
@@ -89,6 +95,8 @@ def test_bad_bind_arguments_name_the_argument(device):
         kv_swap.bind("fastest", lambda: None, k, k, torch.arange(2, device=device), torch.arange(2, 4, device=device))
     with pytest.raises(ValueError, match="out_pages and in_pages overlap"):
         kv_swap.bind("baseline", lambda: None, k, k, torch.arange(2, device=device), torch.arange(1, 3, device=device))
+    with pytest.raises(ValueError, match="peer: a GPU for variant peer and for it only"):
+        kv_swap.bind("peer", lambda: None, k, k, torch.arange(2, device=device), torch.arange(2, 4, device=device))
     with pytest.raises(ValueError, match="k_pages and v_pages must be"):
         kv_swap.SwapSpace(k, k[:, :2], slots=2, max_pages=2, pinned=False)
     with pytest.raises(ValueError, match="slots must be >= 1"):
@@ -112,3 +120,9 @@ def test_pcie_link_without_sysfs_entries_is_none(tmp_path):
 def test_host_link_names_a_kind():
     kind, how = hw.host_link(torch.device("cuda"))
     assert kind in ("NVLink-C2C", "PCIe") and how
+
+
+@pytest.mark.requires_multi_gpu
+def test_peer_link_names_a_kind():
+    kind, how = hw.peer_link(0, 1)
+    assert kind in ("peer NVLink", "peer PCIe", "peer (link unknown)") and how

@@ -5,13 +5,14 @@ pytest-benchmark's statistic is the round's GPU time (L2 flushed first). Beside 
 the same way: the step alone and the variant's copies alone, giving the copies' GB/s (both
 directions, K and V) and the fraction of the copy time hidden behind the step,
 (step + copies - round) / copies, clipped to [0, 1] (overlap_fraction, gated). The link to host
-memory (NVLink-C2C or PCIe, how found) goes into extra_info. Every round's attention and pages are
-checked before timing."""
+memory (NVLink-C2C or PCIe, how found), or to the peer GPU for variant peer (slots in a second
+GPU's memory, requires_multi_gpu; peer NVLink or PCIe, by NVML), goes into extra_info. Every
+round's attention and pages are checked before timing."""
 
 import pytest
 
 from kernels import hw, kv_swap
-from suite.offload_cases import SwapCase, bind_case, check_round
+from suite.offload_cases import SwapCase, bind_case, check_round, peer_of
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.offload
@@ -29,7 +30,8 @@ def hidden_fraction(step_s, copy_s, round_s):
     return min(1.0, max(0.0, (step_s + copy_s - round_s) / copy_s))
 
 
-@pytest.mark.parametrize("variant", kv_swap.VARIANTS)
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=[pytest.mark.requires_multi_gpu] if v == "peer" else [])
+                                     for v in kv_swap.VARIANTS])
 def test_nvlink_offload(benchmark, variant, device, perf, rounds):
     case = DEFAULT if device.type == "cuda" else SMOKE
     gate_id = f"{WORKLOAD}/{variant}/{case}"
@@ -42,7 +44,8 @@ def test_nvlink_offload(benchmark, variant, device, perf, rounds):
         step_s = measure(bound.round.step, device=device, rounds=rounds)
         copy_s = measure(bound.round.swap, device=device, rounds=rounds)
         metrics["overlap_fraction"] = hidden_fraction(step_s, copy_s, seconds)
-        kind, how = hw.host_link(device)
+        kind, how = hw.peer_link(device.index or 0, peer_of(device).index) if variant == "peer" \
+            else hw.host_link(device)
         copy_gbps = case.swap_bytes() / copy_s / 1e9
         benchmark.extra_info.update(step_ms=1e3 * step_s, copy_ms=1e3 * copy_s, copy_gbps=copy_gbps,
                                     swap_bytes=case.swap_bytes(), link_kind=kind, link_found=how)
