@@ -229,6 +229,8 @@ class Decoder:
             return self.out
         fill = lambda i: [s.copy_(t[i]) for s, t in zip(self.staging[i % 2], self.host.tensors())]  # noqa: E731
         if copy:
+            if self.copied is not None:
+                self.copied[0].synchronize()  # the last call's copy out of staging 0 is done
             fill(0)
         for i in range(chunks):
             s = i % 2
