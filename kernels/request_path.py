@@ -1,9 +1,12 @@
 """The request path (SPEC 2.5): a batch of prompts prefilled by the tiny decoder (TTFT), then T
 decode steps (TPOT).
 
-- baseline: prefill attention by triton_cp_async, then the eager decode loop, on one stream;
-- optimized: prefill attention by triton_tma on a low-priority stream, then the persistent
-  decode loop (triton_persistent) on a high-priority stream that waits for the prefill.
+- baseline: prefill attention by triton_cp_async (RMSNorm as torch's eager ops), then the eager
+  decode loop, on one stream;
+- optimized: prefill attention by triton_tma and RMSNorm as one kernel (kernels/rmsnorm.py: the
+  eager version's nine passes over the prompt in fp32 cost more than the attention at 16K tokens)
+  on a low-priority stream, then the persistent decode loop (triton_persistent) on a
+  high-priority stream that waits for the prefill.
 bind() allocates and checks everything (the kernels' argument checks sync once); the request's
 launches only enqueue work. Without a GPU there are no streams: both run on the CPU (Triton's
 interpreter), which checks the math, not the overlap.
@@ -14,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from kernels import decode_loop, prefill_attention, tiny_decoder
+from kernels import decode_loop, prefill_attention, rmsnorm, tiny_decoder
 
 VARIANTS = ("baseline", "optimized")
 
@@ -41,7 +44,7 @@ class Request:
         return out
 
 
-def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile):
+def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm):
     # prompts packed [T, d_model]; q, k, v views of one projection buffer, bound once
     w = weights
     h = torch.cat(prompts)
@@ -55,9 +58,13 @@ def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile):
     qkv = torch.empty(h.shape[0], w.q_heads + 2 * w.kv_heads, w.head_dim, device=device, dtype=h.dtype)
     q, k, v = qkv.split([w.q_heads, w.kv_heads, w.kv_heads], dim=1)
     attend = prefill_attention.VARIANTS[attention](q, k, v, cu_seqlens, tile=tile)
+    normed = torch.empty_like(h)
+
+    def norm():
+        return rmsnorm.rmsnorm(h, w.gamma, out=normed) if fused_norm else tiny_decoder.rmsnorm(h, w.gamma)
 
     def launch():
-        torch.matmul(tiny_decoder.rmsnorm(h, w.gamma), w.w_qkv, out=qkv.view(h.shape[0], -1))
+        torch.matmul(norm(), w.w_qkv, out=qkv.view(h.shape[0], -1))
         attn = attend()  # [T, Hq, D]
         h_last.copy_(h[last] + attn[last].flatten(1) @ w.w_o)
         k_cache.transpose(1, 2)[seq_ids, positions] = k  # [B, L, Hkv, D] view of [B, Hkv, L, D]
@@ -86,7 +93,7 @@ def bind(weights, prompts, steps, variant, *, tile=None):
     start_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
     seq_lens = start_lens.clone()
     attention = "triton_cp_async" if variant == "baseline" else "triton_tma"
-    prefill = _prefill(w, prompts, k_cache, v_cache, h_last, attention, tile)
+    prefill = _prefill(w, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm=variant == "optimized")
     if variant == "baseline":
         def decode():
             return tiny_decoder.eager_decode(w, h_last, k_cache, v_cache, seq_lens, steps)

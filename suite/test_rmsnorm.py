@@ -1,0 +1,37 @@
+"""The fused RMSNorm against the float64 reference, and bad input."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels.rmsnorm import rmsnorm
+from kernels.tiny_decoder import RMS_EPS
+from suite import reference
+from suite.decode_cases import TOLERANCE
+
+TOLERANCE_F32 = 1e-5  # fp32 output: summation order only
+
+
+@given(rows=st.integers(1, 37), cols=st.sampled_from((1, 54, 97, 256, 1000)),
+       dtype=st.sampled_from((torch.float16, torch.bfloat16, torch.float32)), strided=st.booleans())
+def test_matches_reference(device, rows, cols, dtype, strided):
+    x = torch.randn(rows, 2 * cols if strided else cols, dtype=dtype, device=device)[:, :cols]
+    assert x.stride(0) == (2 if strided else 1) * cols  # strided rows really are
+    gamma = torch.randn(cols, dtype=dtype, device=device)
+    out = torch.full_like(x, float("nan"))  # poisoned
+    rmsnorm(x, gamma, out=out)
+    tol = TOLERANCE_F32 if dtype == torch.float32 else TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), reference.rmsnorm(x, gamma, RMS_EPS), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda d: (torch.randn(4, 8, device=d).t(), torch.randn(4, device=d)), ValueError, "x must have contiguous rows"),
+    (lambda d: (torch.randn(4, 8, device=d), torch.randn(7, device=d)), ValueError, "gamma has shape"),
+    (lambda d: (torch.randn(4, 8, device=d).int(), torch.randn(8, device=d)), TypeError, "x has dtype"),
+    (lambda d: (torch.randn(8, device=d), torch.randn(8, device=d)), ValueError, "x"),
+])
+def test_bad_input_names_the_argument(device, make, error, match):
+    x, gamma = make(device)
+    with pytest.raises(error, match=match):
+        rmsnorm(x, gamma)
