@@ -20,6 +20,8 @@ HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 10, "full": 200}
 ROUNDS = {"minimal": 30, "full": 200}
 QUICK_ROUNDS = 10
 RECORDER = pytest.StashKey[PerfRecorder]()
+FILE_TIMER = "kernel-suite-file-timer"
+SLOWEST_FILES = 12
 CLOCK_BEFORE = pytest.StashKey[str]()
 
 for _name, _examples in HYPOTHESIS_PROFILES.items():
@@ -63,6 +65,25 @@ def pytest_configure(config):
     config.stash[RECORDER] = PerfRecorder("cuda" if on_gpu else "cpu", expectations,
                                           config.getoption("expectations_update"))
     config.stash[CLOCK_BEFORE] = nvidia_smi("clocks.sm") if on_gpu else "n/a"
+    config.pluginmanager.register(FileTimer(), FILE_TIMER)
+
+
+class FileTimer:
+    """Seconds per test file (setup, call and teardown): where a profile's time goes (SPEC: the
+    minimal profile well under 10 minutes on one H100), printed at the end."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def pytest_runtest_logreport(self, report):
+        path = report.nodeid.split("::")[0]
+        self.seconds[path] = self.seconds.get(path, 0.0) + report.duration
+
+    def pytest_terminal_summary(self, terminalreporter):
+        slowest = sorted(self.seconds.items(), key=lambda kv: -kv[1])[:SLOWEST_FILES]
+        if slowest:
+            terminalreporter.write_line(f"time by test file, {sum(self.seconds.values()):.0f} s in all; slowest: " +
+                                        ", ".join(f"{path} {s:.1f} s" for path, s in slowest))
 
 
 def pytest_collection_modifyitems(config, items):

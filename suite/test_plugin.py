@@ -410,3 +410,11 @@ def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, t
     assert result.ret == 0, result.stdout.str()
     (saved,) = json.loads(out.read_text())["benchmarks"]
     assert (saved["extra_info"]["launch_calls_per_step"], saved["extra_info"]["gpu_work_items_per_step"]) == (5, 7)
+
+
+def test_the_end_says_where_the_time_went(inner):
+    inner.makepyfile(test_slow="import time\ndef test_a():\n    time.sleep(0.3)\n",
+                     test_fast="def test_b():\n    pass\n")
+    result = inner.runpytest("-p", "suite.plugin")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["time by test file, * s in all; slowest: test_slow.py 0.[3-9] s, test_fast.py 0.[0-2] s"])
