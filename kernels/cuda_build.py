@@ -31,7 +31,7 @@ class CudaError(RuntimeError):
     pass
 
 
-def _bindings():
+def bindings():
     """cuda-python's driver and NVRTC modules: a declared dependency, so missing is an error."""
     try:
         from cuda.bindings import driver, nvrtc
@@ -43,7 +43,7 @@ def _bindings():
 
 def check(result, call):
     """cuda-python returns (status, *values): raise on any status but success, else the values."""
-    driver, nvrtc = _bindings()
+    driver, nvrtc = bindings()
     status, *values = result if isinstance(result, tuple) else (result,)
     if isinstance(status, nvrtc.nvrtcResult):
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -62,7 +62,7 @@ def arch_for(capability) -> str:
 
 
 def nvrtc_version():
-    return tuple(check(_bindings()[1].nvrtcVersion(), "nvrtcVersion"))
+    return tuple(check(bindings()[1].nvrtcVersion(), "nvrtcVersion"))
 
 
 def _headers():
@@ -90,7 +90,7 @@ def compile_cubin(name, arch, defines=None) -> bytes:
     path = CACHE_DIR / f"{name}-{arch}-{cache_key(source, arch, defines)}.cubin"
     if path.exists():
         return path.read_bytes()
-    _, nvrtc = _bindings()
+    _, nvrtc = bindings()
     program = check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
                     "nvrtcCreateProgram")
     try:
@@ -122,7 +122,7 @@ class Kernel:
         self.function, self.name, self.smem_limit = function, name, MAX_STATIC_SMEM
 
     def __call__(self, grid, block, smem, *args):
-        driver, _ = _bindings()
+        driver, _ = bindings()
         if smem > self.smem_limit:
             check(driver.cuFuncSetAttribute(
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
@@ -154,7 +154,7 @@ def struct(value):
 @functools.cache
 def kernel(name, function, device_index, defines=()):
     """`function` of kernels/cuda/<name>.cu built for the device, loaded into torch's context."""
-    driver, _ = _bindings()
+    driver, _ = bindings()
     device = torch.device("cuda", device_index)
     torch.cuda.init()
     with torch.cuda.device(device):

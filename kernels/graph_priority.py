@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from kernels.cuda_build import _bindings, check
+from kernels.cuda_build import bindings, check
 
 
 def capture(body, after_warm_up=None, *, keep_graph=False):
@@ -45,7 +45,7 @@ class PriorityGraph:
     numbers run first, within torch.cuda.Stream.priority_range())."""
 
     def __init__(self, graph, priority):
-        driver, _ = _bindings()
+        driver, _ = bindings()
         lowest, highest = torch.cuda.Stream.priority_range()
         if not highest <= priority <= lowest:
             raise ValueError(f"priority must lie in [{highest}, {lowest}] (lower runs first), got {priority}")
@@ -70,6 +70,6 @@ class PriorityGraph:
         weakref.finalize(self, _destroy, driver, self.exec)
 
     def replay(self):
-        driver, _ = _bindings()
+        driver, _ = bindings()
         stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
         check(driver.cuGraphLaunch(self.exec, stream), "cuGraphLaunch")

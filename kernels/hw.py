@@ -148,9 +148,9 @@ def host_link(device, root=PCI_DEVICES):
     """(kind, how it was found) of the GPU's link to host memory. NVLink-C2C where the GPU reads
     pageable host memory through the host's own page tables (Grace: the coherent chip-to-chip link;
     x86 HMM reads pageable memory through its own tables instead); else PCIe, as sysfs negotiated it."""
-    from kernels.cuda_build import _bindings, check
+    from kernels.cuda_build import bindings, check
 
-    driver, _ = _bindings()
+    driver, _ = bindings()
     index = torch.device(device).index or 0
     attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES
     if check(driver.cuDeviceGetAttribute(attr, index), "cuDeviceGetAttribute"):

@@ -2,14 +2,14 @@
 
 import torch
 
-from kernels.cuda_build import _bindings, check
+from kernels.cuda_build import bindings, check
 
 MAX_BOX = 256  # elements per box dimension
 ALIGN = 16  # bytes: global address and every stride
 
 
 def _data_type(dtype):
-    driver, _ = _bindings()
+    driver, _ = bindings()
     types = driver.CUtensorMapDataType
     if dtype == torch.float16:
         return types.CU_TENSOR_MAP_DATA_TYPE_FLOAT16
@@ -24,7 +24,7 @@ def tiled(tensor, dims, strides, box):
     """A tensor map over tensor's storage. dims, box: element counts, innermost first; strides:
     element strides of dims[1:] (the innermost dimension is contiguous). Out-of-bounds box
     elements load as zeros and are not stored."""
-    driver, _ = _bindings()
+    driver, _ = bindings()
     item = tensor.element_size()
     if tensor.data_ptr() % ALIGN:
         raise ValueError(f"tensor map: address {tensor.data_ptr():#x} is not {ALIGN}-byte aligned")

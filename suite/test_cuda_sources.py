@@ -10,7 +10,7 @@ import pytest
 from kernels import cuda_build, cuda_decode_attention, cuda_decode_loop, prefill_kv_write
 
 ARCHS = ("sm_90a", "sm_100a")
-BUILDS = {"tma_probe": [{}], "kv_write": prefill_kv_write.builds(),
+BUILDS = {"tma_probe": [{}], "smem_probe": [{}], "kv_write": prefill_kv_write.builds(),
           "decode_attention": cuda_decode_attention.builds(), "decode_loop": cuda_decode_loop.builds()}
 ELF_MAGIC = b"\x7fELF"
 

@@ -8,8 +8,9 @@ same_priority's p99 at the same tile). A Chrome trace and a timeline PNG of one 
 beside the saved runs; their paths are printed at the end.
 
 The probe isolates the mechanism: PROBE_KERNELS one-CTA kernels enqueued on the decode stream while
-the prefill holds the GPU, launched eagerly, as a plain graph replay, and as a PriorityGraph; its
-statistic is their GPU time (decode_high's speedup: over same_priority with the same launch)."""
+the prefill holds the GPU, launched eagerly, as a plain graph replay, as a PriorityGraph, and
+eagerly with a big shared-memory CTA (kernels/cuda/smem_probe.cu); its statistic is their GPU time
+(decode_high's speedup: over same_priority with the same launch)."""
 
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import cuda_build
 from kernels.graph_priority import PriorityGraph, capture
 from suite.priority import (PREFILL_TOKENS, PRIORITIES, STEPS, TILES, Contention, Scenario, build, decode_priority,
                             percentile)
@@ -28,7 +30,10 @@ pytestmark = [pytest.mark.decode, pytest.mark.prefill, pytest.mark.requires_cuda
 WORKLOAD = "stream_priority"
 TRACE_TIMEOUT_S = 180
 PROBE_KERNELS = 20
-PROBE_LAUNCHES = ("eager", "graph", "priority_graph")
+PROBE_LAUNCHES = ("eager", "graph", "priority_graph", "eager_big_cta")
+# eager_big_cta: each kernel's one CTA holds as much shared memory as a CTA of the decode step's
+# cuBLAS GEMV (trace of 2026-11-26), more than one retiring prefill CTA frees: does priority help it?
+BIG_CTA_SMEM = 164 * 1024
 PROBE_DELAY_CYCLES = 600_000  # ~0.3 ms: the prefill's attention kernel has the GPU by then
 
 
@@ -105,10 +110,26 @@ def test_priority_probe(benchmark, priority, launch, contention, device, perf, r
         for _ in range(PROBE_KERNELS):
             x.add_(1.0)
 
+    big_cta, smem = None, None
+    if launch == "eager_big_cta":
+        index = torch.device(device).index or 0
+        driver, _ = cuda_build.bindings()
+        optin = cuda_build.check(driver.cuDeviceGetAttribute(
+            driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, index),
+            "cuDeviceGetAttribute(max shared memory per block, opt-in)")
+        smem = min(BIG_CTA_SMEM, optin)
+        big_cta = cuda_build.kernel("smem_probe", "smem_probe", index)
+
+    def work_big_cta():
+        for _ in range(PROBE_KERNELS):
+            big_cta((1,), (256,), smem, cuda_build.pointer(x), cuda_build.int32(x.numel()))
+
     decode_stream = torch.cuda.Stream(priority=decode_priority(priority))
     with torch.cuda.stream(decode_stream):
         if launch == "eager":
             run = work
+        elif launch == "eager_big_cta":
+            run = work_big_cta
         else:
             graph = capture(work, keep_graph=launch == "priority_graph")
             run = graph.replay if launch == "graph" else PriorityGraph(graph, decode_priority(priority)).replay
@@ -125,6 +146,7 @@ def test_priority_probe(benchmark, priority, launch, contention, device, perf, r
     else:
         speedups["baseline"] = perf.baseline(WORKLOAD, key, lambda: pytest.fail(
             "same_priority must run first for this launch (its time is the baseline)"))
-    perf.record(benchmark, gate_id, seconds, shape=dict(priority=priority, launch=launch, kernels=PROBE_KERNELS,
-                                                        tile=list(TILES[0]), prefill_tokens=PREFILL_TOKENS),
-                speedups=speedups, rate=f"{PROBE_KERNELS} one-CTA kernels")
+    shape = dict(priority=priority, launch=launch, kernels=PROBE_KERNELS, tile=list(TILES[0]),
+                 prefill_tokens=PREFILL_TOKENS, cta_smem_bytes=smem)
+    perf.record(benchmark, gate_id, seconds, shape=shape, speedups=speedups,
+                rate=f"{PROBE_KERNELS} one-CTA kernels" + (f", {smem // 1024} KB smem each" if big_cta else ""))
