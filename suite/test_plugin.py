@@ -211,6 +211,7 @@ def test_strict_markers_reject_an_unknown_marker(inner, args):
     (["--tma-tile-size", "96x64"], ["--tma-tile-size '96x64': needs powers of two >= 16"]),
     (["--tma-tile-size", "32x64"], ["--tma-tile-size '32x64': needs powers of two >= 16 with BLOCK_M a multiple"]),
     (["--tma-tile-size", "big"], ["--tma-tile-size 'big': must be BLOCK_MxBLOCK_N"]),
+    (["--page-cache", "lukewarm"], ["--page-cache", "invalid choice: 'lukewarm'", "warm", "cold"]),
 ])
 def test_bad_options_are_usage_errors(inner, args, parts):
     inner.makepyfile("def test_x():\n    pass\n")
@@ -229,11 +230,13 @@ def test_good_options_reach_the_tests(inner):
             assert (pytestconfig.getoption("block_k"), pytestconfig.getoption("num_programs")) == (32, 100)
             assert pytestconfig.getoption("quick") and pytestconfig.getoption("graph_mode") == "piecewise"
             assert pytestconfig.getoption("tma_tile_size") == "128x32" and pytestconfig.getoption("validate")
+            assert pytestconfig.getoption("page_cache") == "cold"
     """)
     result = inner.runpytest("-p", "suite.plugin", "--profile", "full", "--page-size", "32",
                              "--kv-layout", "paged", "--expectations-margin", "0", "--tier", "large",
                              "--quantization", "int4", "--block-k", "32", "--num-programs", "100", "--quick",
-                             "--graph-mode", "piecewise", "--tma-tile-size", "128x32", "--validate")
+                             "--graph-mode", "piecewise", "--tma-tile-size", "128x32", "--validate",
+                             "--page-cache", "cold")
     assert result.ret == 0, result.stdout.str()
 
 
