@@ -6,8 +6,9 @@ in one bulk copy per cache (K, V); swap_in does the reverse. A round is one deco
 swap out and one swap in of pages the step does not read (those of preempted sequences):
 - baseline: pageable host slots, blocking copies, everything on the caller's stream, in order;
 - optimized: pinned host slots, asynchronous copies overlapped with the step, out and in on a
-  copy stream each (PCIe and C2C are full duplex). The gathers are enqueued before the step: a
-  persistent step holds every SM until it ends, so a gather behind it would hold back the copy;
+  high-priority copy stream each (PCIe and C2C are full duplex). The gathers are enqueued before
+  the step: a persistent step holds every SM until it ends, so a gather behind it would hold back
+  the copy;
 - peer: as optimized, with the slots in another GPU's memory (peer access).
 Without a GPU (Triton's interpreter) both run in order on the CPU: the math and the data path
 are checked, not the overlap.
@@ -136,5 +137,9 @@ def bind(variant, step, k_pages, v_pages, out_pages, in_pages, *, peer=None):
     space = SwapSpace(k_pages, v_pages, n_out + n_in, max(n_out, n_in), pinned=variant == "optimized" and optimized,
                       target=peer)
     space.host.normal_()  # the swapped-in slots hold pages that left earlier: random, never zeros
-    streams = (torch.cuda.Stream(), torch.cuda.Stream()) if optimized else ()
+    # The copy streams run at the highest priority: when a round starts, their gathers and the step
+    # become ready together, and a step that took every SM first would hold the gathers (and so the
+    # copies) back until it ended.
+    highest = torch.cuda.Stream.priority_range()[1] if optimized else None
+    streams = (torch.cuda.Stream(priority=highest), torch.cuda.Stream(priority=highest)) if optimized else ()
     return SwapRound(step, space, out_pages, in_pages, streams)
