@@ -78,9 +78,6 @@ class SwapSpace:
         for i, cache in enumerate(self.caches):
             cache.index_copy_(0, pages, self.stage_in[i, :n])
 
-    def page_bytes(self):
-        return self.host[0, 0].numel() * self.host.element_size() * 2  # K and V
-
 
 @dataclass
 class SwapRound:
@@ -114,11 +111,12 @@ class SwapRound:
         self._join()
 
     def __call__(self):
-        if not self.streams:
+        if self.streams:  # the swap first: its gathers must reach the SMs before the step holds them
+            self._enqueue_swap()
             self.step()
-        self._enqueue_swap()
-        if self.streams:
+        else:
             self.step()
+            self._enqueue_swap()
         self._join()
 
 

@@ -177,10 +177,9 @@ class Decoder:
         chunks, batch, chunk, kv_heads, head_dim = host.k.shape
         if q.shape[0] != batch or q.shape[2] != head_dim or q.shape[1] % kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit the host KV [B {batch}, Hkv {kv_heads}, D {head_dim}]")
-        self.q, self.host, self.device = q, host, q.device
-        self.gpu = q.device.type == "cuda"
+        self.q, self.host = q, host
         self.fused = variant == "optimized" and host.fmt == "fp8"
-        pinned = variant == "optimized" and self.gpu
+        pinned = variant == "optimized" and q.device.type == "cuda"
         chunk_tensors = [t[0] for t in host.tensors()]
         self.staging = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for t in chunk_tensors]
                         for _ in range(2)] if variant == "optimized" else None

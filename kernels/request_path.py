@@ -58,7 +58,7 @@ def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile, fused_
     qkv = torch.empty(h.shape[0], w.q_heads + 2 * w.kv_heads, w.head_dim, device=device, dtype=h.dtype)
     q, k, v = qkv.split([w.q_heads, w.kv_heads, w.kv_heads], dim=1)
     attend = prefill_attention.VARIANTS[attention](q, k, v, cu_seqlens, tile=tile)
-    normed = torch.empty_like(h)
+    normed = torch.empty_like(h) if fused_norm else None
 
     def norm():
         return rmsnorm.rmsnorm(h, w.gamma, out=normed) if fused_norm else tiny_decoder.rmsnorm(h, w.gamma)

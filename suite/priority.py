@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from kernels import decode_graphs, request_path, tiny_decoder
+from suite.loop_cases import DTYPE, TIERS
+
 PRIORITIES = ("same_priority", "decode_high")
 SLACK_CYCLES = 20_000_000  # ~10 ms at 2 GHz: longer than a scenario's or a probe round's enqueue
 PREFILL_TOKENS = 16384  # the new request's prompt
@@ -106,9 +109,6 @@ def build(device):
     """The running batch (loop_cases' medium tier) with its one-step decode graph per priority
     (kernel nodes at the decode stream's priority), the long prefill per tile, and a reset of
     the batch's lengths. -> (steps {priority: launch}, prefills {tile: launch}, reset)"""
-    from kernels import decode_graphs, request_path, tiny_decoder
-    from suite.loop_cases import DTYPE, TIERS
-
     tier = TIERS["medium"]  # B8, d_model 512
     w = tiny_decoder.random_weights(tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, device)
     prompts = [torch.randn(n, w.d_model, dtype=DTYPE, device=device) for n in tier.prompt_lens()]
