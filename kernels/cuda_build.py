@@ -90,6 +90,18 @@ def compile_cubin(name, arch, defines=None) -> bytes:
     path = CACHE_DIR / f"{name}-{arch}-{cache_key(source, arch, defines)}.cubin"
     if path.exists():
         return path.read_bytes()
+    cubin = nvrtc_compile(name, arch, defines, source)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=CACHE_DIR, delete=False) as f:  # atomic: no torn cubins
+        f.write(cubin)
+    os.replace(f.name, path)
+    return cubin
+
+
+def nvrtc_compile(name, arch, defines=None, source=None) -> bytes:
+    """kernels/cuda/<name>.cu (or `source`) compiled by NVRTC, no cache: the cubin."""
+    defines = defines or {}
+    source = source if source is not None else (SOURCE_DIR / f"{name}.cu").read_text()
     _, nvrtc = bindings()
     program = check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
                     "nvrtcCreateProgram")
@@ -107,10 +119,6 @@ def compile_cubin(name, arch, defines=None) -> bytes:
         check(nvrtc.nvrtcGetCUBIN(program, cubin), "nvrtcGetCUBIN")
     finally:
         check(nvrtc.nvrtcDestroyProgram(program), "nvrtcDestroyProgram")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=CACHE_DIR, delete=False) as f:  # atomic: no torn cubins
-        f.write(cubin)
-    os.replace(f.name, path)
     return cubin
 
 

@@ -22,7 +22,8 @@ from kernels.cuda_build import bindings, check
 def capture(body, after_warm_up=None, *, keep_graph=False):
     """body() warmed up on a side stream (as torch.cuda.graph requires), after_warm_up() (e.g. undo
     the warm-up's state changes), then body() captured into a torch graph. keep_graph: torch keeps
-    the cudaGraph_t uninstantiated, for PriorityGraph."""
+    the cudaGraph_t uninstantiated, for PriorityGraph. The graph keeps body alive: its kernels use
+    the tensors body's closure holds (workspaces made before capture, too) by address."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -33,6 +34,7 @@ def capture(body, after_warm_up=None, *, keep_graph=False):
     graph = torch.cuda.CUDAGraph(keep_graph=keep_graph)
     with torch.cuda.graph(graph):
         body()
+    graph.body = body
     return graph
 
 

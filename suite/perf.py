@@ -33,7 +33,9 @@ class PerfRecorder:
         self._roofline = None
         self.update_path = None  # set when --expectations-update wrote a file
         self.artifacts = []  # (what, path) of files a benchmark kept with the run: printed at the end
-        self.launch_counts = []  # (extra_info, launch, before, steps): counted when every timing is done
+        self.launch_counts = []  # (benchmark, launch, before, steps): counted when every timing is done
+        self.failed = set()  # node ids of failed tests: their launches are not counted
+        self.count_errors = []  # (test, error) of launch counts that raised
 
     @property
     def on_gpu(self):
@@ -55,13 +57,30 @@ class PerfRecorder:
         """Launches per step into the benchmark's extra_info, counted at the session's end: counting
         profiles, and after a profile every later launch of the process is slower (an eager decode
         loop's TPOT rose 0.52 -> 0.78 ms on an H100), which must not reach any timing."""
-        self.launch_counts.append((benchmark.extra_info, launch, before, steps))
+        self.launch_counts.append((benchmark, launch, before, steps))
 
     def count_deferred_launches(self):
-        for extra, launch, before, steps in self.launch_counts:
-            calls, work = count_launches(launch, before)
-            extra.update(launch_calls_per_step=calls / steps, gpu_work_items_per_step=work / steps)
-        self.launch_counts.clear()
+        """Counts for the tests that passed. A count that raises is reported, not raised: the run
+        must still be saved. After a CUDA error the context is lost, so the rest go uncounted."""
+        pending, self.launch_counts = self.launch_counts, []
+        lost = None
+        for benchmark, launch, before, steps in pending:
+            if benchmark.fullname in self.failed:
+                continue
+            error = lost
+            if lost is None:
+                try:
+                    calls, work = count_launches(launch, before)
+                except Exception as exc:  # reported in extra_info and the summary; the run is still saved
+                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    if isinstance(exc, torch.AcceleratorError):
+                        lost = f"not counted: an earlier count lost the CUDA context ({error})"
+                else:
+                    benchmark.extra_info.update(launch_calls_per_step=calls / steps,
+                                                gpu_work_items_per_step=work / steps)
+                    continue
+            benchmark.extra_info["launch_count_error"] = error
+            self.count_errors.append((benchmark.fullname, error))
 
     def set_baseline(self, workload, case, seconds):
         self.baselines[(workload, case)] = seconds

@@ -16,7 +16,7 @@ from suite.perf import PerfRecorder
 
 DEFAULT_STORAGE = "file://./.benchmarks"
 # max_examples per hypothesis test; on a GPU each new shape may compile new kernel specializations
-HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 10, "full": 200}
+HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 5, "full": 200}
 ROUNDS = {"minimal": 30, "full": 200}
 QUICK_ROUNDS = 10
 RECORDER = pytest.StashKey[PerfRecorder]()
@@ -168,8 +168,20 @@ def pytest_sessionfinish(session):
     yield
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    recorder = item.config.stash.get(RECORDER, None)
+    if report.failed and recorder is not None:
+        recorder.failed.add(item.nodeid)  # its deferred launch count is dropped
+
+
 def pytest_terminal_summary(terminalreporter, config):
     recorder = config.stash.get(RECORDER, None)
+    if recorder is not None and recorder.count_errors:
+        terminalreporter.section("launch counts that failed")
+        for test, error in recorder.count_errors:
+            terminalreporter.write_line(f"{test}: {error}")
     if recorder is None or not recorder.rows:
         return
     terminalreporter.section("kernel suite: every benchmark, its gate")

@@ -3,7 +3,9 @@
 minimal a pairwise cover of them (every pair of define values in some build). No GPU needed."""
 
 import itertools
+import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -51,24 +53,54 @@ def test_every_source_is_listed():
     assert set(BUILDS) == {p.stem for p in cuda_build.SOURCE_DIR.glob("*.cu")}
 
 
-@pytest.mark.requires_nvcc
-@pytest.mark.parametrize("arch", ARCHS)
-def test_nvcc_compiles(case, arch, tmp_path):
+def _nvcc(case, arch, out):
     source, defines = case
     command = ["nvcc", "-cubin", f"-arch={arch}", "--std=c++17", "-Werror", "all-warnings",
                f"-I{cuda_build.SOURCE_DIR}", *(f"-D{k}={v}" for k, v in defines.items()),
-               "-o", str(tmp_path / "out.cubin"), str(cuda_build.SOURCE_DIR / f"{source}.cu")]
-    result = subprocess.run(command, capture_output=True, text=True)
+               "-o", str(out), str(cuda_build.SOURCE_DIR / f"{source}.cu")]
+    return command, subprocess.run(command, capture_output=True, text=True)
+
+
+def _side_by_side(request, test, build):
+    """build(index, case, arch) for every selected item of `test`, one thread per core (nvcc is one
+    process per build, NVRTC releases the GIL): item id -> future, each test checks its own."""
+    items = [i for i in request.session.items if i.module is request.module and i.originalname == test]
+    pool = ThreadPoolExecutor(os.cpu_count())
+    request.addfinalizer(pool.shutdown)
+    return {item.callspec.id: pool.submit(build, n, item.callspec.params["case"], item.callspec.params["arch"])
+            for n, item in enumerate(items)}
+
+
+@pytest.fixture(scope="module")
+def nvcc_builds(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nvcc")
+    return _side_by_side(request, "test_nvcc_compiles", lambda n, case, arch: _nvcc(case, arch, folder / f"{n}.cubin"))
+
+
+@pytest.fixture(scope="module")
+def nvrtc_builds(request):
+    return _side_by_side(request, "test_nvrtc_compiles",
+                         lambda n, case, arch: cuda_build.nvrtc_compile(case[0], arch, case[1]))
+
+
+@pytest.mark.requires_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvcc_compiles(case, arch, nvcc_builds, request):
+    command, result = nvcc_builds[request.node.callspec.id].result()
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_nvrtc_compiles(case, arch, tmp_path, monkeypatch):
-    source, defines = case
+def test_nvrtc_compiles(case, arch, nvrtc_builds, request):
+    assert nvrtc_builds[request.node.callspec.id].result()[:4] == ELF_MAGIC
+
+
+def test_a_build_is_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_build, "CACHE_DIR", tmp_path)
-    cubin = cuda_build.compile_cubin(source, arch, defines)
-    assert cubin[:4] == ELF_MAGIC
-    assert [p.read_bytes() for p in tmp_path.glob("*.cubin")] == [cubin]  # cached on disk, one file
+    cubin = cuda_build.compile_cubin("tma_probe", "sm_90a")
+    assert [p.read_bytes() for p in tmp_path.glob("*.cubin")] == [cubin]  # one file
+    monkeypatch.setattr(cuda_build, "nvrtc_compile", lambda *args: pytest.fail("the cached build was compiled again"))
+    assert cuda_build.compile_cubin("tma_probe", "sm_90a") == cubin
 
 
 def test_pairwise_cover_covers_every_pair():

@@ -1,5 +1,8 @@
 """The tiny decoder's decode loop (SPEC 1, 2.2): every variant against the float64 reference."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import given
@@ -137,6 +140,29 @@ def test_graph_replays_the_same_steps_and_picks_its_mode(device):
     torch.testing.assert_close(launch(), first, atol=0, rtol=0)
     assert decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens.copy_(start), 4,
                                       mode="full_and_piecewise", max_capture=4).mode == "full"
+
+
+@pytest.mark.requires_cuda
+def test_a_graph_keeps_every_tensor_it_replays_alive(device, monkeypatch):
+    """The graph's kernels use tensors by address, the quantized cache's workspaces (made before
+    capture) among them: launch() alone must keep them alive, or a replay writes freed memory."""
+    bound = []
+
+    def bind_quantized(*args):
+        bound.append(tiny_decoder.bind_quantized(*args))
+        return bound[-1]
+
+    monkeypatch.setattr(decode_graphs, "bind_quantized", bind_quantized)
+    w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+    inputs = make_loop_inputs(w, [5, 17], 3, device, "int8")
+    launch = bind(decode_graphs.graph_decode, w, inputs, 3)
+    used = [w.w_qkv, w.w_o, w.gamma, *inputs.caches.values(), inputs.seq_lens, bound.pop()]  # h is copied
+    alive = [weakref.ref(x) for x in used]
+    del w, inputs, used
+    gc.collect()
+    assert all(ref() is not None for ref in alive), "graph_decode's launch lets what its graph uses be freed"
+    launch()
+    torch.cuda.synchronize()  # the replay after the caller let go raises no fault
 
 
 def test_graph_decode_bad_arguments(device):

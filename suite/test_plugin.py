@@ -415,6 +415,35 @@ def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, t
     assert (saved["extra_info"]["launch_calls_per_step"], saved["extra_info"]["gpu_work_items_per_step"]) == (5, 7)
 
 
+def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, tmp_path):
+    # a failed test's launches are not counted; a count that raises reaches extra_info and the summary
+    inner.makepyfile("""
+        import suite.perf
+
+        def count(launch, before):
+            raise RuntimeError(f"{launch} broke")
+
+        suite.perf.count_launches = count
+
+        def test_counted(benchmark, perf):
+            benchmark(lambda: None)
+            perf.count_launches_later(benchmark, "the loop", None, steps=2)
+
+        def test_failed(benchmark, perf):
+            benchmark(lambda: None)
+            perf.count_launches_later(benchmark, "the failed loop", None, steps=2)
+            assert False
+    """)
+    out = tmp_path / "run.json"
+    result = inner.runpytest("-p", "suite.plugin", f"--benchmark-json={out}")
+    assert result.ret == 1, result.stdout.str()
+    result.stdout.fnmatch_lines(["*launch counts that failed*", "*::test_counted: RuntimeError: the loop broke"])
+    assert "the failed loop broke" not in result.stdout.str()
+    saved = {b["name"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert saved["test_counted"]["launch_count_error"] == "RuntimeError: the loop broke"
+    assert "launch_count_error" not in saved["test_failed"]
+
+
 def test_the_end_says_where_the_time_went(inner):
     inner.makepyfile(test_slow="import time\ndef test_a():\n    time.sleep(0.3)\n",
                      test_fast="def test_b():\n    pass\n")
