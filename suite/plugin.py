@@ -3,11 +3,13 @@
 import datetime
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
 import triton
 from hypothesis import HealthCheck, settings
+from triton import knobs
 
 from kernels import hw
 from suite import options
@@ -69,21 +71,54 @@ def pytest_configure(config):
 
 
 class FileTimer:
-    """Seconds per test file (setup, call and teardown): where a profile's time goes (SPEC: the
-    minimal profile well under 10 minutes on one H100), printed at the end."""
+    """Seconds per test file (setup, call and teardown) and, of them, Triton's JIT: the kernel
+    specializations built (or loaded from Triton's disk cache) and their seconds. Where a
+    profile's time goes (SPEC: the minimal profile well under 10 minutes on one H100), printed at
+    the end. The JIT is timed between Triton's jit_cache_hook (a specialization missing from the
+    process's cache) and its jit_post_compile_hook."""
 
     def __init__(self):
-        self.seconds = {}
+        self.seconds, self.jit_seconds, self.jit_builds = {}, {}, {}
+        self.path, self._jit_start = None, None
+        self._hooks = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._jit_begins, self._jit_ends
+
+    def _jit_begins(self, **kwargs):
+        self._jit_start = time.perf_counter()
+        before = self._hooks[0]
+        return before(**kwargs) if before else None  # a true result would skip the build
+
+    def _jit_ends(self, **kwargs):
+        if self._jit_start is not None and self.path is not None:
+            self.jit_seconds[self.path] = self.jit_seconds.get(self.path, 0.0) + time.perf_counter() - self._jit_start
+            self.jit_builds[self.path] = self.jit_builds.get(self.path, 0) + 1
+        self._jit_start = None
+        if self._hooks[1]:
+            self._hooks[1](**kwargs)
+
+    def pytest_runtest_logstart(self, nodeid):
+        self.path = nodeid.split("::")[0]
 
     def pytest_runtest_logreport(self, report):
         path = report.nodeid.split("::")[0]
         self.seconds[path] = self.seconds.get(path, 0.0) + report.duration
 
+    def pytest_unconfigure(self):
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._hooks
+
+    def _jit(self, path=None):
+        builds = sum(self.jit_builds.values()) if path is None else self.jit_builds.get(path, 0)
+        if not builds:
+            return ""
+        seconds = sum(self.jit_seconds.values()) if path is None else self.jit_seconds[path]
+        return f" (Triton JIT {seconds:.1f} s, {builds} build{'s' * (builds > 1)})"
+
     def pytest_terminal_summary(self, terminalreporter):
         slowest = sorted(self.seconds.items(), key=lambda kv: -kv[1])[:SLOWEST_FILES]
         if slowest:
-            terminalreporter.write_line(f"time by test file, {sum(self.seconds.values()):.0f} s in all; slowest: " +
-                                        ", ".join(f"{path} {s:.1f} s" for path, s in slowest))
+            terminalreporter.write_line(f"time by test file, {sum(self.seconds.values()):.0f} s in all{self._jit()}; "
+                                        "slowest: " + ", ".join(f"{path} {s:.1f} s{self._jit(path)}"
+                                                                for path, s in slowest))
 
 
 def pytest_collection_modifyitems(config, items):

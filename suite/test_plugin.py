@@ -450,3 +450,29 @@ def test_the_end_says_where_the_time_went(inner):
     result = inner.runpytest("-p", "suite.plugin")
     assert result.ret == 0
     result.stdout.fnmatch_lines(["time by test file, * s in all; slowest: test_slow.py 0.[3-9] s, test_fast.py 0.[0-2] s"])
+
+
+def test_the_end_says_how_much_of_it_was_triton_jit(inner, monkeypatch):
+    # the hooks Triton calls around building a specialization, called here as Triton would; this
+    # session's own hooks are set aside, so the simulated builds are not counted here too
+    from triton import knobs
+    for hook in ("jit_cache_hook", "jit_post_compile_hook"):
+        monkeypatch.setattr(knobs.runtime, hook, None)
+    inner.makepyfile(test_jit="""
+        import time
+        from triton import knobs
+
+        def build():
+            assert not knobs.runtime.jit_cache_hook(key="k", repr="r")  # a true result would skip the build
+            time.sleep(0.2)
+            knobs.runtime.jit_post_compile_hook(key="k", repr="r")
+
+        def test_two_builds():
+            build()
+            build()
+    """, test_none="def test_b():\n    pass\n")
+    result = inner.runpytest("-p", "suite.plugin")
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["time by test file, * s in all (Triton JIT 0.[4-9] s, 2 builds); slowest: "
+                                 "test_jit.py 0.[4-9] s (Triton JIT 0.[4-9] s, 2 builds), test_none.py 0.[0-2] s"])
+    assert knobs.runtime.jit_cache_hook is None and knobs.runtime.jit_post_compile_hook is None  # put back
