@@ -226,11 +226,10 @@ class Decoder:
                 if compute:
                     self._attend(i, self.buffers[0])
             return self.out
-        fill = lambda i: [s.copy_(t[i]) for s, t in zip(self.staging[i % 2], self.host.tensors())]  # noqa: E731
         if copy:
             if self.copied is not None:
                 self.copied[0].synchronize()  # the last call's copy out of staging 0 is done
-            fill(0)
+            self._fill(0)
         for i in range(chunks):
             s = i % 2
             if copy:
@@ -240,10 +239,15 @@ class Decoder:
             if copy and i + 1 < chunks:
                 if self.copied is not None:
                     self.copied[(i + 1) % 2].synchronize()  # chunk i-1's copy out of that staging is done
-                fill(i + 1)  # the CPU fills chunk i+1 while chunk i is copied and attended
+                self._fill(i + 1)  # the CPU fills chunk i+1 while chunk i is copied and attended
         if self.copy_stream is not None:
             torch.cuda.current_stream().wait_stream(self.copy_stream)
         return self.out
+
+    def _fill(self, i):
+        """Chunk i from the host KV (the page file) into staging buffer i % 2, by the CPU."""
+        for staged, whole in zip(self.staging[i % 2], self.host.tensors()):
+            staged.copy_(whole[i])
 
     def _copy_in(self, s):
         if self.copy_stream is None:
