@@ -11,7 +11,7 @@ import torch
 import triton
 
 from kernels import cuda_build, hw
-from kernels.decode_attention import MAX_BATCH, check_decode_args, choose_chunk
+from kernels.decode_attention import MAX_BATCH, PAGED_TILES_PER_SM, check_decode_args, choose_chunk
 from kernels.checks import HEAD_DIMS, check_power_of_two
 
 THREADS = 128
@@ -70,7 +70,7 @@ def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     group = num_q_heads // num_kv_heads
     sms = hw.num_sms(q.device)
     if chunk is None:
-        chunk = choose_chunk(batch, num_kv_heads, capacity, sms)
+        chunk = choose_chunk(dims, sms, PAGED_TILES_PER_SM if block_table is not None else 1)
     check_power_of_two("chunk", chunk)
     if num_programs is None:
         num_programs = sms * CTAS_PER_SM

@@ -8,7 +8,7 @@ all g = Hq // Hkv query heads of its KV head at once (K and V are read once per 
 chunks of a sequence are merged by their log-sum-exp.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
   partials go to a workspace and a second kernel merges them.
-- triton_persistent: one launch, grid = SM count x PROGRAMS_PER_SM (all resident at once); each
+- triton_persistent: one launch, grid = SM count x 2 or 3 (all resident at once); each
   program walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens,
   so every program gets the same number of equal-sized tiles however unequal the lengths are. A single-chunk tile writes the output
   directly; otherwise the last tile of a (sequence, KV head) to finish merges its partials.
@@ -32,18 +32,33 @@ BLOCK_N = 64  # KV positions per inner step
 # Quantized caches convert every element before the dots: longer steps amortize it (H100, B64-L4096:
 # 128 beat 64 by 2-12% for int8, fp8 and int4 in tools/tune_decode_attention.py).
 QUANT_BLOCK_N = 128
-# Chunk heuristic, from tools/tune_decode_attention.py on an H100: below 256 positions per tile
-# the merge costs more than the parallelism gains; past 2048 too few tiles balance the grid.
-MIN_CHUNK = 256
+# Chunk heuristic (choose_chunk), from chunk sweeps of every minimal shape on an H100: the chunk
+# halves from MAX_CHUNK while the tiles would leave more than IDLE_SMS of the SMs idle (a split costs
+# a merge, which costs more than a few idle SMs); below SHORT_CHUNK only while more than half would
+# be idle (a 128-position tile is two steps, and merging its partials costs about as much).
+MIN_CHUNK = 128
+SHORT_CHUNK = 256
 MAX_CHUNK = 2048
-TILES_PER_SM = 1
+IDLE_SMS = 1 / 8
+# A paged tile's per-row table lookups make it latency-bound: two tiles per SM (H100, B4-L4096:
+# 33.7 us in chunks of 512 vs 39.8 in chunks of 1024).
+PAGED_TILES_PER_SM = 2
 MERGE_ROWS = 64  # (head, chunk) partials merged per step: [GROUP, MERGE_ROWS // GROUP, D] fp32
 NUM_WARPS = 4
 NUM_STAGES = 3
-# Persistent grid = SM count x this. On an H100, 3 CTAs fit an SM: 168 registers x 128 threads
-# and <= 72 KB of shared memory each.
+# Paged caches: the pipeliner gives the block-table load a stage of its own, so 3 stages leave the K
+# and V tiles one buffer (no prefetch); 5 give them two, as 3 do for a contiguous cache. That pays
+# where each program has one tile (split-KV's CTAs always), whose latency nothing else hides (H100: B16-L4096 100 vs 107 us,
+# B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were as fast or faster
+# (B64-L4096 376 vs 387 us).
+PAGED_ONE_WAVE_STAGES = 5
+# Persistent grid = SM count x this at most. On an H100, 3 CTAs fit an SM: 168 registers x 128 threads
+# and <= 72 KB of shared memory each. With equal tiles (uniform lengths, contiguous cache)
+# choose_programs may take 2 per SM, when that fills the last wave better: B64-L4096 1024 tiles,
+# 365 us on 264 programs vs 373 us on 396.
 PROGRAMS_PER_SM = 3
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
+MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
 
 
@@ -282,6 +297,7 @@ class DecodeDims(NamedTuple):
     min_len: int
     max_len: int
     quant: str  # kv_quant format of the caches: none, int8, int4, fp8
+    total_len: int  # positions over the batch
 
 
 def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=None, v_scale=None) -> DecodeDims:
@@ -313,8 +329,8 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
         check_shape("out", out, q.shape)
         check_unit_stride_last("out", out)
 
-    # One sync for every value check: [min len, max len, first bad block-table flat index].
-    stats = [seq_lens.min(), seq_lens.max()]
+    # One sync for every value check: [min len, max len, total len, first bad block-table flat index].
+    stats = [seq_lens.min(), seq_lens.max(), seq_lens.sum()]
     if paged:
         pages_used = torch.arange(block_table.shape[1], device=q.device)[None, :] < \
             (seq_lens[:, None] + page_size - 1) // page_size
@@ -325,24 +341,45 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
         raise ValueError(f"seq_lens must be >= 1 (attention covers at least the new token), got min {stats[0]}")
     if stats[1] > capacity:
         raise ValueError(f"seq_lens max {stats[1]} exceeds the cache capacity {capacity}")
-    if paged and stats[2] < block_table.numel():
-        row, col = divmod(stats[2], block_table.shape[1])
+    if paged and stats[3] < block_table.numel():
+        row, col = divmod(stats[3], block_table.shape[1])
         raise ValueError(f"block_table[{row}, {col}] = {int(block_table[row, col])} is outside "
                          f"[0, {num_pages}) (k_cache has {num_pages} pages)")
-    return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1], fmt)
+    return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1], fmt, stats[2])
 
 
-def choose_chunk(batch, num_kv_heads, capacity, sms):
-    """Largest power-of-two chunk in [MIN_CHUNK, MAX_CHUNK] giving every SM TILES_PER_SM tiles."""
+def choose_chunk(dims, sms, tiles_per_sm=1):
+    """The largest power-of-two chunk in [MIN_CHUNK, MAX_CHUNK] whose tiles leave at most IDLE_SMS of
+    tiles_per_sm * sms slots idle; below SHORT_CHUNK, only while more than half of the SMs would be.
+    Tiles are counted from the lengths' total (exact for uniform lengths), not from the capacity."""
+    def tiles(chunk):
+        return dims.num_kv_heads * max(dims.batch, triton.cdiv(dims.total_len, chunk))
+
     chunk = MAX_CHUNK
-    while chunk > MIN_CHUNK and batch * num_kv_heads * triton.cdiv(capacity, chunk) < TILES_PER_SM * sms:
+    while chunk > SHORT_CHUNK and tiles(chunk) < (1 - IDLE_SMS) * tiles_per_sm * sms:
+        chunk //= 2
+    while chunk > MIN_CHUNK and tiles(chunk) < sms / 2:
         chunk //= 2
     return chunk
 
 
-def _chunk(chunk, batch, num_kv_heads, capacity, sms):
+def choose_programs(tiles, sms, per_sm, equal_tiles):
+    """per_sm programs per SM or, with equal tiles, the count in [MIN_PROGRAMS_PER_SM, per_sm] per SM
+    whose waves are fullest (the most programs among equals): a part-empty last wave of equal tiles
+    idles the rest of the GPU."""
+    if not equal_tiles:
+        return per_sm * sms
+
+    def fullness(n):
+        programs = min(n * sms, tiles)
+        return tiles / (triton.cdiv(tiles, programs) * programs)
+
+    return max(range(min(MIN_PROGRAMS_PER_SM, per_sm), per_sm + 1), key=lambda n: (fullness(n), n)) * sms
+
+
+def _chunk(chunk, dims, sms, paged):
     if chunk is None:
-        return choose_chunk(batch, num_kv_heads, capacity, sms)
+        return choose_chunk(dims, sms, PAGED_TILES_PER_SM if paged else 1)
     check_power_of_two("chunk", chunk)
     if chunk < 16:
         raise ValueError(f"chunk {chunk} must be >= 16 (a chunk holds at least one 16-position step)")
@@ -350,7 +387,7 @@ def _chunk(chunk, batch, num_kv_heads, capacity, sms):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
-          out, chunk, dims, fused_merge, block_k):
+          out, chunk, dims, fused_merge, block_k, num_stages):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
@@ -378,7 +415,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
             page_size, max_chunks, num_q_heads, num_kv_heads, chunk,
             *extra_args(out))
     meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES, **extra_meta, **(merge if fused_merge else {}))
+                num_warps=NUM_WARPS, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                   num_q_heads, num_kv_heads, max_chunks, chunk)
 
@@ -406,10 +443,11 @@ def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
     batch, _, num_kv_heads, _, capacity = dims[:5]
-    chunk = _chunk(chunk, batch, num_kv_heads, capacity, hw.num_sms(q.device))
+    chunk = _chunk(chunk, dims, hw.num_sms(q.device), block_table is not None)
     return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False,
-                 block_k=_block_k(block_k, chunk, dims.quant))
+                 block_k=_block_k(block_k, chunk, dims.quant),
+                 num_stages=PAGED_ONE_WAVE_STAGES if block_table is not None else NUM_STAGES)
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
@@ -421,15 +459,22 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
     sms = hw.num_sms(q.device)
-    chunk = _chunk(chunk, batch, num_kv_heads, capacity, sms)
+    chunk = _chunk(chunk, dims, sms, block_table is not None)
     max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
+    tiles = batch * num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths
     if num_programs is None:
-        num_programs = sms * (PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM)
+        per_sm = PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM
+        # A paged tile's per-row table lookups make it latency-bound: it gains from every program
+        # (H100, B16-L16384: 384 us on 396 programs vs 402 on 264), so only contiguous tiles count as equal.
+        equal_tiles = block_table is None and dims.min_len == dims.max_len
+        num_programs = choose_programs(tiles, sms, per_sm, equal_tiles)
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
+    paged_one_wave = block_table is not None and tiles <= num_programs
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (min(num_programs, max_tiles),),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=triton.next_power_of_2(batch)),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
-                 block_k=_block_k(block_k, chunk, dims.quant))
+                 block_k=_block_k(block_k, chunk, dims.quant),
+                 num_stages=PAGED_ONE_WAVE_STAGES if paged_one_wave else NUM_STAGES)

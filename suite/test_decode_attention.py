@@ -94,13 +94,39 @@ def test_many_chunks_per_sequence(variant, chunk, layout, device):
     _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
 
 
+def _dims(batch, kv_heads, lengths):
+    return decode_attention.DecodeDims(batch, 4 * kv_heads, kv_heads, 128, max(lengths), min(lengths), max(lengths),
+                                       "none", sum(lengths))
+
+
 def test_chunk_heuristic_fills_the_gpu():
-    sms = 132
-    for batch, kv_heads, capacity in [(1, 8, 4096), (64, 8, 4096), (4, 2, 300), (1, 1, 1)]:
-        chunk = decode_attention.choose_chunk(batch, kv_heads, capacity, sms)
-        tiles = batch * kv_heads * -(-capacity // chunk)
-        assert decode_attention.MIN_CHUNK <= chunk <= decode_attention.MAX_CHUNK
-        assert tiles >= decode_attention.TILES_PER_SM * sms or chunk == decode_attention.MIN_CHUNK
+    sms, da = 132, decode_attention
+    for batch, kv_heads, length in [(1, 8, 1024), (1, 8, 4096), (16, 8, 1024), (64, 8, 4096), (4, 2, 300), (1, 1, 1)]:
+        for per_sm in (1, 2):
+            dims = _dims(batch, kv_heads, [length] * batch)
+            chunk = da.choose_chunk(dims, sms, per_sm)
+            tiles = lambda c: batch * kv_heads * -(-length // c)  # noqa: E731
+            assert da.MIN_CHUNK <= chunk <= da.MAX_CHUNK
+            if chunk < da.MAX_CHUNK:  # halved only while too many SMs were idle
+                assert tiles(2 * chunk) < (1 - da.IDLE_SMS) * per_sm * sms
+            if chunk < da.SHORT_CHUNK:
+                assert tiles(2 * chunk) < sms / 2
+            assert tiles(chunk) >= (1 - da.IDLE_SMS) * per_sm * sms or chunk <= da.SHORT_CHUNK
+    assert da.choose_chunk(_dims(1, 8, [1024]), sms) == 128  # 32 tiles at 256
+    assert da.choose_chunk(_dims(1, 8, [4096]), sms) == 256  # 128 tiles: 4 of 132 SMs idle, no further split
+    assert da.choose_chunk(_dims(16, 8, [1024] * 16), sms) >= 1024  # 128 tiles unsplit, no merge
+    assert da.choose_chunk(_dims(4, 8, [4096] * 4), sms, 2) == 512  # paged: 256 tiles, two per SM
+    # Variable lengths count by their total: 4 x ~9000 positions make 144 tiles of 2048, not 256.
+    assert da.choose_chunk(_dims(4, 8, [2100, 16384, 9000, 8500]), sms, 2) == 1024
+
+
+def test_program_count_fills_the_last_wave_of_equal_tiles():
+    sms, da = 132, decode_attention
+    assert da.choose_programs(1024, sms, 3, equal_tiles=True) == 2 * sms  # 4 waves of 264, not 2.6 of 396
+    assert da.choose_programs(792, sms, 3, equal_tiles=True) == 3 * sms  # 2 full waves of 396
+    assert da.choose_programs(100, sms, 3, equal_tiles=True) == 3 * sms  # one part wave either way
+    assert da.choose_programs(1024, sms, 3, equal_tiles=False) == 3 * sms
+    assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 2 * sms
 
 
 def _bad(inputs, **changes):

@@ -13,6 +13,7 @@ import time
 import torch
 
 from kernels import hw
+from kernels.stream_read import stream_read
 
 FLUSH_BYTES_MIN = 256 << 20
 # After the flush the GPU spins this long, untimed (~1 ms at 2 GHz), while the host records the
@@ -46,19 +47,24 @@ class CudaEventClock:
 
 class RoundSetup:
     """Before each timed round: reset state (`before`, e.g. sequence lengths a decode loop
-    advanced), overwrite a buffer 4x the L2 (when cold), then give the host slack."""
+    advanced), read a buffer 4x the L2 (when cold), then give the host slack.
+
+    The flush reads rather than writes: reading evicts whatever the last round left (dirty lines
+    are written back here, untimed) and leaves the L2 full of clean lines, which the timed call
+    evicts for free. A 256 MB zero_() left 50 MB of dirty lines whose write-back landed in the
+    timed call: 7 of 35 us for B16-L1024 decode attention on an H100."""
 
     def __init__(self, device, cold, before=None, slack_cycles=HOST_SLACK_CYCLES):
         size = max(FLUSH_BYTES_MIN, 4 * hw.l2_bytes(device))
-        self.buffer = torch.empty(size // 4, dtype=torch.int32, device=device) if cold else None
+        self.flush = stream_read(torch.ones(size // 4, dtype=torch.int32, device=device)) if cold else None
         self.before = before
         self.slack_cycles = slack_cycles
 
     def __call__(self):
         if self.before is not None:
             self.before()
-        if self.buffer is not None:
-            self.buffer.zero_()
+        if self.flush is not None:
+            self.flush()
         torch.cuda._sleep(self.slack_cycles)
 
 
