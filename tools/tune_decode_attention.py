@@ -8,7 +8,7 @@ import itertools
 
 import torch
 
-from kernels import decode_attention as da
+from kernels import decode_attention as da, hw
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
 
@@ -34,7 +34,8 @@ def main():
             config = dict(zip(names, values))
             for name in names[:-1]:
                 setattr(da, name, config[name])
-            launch = da.triton_persistent(**inputs, chunk=config["chunk"], block_k=config["BLOCK_N"])
+            launch = da.triton_persistent(**inputs, chunk=config["chunk"], block_k=config["BLOCK_N"],
+                                          num_programs=config["PROGRAMS_PER_SM"] * hw.num_sms("cuda"))
             seconds = measure(launch, device="cuda", rounds=20)
             results.append((case.bytes_moved() / seconds / 1e9, seconds, values))
         results.sort(key=lambda r: -r[0])
