@@ -60,6 +60,14 @@ PROGRAMS_PER_SM = 3
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
 MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
+MIN_BLOCK_B = 64  # seq_lens lanes at least: one build serves every batch up to 64
+# Integer arguments that change with the shape but not the code worth generating: Triton would
+# otherwise build a kernel per combination of "== 1" and "divisible by 16" among them (the GPU run of
+# the minimal profile spent 149 of test_decode_attention.py's 166 s building 140 kernels). The K/V
+# strides stay specialized: their divisibility sets the width of the tile loads.
+VARYING_INTS = ("stride_sx", "stride_sy", "stride_sh", "stride_bt", "page_size", "max_chunks", "num_q_heads",
+                "num_kv_heads")
+SCALES = ("k_scale_ptr", "v_scale_ptr")  # per-row fp32 loads: their alignment changes no load width
 
 
 @triton.jit
@@ -208,7 +216,7 @@ def _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh
     _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_INTS, do_not_specialize_on_alignment=SCALES)
 def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
               part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
               stride_sx, stride_sy, stride_sh, stride_bt,
@@ -231,7 +239,7 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
                        GROUP, HEAD_DIM, BLOCK_H)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_q_heads", "num_kv_heads", "max_chunks"))
 def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
                     num_q_heads, num_kv_heads, max_chunks, chunk_size,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -244,7 +252,7 @@ def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, 
                  num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARYING_INTS + ("batch",), do_not_specialize_on_alignment=SCALES)
 def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
                 part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
                 stride_sx, stride_sy, stride_sh, stride_bt,
@@ -474,7 +482,7 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (min(num_programs, max_tiles),),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
-                 dict(BLOCK_B=triton.next_power_of_2(batch)),
+                 dict(BLOCK_B=max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
                  block_k=_block_k(block_k, chunk, dims.quant),
                  num_stages=PAGED_ONE_WAVE_STAGES if paged_one_wave else NUM_STAGES)

@@ -78,7 +78,10 @@ def _append_kv(qkv_ptr, cache_ptr, scale_ptr, row, scale_row, QUANT: tl.constexp
                 tl.store(cache_ptr + row + half, ((lo + 8) | ((hi + 8) << 4)).to(tl.uint8))
 
 
-@triton.jit
+# steps and the scale strides change with the test case, not with the code worth generating (see
+# kernels/decode_attention.py VARYING_INTS); the K/V strides stay specialized for the load widths.
+@triton.jit(do_not_specialize=("steps", "stride_sb", "stride_sh", "stride_sl"),
+            do_not_specialize_on_alignment=("k_scale_ptr", "v_scale_ptr"))
 def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr,
                  out_ptr, scratch_ptr, model_scratch_ptr, steps, eps, qk_scale,
                  stride_kb, stride_kh, stride_kl, stride_sb, stride_sh, stride_sl,
