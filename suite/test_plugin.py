@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import settings
 
 from kernels import hw
 from suite.expectations import Expectations, ExpectationsError, hardware_key, update
@@ -476,3 +477,11 @@ def test_the_end_says_how_much_of_it_was_triton_jit(inner, monkeypatch):
     result.stdout.fnmatch_lines(["time by test file, * s in all (Triton JIT 0.[4-9] s, 2 builds); slowest: "
                                  "test_jit.py 0.[4-9] s (Triton JIT 0.[4-9] s, 2 builds), test_none.py 0.[0-2] s"])
     assert knobs.runtime.jit_cache_hook is None and knobs.runtime.jit_post_compile_hook is None  # put back
+
+
+def test_minimal_profile_draws_the_same_shapes_every_run():
+    # Same examples every night: a runner's Triton disk cache then serves the minimal run's builds.
+    assert settings.get_profile("minimal").derandomize
+    assert not settings.get_profile("full").derandomize
+    assert not settings.get_profile("cpu").derandomize
+    assert settings.get_profile("minimal").max_examples < settings.get_profile("full").max_examples
