@@ -1,5 +1,11 @@
 """Decode attention (SPEC 2.1): every variant against the float64 reference, and bad input."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,6 +14,7 @@ from hypothesis import strategies as st
 from kernels import decode_attention, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
+from suite.interpreter import INTERPRET_ENV
 from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
                                 quant_params, quantization_loss, variant_params)
 
@@ -127,6 +134,34 @@ def test_program_count_fills_the_last_wave_of_equal_tiles():
     assert da.choose_programs(100, sms, 3, equal_tiles=True) == 3 * sms  # one part wave either way
     assert da.choose_programs(1024, sms, 3, equal_tiles=False) == 3 * sms
     assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 2 * sms
+
+
+def test_persistent_builds_prefetch_and_stay_resident():
+    # Compiled for sm_90 on any machine (suite/kernel_ir.py, in a process without the interpreter).
+    # The K and V tiles need two buffers (a prefetch). A paged cache at 3 stages gets only one,
+    # because the block-table load takes a stage; that is why one-wave paged launches use 5. And
+    # every program of the default grid must fit on the GPU at once (max_registers).
+    env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
+    run = subprocess.run([sys.executable, "-m", "suite.kernel_ir"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    da = decode_attention
+    cap = da.max_registers(da.PROGRAMS_PER_SM)
+    stages, buffers, registers = result["contiguous"]
+    assert (stages, buffers) == (da.NUM_STAGES, [2, 2]) and registers <= cap
+    stages, buffers, registers = result["paged, one wave"]
+    assert (stages, buffers) == (da.PAGED_ONE_WAVE_STAGES, [2, 2]) and registers <= cap
+    stages, buffers, _ = result["paged, many tiles per program"]
+    assert (stages, buffers) == (da.NUM_STAGES, [1, 1]), \
+        "paged tiles at NUM_STAGES are no longer single-buffered: re-measure PAGED_ONE_WAVE_STAGES"
+
+
+def test_register_cap_fits_the_programs_of_an_sm():
+    assert decode_attention.max_registers(3) == 168  # 3 x 128 threads x 168 <= 65536
+    assert decode_attention.max_registers(2) == 255  # the most a thread may have
+    for per_sm in (1, 2, 3, 4):
+        assert per_sm * decode_attention.NUM_WARPS * 32 * decode_attention.max_registers(per_sm) <= 65536
 
 
 def _bad(inputs, **changes):

@@ -1,0 +1,118 @@
+"""What the compiler makes of a launcher's choices, on any machine: capture the arguments a launcher
+passes to its Triton kernel, compile that kernel for sm_90 (no GPU needed) and read its TTGIR.
+
+    python -m suite.kernel_ir    # decode attention's stages, K/V tile buffers and registers, as JSON
+
+Run it without TRITON_INTERPRET: the interpreter replaces the kernels that this compiles.
+"""
+
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int8: "i8", torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
+OPTIONS = ("num_warps", "num_stages", "maxnreg")
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # ships with Triton
+
+
+def capture_launch(module, kernel_name, run):
+    """(kernel, args, meta) of the one `kernel[grid](*args, **meta)` that run() makes (binding the
+    launcher included: launchers hold on to the kernel), without running it."""
+    kernel, calls = getattr(module, kernel_name), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append((args, meta))
+
+    setattr(module, kernel_name, Recorder())
+    try:
+        run()
+    finally:
+        setattr(module, kernel_name, kernel)
+    assert len(calls) == 1, f"{kernel_name}: expected one launch, got {len(calls)}"
+    return kernel, *calls[0]
+
+
+def _names(kernel, listed):
+    return {kernel.arg_names[i] if isinstance(i, int) else i for i in listed or ()}
+
+
+def compile_sm90(kernel, args, meta):
+    """Compile as Triton would for these arguments on an sm_90 GPU: 16-byte aligned pointers and
+    ints divisible by 16 get the divisibility attribute, ints equal to 1 become constants, except
+    where the kernel says not to specialize. Returns the compiled kernel (asm: ttgir, ptx, cubin)."""
+    no_spec = _names(kernel, kernel.do_not_specialize)
+    no_align = no_spec | _names(kernel, kernel.do_not_specialize_on_alignment)
+    values = dict(zip(kernel.arg_names, args)) | {k: v for k, v in meta.items() if k not in OPTIONS}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = values[name]
+        if name not in dict(zip(kernel.arg_names, args)) or value is None or (
+                isinstance(value, int) and value == 1 and name not in no_spec):
+            signature[name], constexprs[(i,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + DTYPES[value.dtype]
+            if value.data_ptr() % 16 == 0 and name not in no_align:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int):
+            signature[name] = "i32"
+            if value % 16 == 0 and name not in no_spec:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    options = {k: meta[k] for k in OPTIONS if k in meta}
+    return triton.compile(source, target=TARGET, options=options)
+
+
+def ttgir_sm90(kernel, args, meta):
+    return compile_sm90(kernel, args, meta).asm["ttgir"]
+
+
+def registers(compiled):
+    """Registers per thread of a compiled kernel, from cuobjdump's resource usage of its cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+    return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+
+
+def buffered_tiles(ttgir, rows, cols, dtype="bf16"):
+    """Leading dims of the shared-memory allocations of [rows, cols] tiles: a pipelined load's
+    buffer count (1: no prefetch)."""
+    return [int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x{rows}x{cols}x{dtype}", ttgir)]
+
+
+def decode_attention_kv_buffers():
+    """{case: [num_stages the launcher chose, leading dims of triton_persistent's [BLOCK_N, D] K and V
+    tile buffers, registers per thread]} for small bf16 cases: contiguous and paged as the launcher
+    sizes them (every tile in one wave), and paged on one program (many tiles per program)."""
+    from kernels import decode_attention
+    from suite.decode_cases import DecodeCase, make_inputs
+
+    result = {}
+    for name, layout, programs in (("contiguous", "contiguous", None), ("paged, one wave", "paged", None),
+                                   ("paged, many tiles per program", "paged", 1)):
+        case = DecodeCase((300, 500), 8, 2, 128, torch.bfloat16, layout)
+        inputs = make_inputs(case, "cpu")
+        kernel, args, meta = capture_launch(
+            decode_attention, "_persistent",
+            lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)())
+        compiled = compile_sm90(kernel, args, meta)
+        result[name] = [meta["num_stages"], buffered_tiles(compiled.asm["ttgir"], meta["BLOCK_N"], case.head_dim),
+                        registers(compiled)]
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(decode_attention_kv_buffers()))
