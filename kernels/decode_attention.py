@@ -8,7 +8,8 @@ all g = Hq // Hkv query heads of its KV head at once (K and V are read once per 
 chunks of a sequence are merged by their log-sum-exp.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
   partials go to a workspace and a second kernel merges them.
-- triton_persistent: one launch, grid = SM count x 2 or 3 (all resident at once); each
+- triton_persistent: one launch, grid = SM count x 2 or 3 (meant to be resident at once, which paged
+  5-stage builds at 186-198 registers are not at 3 per SM: notes/next_gpu_session.md); each
   program walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens,
   so every program gets the same number of equal-sized tiles however unequal the lengths are. A single-chunk tile writes the output
   directly; otherwise the last tile of a (sequence, KV head) to finish merges its partials.
@@ -53,11 +54,10 @@ NUM_STAGES = 3
 # (B64-L4096 376 vs 387 us).
 PAGED_ONE_WAVE_STAGES = 5
 # Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
-# registers x 128 threads each; the default grid caps the registers so (max_registers). With equal tiles (uniform lengths, contiguous cache)
+# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles (uniform lengths, contiguous cache)
 # choose_programs may take 2 per SM, when that fills the last wave better: B64-L4096 1024 tiles,
 # 365 us on 264 programs vs 373 us on 396.
 PROGRAMS_PER_SM = 3
-REGISTERS_PER_SM = 65536  # sm_80 through sm_100
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
 MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
@@ -371,14 +371,6 @@ def choose_chunk(dims, sms, tiles_per_sm=1):
     return chunk
 
 
-def max_registers(programs_per_sm):
-    """Registers per thread at which programs_per_sm CTAs fit one SM's register file: every program
-    of a persistent grid must be resident at once, or the last ones start only when others end
-    (H100, paged, 5 stages: 186 registers left 2 of 3 programs per SM resident, and B4-L4096 var took
-    32 us; a build at 168 registers took 25)."""
-    return min(255, REGISTERS_PER_SM // (programs_per_sm * NUM_WARPS * 32) // 8 * 8)
-
-
 def choose_programs(tiles, sms, per_sm, equal_tiles):
     """per_sm programs per SM or, with equal tiles, the count in [MIN_PROGRAMS_PER_SM, per_sm] per SM
     whose waves are fullest (the most programs among equals): a part-empty last wave of equal tiles
@@ -478,10 +470,8 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     chunk = _chunk(chunk, dims, sms, block_table is not None)
     max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
     tiles = batch * num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths
-    resident = {}
     if num_programs is None:
         per_sm = PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM
-        resident = dict(maxnreg=max_registers(per_sm))
         # A paged tile's per-row table lookups make it latency-bound: it gains from every program
         # (H100, B16-L16384: 384 us on 396 programs vs 402 on 264), so only contiguous tiles count as equal.
         equal_tiles = block_table is None and dims.min_len == dims.max_len
@@ -492,7 +482,7 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (min(num_programs, max_tiles),),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
-                 dict(BLOCK_B=triton.next_power_of_2(batch), **resident),
+                 dict(BLOCK_B=triton.next_power_of_2(batch)),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
                  block_k=_block_k(block_k, chunk, dims.quant),
                  num_stages=PAGED_ONE_WAVE_STAGES if paged_one_wave else NUM_STAGES)

@@ -136,32 +136,20 @@ def test_program_count_fills_the_last_wave_of_equal_tiles():
     assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 2 * sms
 
 
-def test_persistent_builds_prefetch_and_stay_resident():
+def test_persistent_builds_prefetch_kv_tiles():
     # Compiled for sm_90 on any machine (suite/kernel_ir.py, in a process without the interpreter).
     # The K and V tiles need two buffers (a prefetch). A paged cache at 3 stages gets only one,
-    # because the block-table load takes a stage; that is why one-wave paged launches use 5. And
-    # every program of the default grid must fit on the GPU at once (max_registers).
+    # because the block-table load takes a stage; that is why one-wave paged launches use 5.
     env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
     run = subprocess.run([sys.executable, "-m", "suite.kernel_ir"], env=env, capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.splitlines()[-1])
     da = decode_attention
-    cap = da.max_registers(da.PROGRAMS_PER_SM)
-    stages, buffers, registers = result["contiguous"]
-    assert (stages, buffers) == (da.NUM_STAGES, [2, 2]) and registers <= cap
-    stages, buffers, registers = result["paged, one wave"]
-    assert (stages, buffers) == (da.PAGED_ONE_WAVE_STAGES, [2, 2]) and registers <= cap
-    stages, buffers, _ = result["paged, many tiles per program"]
-    assert (stages, buffers) == (da.NUM_STAGES, [1, 1]), \
+    assert result["contiguous"][:2] == [da.NUM_STAGES, [2, 2]]
+    assert result["paged, one wave"][:2] == [da.PAGED_ONE_WAVE_STAGES, [2, 2]]
+    assert result["paged, many tiles per program"][:2] == [da.NUM_STAGES, [1, 1]], \
         "paged tiles at NUM_STAGES are no longer single-buffered: re-measure PAGED_ONE_WAVE_STAGES"
-
-
-def test_register_cap_fits_the_programs_of_an_sm():
-    assert decode_attention.max_registers(3) == 168  # 3 x 128 threads x 168 <= 65536
-    assert decode_attention.max_registers(2) == 255  # the most a thread may have
-    for per_sm in (1, 2, 3, 4):
-        assert per_sm * decode_attention.NUM_WARPS * 32 * decode_attention.max_registers(per_sm) <= 65536
 
 
 def _bad(inputs, **changes):
