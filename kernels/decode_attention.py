@@ -11,8 +11,9 @@ chunks of a sequence are merged by their log-sum-exp.
 - triton_persistent: one launch, grid = SM count x 2 or 3 (meant to be resident at once, which paged
   5-stage builds at 186-198 registers are not at 3 per SM: notes/next_gpu_session.md); each
   program walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens,
-  so every program gets the same number of equal-sized tiles however unequal the lengths are. A single-chunk tile writes the output
-  directly; otherwise the last tile of a (sequence, KV head) to finish merges its partials.
+  so every program gets the same number of equal-sized tiles however unequal the lengths are. A
+  single-chunk tile writes the output directly; otherwise the last tile of a (sequence, KV head) to
+  finish merges its partials.
 
 Each launcher checks its arguments (one device sync for the value checks), allocates output and
 workspace, and returns a zero-argument `launch()` so benchmarks time kernel launches only.
@@ -49,14 +50,14 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 # Paged caches: the pipeliner gives the block-table load a stage of its own, so 3 stages leave the K
 # and V tiles one buffer (no prefetch); 5 give them two, as 3 do for a contiguous cache. That pays
-# where each program has one tile (split-KV's CTAs always), whose latency nothing else hides (H100: B16-L4096 100 vs 107 us,
-# B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were as fast or faster
-# (B64-L4096 376 vs 387 us).
+# where each program has one tile (split-KV's CTAs always), whose latency nothing else hides (H100:
+# B16-L4096 100 vs 107 us, B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were
+# as fast or faster (B64-L4096 376 vs 387 us).
 PAGED_ONE_WAVE_STAGES = 5
 # Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
-# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles (uniform lengths, contiguous cache)
-# choose_programs may take 2 per SM, when that fills the last wave better: B64-L4096 1024 tiles,
-# 365 us on 264 programs vs 373 us on 396.
+# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
+# (uniform lengths, contiguous cache) choose_programs may take 2 per SM, when that fills the last
+# wave better: B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on 396.
 PROGRAMS_PER_SM = 3
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
 MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned

@@ -1,5 +1,6 @@
 """What the compiler makes of a launcher's choices, on any machine: capture the arguments a launcher
-passes to its Triton kernel, compile that kernel for sm_90 (no GPU needed) and read its TTGIR.
+passes to its Triton kernel, compile that kernel for sm_90 (no GPU needed) and read its TTGIR and
+registers.
 
     python -m suite.kernel_ir    # decode attention's stages, K/V tile buffers and registers, as JSON
 
@@ -52,11 +53,12 @@ def compile_sm90(kernel, args, meta):
     where the kernel says not to specialize. Returns the compiled kernel (asm: ttgir, ptx, cubin)."""
     no_spec = _names(kernel, kernel.do_not_specialize)
     no_align = no_spec | _names(kernel, kernel.do_not_specialize_on_alignment)
-    values = dict(zip(kernel.arg_names, args)) | {k: v for k, v in meta.items() if k not in OPTIONS}
+    positional = dict(zip(kernel.arg_names, args))
+    values = positional | {k: v for k, v in meta.items() if k not in OPTIONS}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         value = values[name]
-        if name not in dict(zip(kernel.arg_names, args)) or value is None or (
+        if name not in positional or value is None or (
                 isinstance(value, int) and value == 1 and name not in no_spec):
             signature[name], constexprs[(i,)] = "constexpr", value
         elif isinstance(value, torch.Tensor):
@@ -72,10 +74,6 @@ def compile_sm90(kernel, args, meta):
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     options = {k: meta[k] for k in OPTIONS if k in meta}
     return triton.compile(source, target=TARGET, options=options)
-
-
-def ttgir_sm90(kernel, args, meta):
-    return compile_sm90(kernel, args, meta).asm["ttgir"]
 
 
 def registers(compiled):
