@@ -8,10 +8,9 @@ all g = Hq // Hkv query heads of its KV head at once (K and V are read once per 
 chunks of a sequence are merged by their log-sum-exp.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
   partials go to a workspace and a second kernel merges them.
-- triton_persistent: one launch, grid = SM count x 2 or 3 (meant to be resident at once, which paged
-  5-stage builds at 186-198 registers are not at 3 per SM: notes/next_gpu_session.md); each
-  program walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens,
-  so every program gets the same number of equal-sized tiles however unequal the lengths are. A
+- triton_persistent: one launch, grid = SM count x 2 or 3, all resident at once (registers are
+  capped where a build needs more); each program walks a work list of (sequence, KV head, chunk)
+  tiles built in-kernel from seq_lens, so every program gets the same number of equal-sized tiles however unequal the lengths are. A
   single-chunk tile writes the output directly; otherwise the last tile of a (sequence, KV head) to
   finish merges its partials.
 
@@ -61,6 +60,13 @@ PAGED_ONE_WAVE_STAGES = 5
 PROGRAMS_PER_SM = 3
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
 MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
+# Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
+# registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged
+# B4-L16384 var: 54.2 us uncapped, 42.7 capped at 168). A cap is set only where the build needs it:
+# one that changes no count still reschedules (paged B64-L1024 var, 168 registers either way: 72.5 us
+# uncapped, 80.4 capped).
+SM_REGISTERS = 65536
+MAX_THREAD_REGISTERS = 255
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
 # Integer arguments that change with the shape but not the code worth generating: Triton would
 # otherwise build a kernel per combination of "== 1" and "divisible by 16" among them (the GPU run of
@@ -386,6 +392,18 @@ def choose_programs(tiles, sms, per_sm, equal_tiles):
     return max(range(min(MIN_PROGRAMS_PER_SM, per_sm), per_sm + 1), key=lambda n: (fullness(n), n)) * sms
 
 
+def resident_registers(per_sm):
+    """The most registers per thread that let per_sm programs of NUM_WARPS warps share an SM."""
+    return min(MAX_THREAD_REGISTERS, SM_REGISTERS // (per_sm * NUM_WARPS * 32) // 8 * 8)  # 8 per thread granules
+
+
+def build_registers(kernel, grid, args, meta):
+    """Registers per thread of the build that kernel[grid](*args, **meta) launches (compiled, not run)."""
+    compiled = kernel.warmup(*args, grid=grid, **meta)
+    compiled._init_handles()  # loading the module reads its register count
+    return compiled.n_regs
+
+
 def _chunk(chunk, dims, sms, paged):
     if chunk is None:
         return choose_chunk(dims, sms, PAGED_TILES_PER_SM if paged else 1)
@@ -396,7 +414,7 @@ def _chunk(chunk, dims, sms, paged):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
-          out, chunk, dims, fused_merge, block_k, num_stages):
+          out, chunk, dims, fused_merge, block_k, num_stages, resident_per_sm=None):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
@@ -425,6 +443,10 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
             *extra_args(out))
     meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
                 num_warps=NUM_WARPS, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
+    if resident_per_sm is not None and not hw.interpreting():  # the interpreter has no registers
+        cap = resident_registers(resident_per_sm)
+        if build_registers(kernel, grid(max_chunks), args, meta) > cap:
+            meta["maxnreg"] = cap
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                   num_q_heads, num_kv_heads, max_chunks, chunk)
 
@@ -479,11 +501,13 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
         num_programs = choose_programs(tiles, sms, per_sm, equal_tiles)
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
-    paged_one_wave = block_table is not None and tiles <= num_programs
+    grid = min(num_programs, max_tiles)
+    paged_one_wave = block_table is not None and tiles <= grid
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
-    return _bind(_persistent, lambda _: (min(num_programs, max_tiles),),
+    return _bind(_persistent, lambda _: (grid,),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=triton.next_power_of_2(batch)),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
                  block_k=_block_k(block_k, chunk, dims.quant),
-                 num_stages=PAGED_ONE_WAVE_STAGES if paged_one_wave else NUM_STAGES)
+                 num_stages=PAGED_ONE_WAVE_STAGES if paged_one_wave else NUM_STAGES,
+                 resident_per_sm=triton.cdiv(grid, sms))

@@ -2,7 +2,7 @@
 passes to its Triton kernel, compile that kernel for sm_90 (no GPU needed) and read its TTGIR and
 registers.
 
-    python -m suite.kernel_ir    # decode attention's stages, K/V tile buffers and registers, as JSON
+    python -m suite.kernel_ir    # decode attention's stages, K/V tile buffers, registers and grid, as JSON
 
 Run it without TRITON_INTERPRET: the interpreter replaces the kernels that this compiles.
 """
@@ -12,6 +12,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -25,14 +26,21 @@ OPTIONS = ("num_warps", "num_stages", "maxnreg")
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # ships with Triton
 
 
-def capture_launch(module, kernel_name, run):
+def capture_launch(module, kernel_name, run, grids=None):
     """(kernel, args, meta) of the one `kernel[grid](*args, **meta)` that run() makes (binding the
-    launcher included: launchers hold on to the kernel), without running it."""
+    launcher included: launchers hold on to the kernel), without running it; its grid is appended
+    to `grids` if given. A launcher's `kernel.warmup(...)` compiles for sm_90 instead of the device."""
     kernel, calls = getattr(module, kernel_name), []
 
     class Recorder:
         def __getitem__(self, grid):
+            if grids is not None:
+                grids.append(grid)
             return lambda *args, **meta: calls.append((args, meta))
+
+        def warmup(self, *args, grid, **meta):
+            compiled = compile_sm90(kernel, args, meta)
+            return SimpleNamespace(n_regs=registers(compiled), _init_handles=lambda: None)
 
     setattr(module, kernel_name, Recorder())
     try:
@@ -91,26 +99,33 @@ def buffered_tiles(ttgir, rows, cols, dtype="bf16"):
     return [int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x{rows}x{cols}x{dtype}", ttgir)]
 
 
-def decode_attention_kv_buffers():
-    """{case: [num_stages the launcher chose, leading dims of triton_persistent's [BLOCK_N, D] K and V
-    tile buffers, registers per thread]} for small bf16 cases: contiguous and paged as the launcher
-    sizes them (every tile in one wave), and paged on one program (many tiles per program)."""
-    from kernels import decode_attention
+def decode_attention_builds():
+    """{case: {stages, kv_buffers, registers, programs_per_sm}} of triton_persistent's builds for
+    small bf16 cases: the stages the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile
+    buffers, registers per thread, and programs per SM in its grid. Cases: contiguous and paged as
+    the launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM), and paged
+    on one program (many tiles per program)."""
+    from kernels import decode_attention, hw
     from suite.decode_cases import DecodeCase, make_inputs
 
     result = {}
-    for name, layout, programs in (("contiguous", "contiguous", None), ("paged, one wave", "paged", None),
-                                   ("paged, many tiles per program", "paged", 1)):
-        case = DecodeCase((300, 500), 8, 2, 128, torch.bfloat16, layout)
+    two, three = (300, 500), (2000, 1500, 1800, 900, 1700, 1600)  # 2 and 3 programs per SM (2 KV heads, 4 SMs)
+    for name, lens, layout, programs in (("contiguous", two, "contiguous", None),
+                                         ("paged, one wave", two, "paged", None),
+                                         ("paged, one wave, 3 per SM", three, "paged", None),
+                                         ("paged, many tiles per program", two, "paged", 1)):
+        case = DecodeCase(lens, 8, 2, 128, torch.bfloat16, layout)
         inputs = make_inputs(case, "cpu")
+        grids = []
         kernel, args, meta = capture_launch(
             decode_attention, "_persistent",
-            lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)())
+            lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)(), grids)
         compiled = compile_sm90(kernel, args, meta)
-        result[name] = [meta["num_stages"], buffered_tiles(compiled.asm["ttgir"], meta["BLOCK_N"], case.head_dim),
-                        registers(compiled)]
+        result[name] = dict(stages=meta["num_stages"], registers=registers(compiled),
+                            kv_buffers=buffered_tiles(compiled.asm["ttgir"], meta["BLOCK_N"], case.head_dim),
+                            programs_per_sm=-(-grids[0][0] // hw.num_sms("cpu")))
     return result
 
 
 if __name__ == "__main__":
-    print(json.dumps(decode_attention_kv_buffers()))
+    print(json.dumps(decode_attention_builds()))

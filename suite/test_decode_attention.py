@@ -136,20 +136,28 @@ def test_program_count_fills_the_last_wave_of_equal_tiles():
     assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 2 * sms
 
 
-def test_persistent_builds_prefetch_kv_tiles():
+def test_persistent_builds_prefetch_and_fit():
     # Compiled for sm_90 on any machine (suite/kernel_ir.py, in a process without the interpreter).
     # The K and V tiles need two buffers (a prefetch). A paged cache at 3 stages gets only one,
     # because the block-table load takes a stage; that is why one-wave paged launches use 5.
+    # Every program of the grid must be resident: its registers fit its share of an SM.
     env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
     run = subprocess.run([sys.executable, "-m", "suite.kernel_ir"], env=env, capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.splitlines()[-1])
+    builds = json.loads(run.stdout.splitlines()[-1])
     da = decode_attention
-    assert result["contiguous"][:2] == [da.NUM_STAGES, [2, 2]]
-    assert result["paged, one wave"][:2] == [da.PAGED_ONE_WAVE_STAGES, [2, 2]]
-    assert result["paged, many tiles per program"][:2] == [da.NUM_STAGES, [1, 1]], \
+    assert [builds[c]["stages"] for c in builds] == [da.NUM_STAGES, da.PAGED_ONE_WAVE_STAGES,
+                                                     da.PAGED_ONE_WAVE_STAGES, da.NUM_STAGES]
+    assert builds["contiguous"]["kv_buffers"] == [2, 2]
+    assert builds["paged, one wave"]["kv_buffers"] == [2, 2]
+    assert builds["paged, one wave, 3 per SM"]["kv_buffers"] == [2, 2]
+    assert builds["paged, many tiles per program"]["kv_buffers"] == [1, 1], \
         "paged tiles at NUM_STAGES are no longer single-buffered: re-measure PAGED_ONE_WAVE_STAGES"
+    assert builds["paged, one wave, 3 per SM"]["programs_per_sm"] == 3
+    for case, build in builds.items():
+        threads = build["programs_per_sm"] * da.NUM_WARPS * 32
+        assert build["registers"] * threads <= da.SM_REGISTERS, f"{case}: not every program is resident: {build}"
 
 
 def _bad(inputs, **changes):
