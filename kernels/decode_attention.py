@@ -68,6 +68,9 @@ MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tune
 SM_REGISTERS = 65536
 MAX_THREAD_REGISTERS = 255
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
+# seq_lens lanes of a batch > 1: batches 2..16 share one build, which costs nothing (H100, B2-B8:
+# 0.96-1.01x the time of exact lanes); a single sequence keeps its own (one lane, no reductions).
+MIN_BLOCK_B = 16
 # Integer arguments that change with the shape but not the code worth generating: Triton would
 # otherwise build a kernel per combination of "== 1" and "divisible by 16" among them (the GPU run of
 # the minimal profile spent 149 of test_decode_attention.py's 166 s building 140 kernels). The K/V
@@ -506,7 +509,7 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (grid,),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
-                 dict(BLOCK_B=triton.next_power_of_2(batch)),
+                 dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
                  block_k=_block_k(block_k, chunk, dims.quant),
                  num_stages=PAGED_ONE_WAVE_STAGES if paged_one_wave else NUM_STAGES,
