@@ -69,7 +69,7 @@ SM_REGISTERS = 65536
 MAX_THREAD_REGISTERS = 255
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
 # seq_lens lanes of a batch > 1: batches 2..16 share one build, which costs nothing (H100, B2-B8:
-# 0.96-1.01x the time of exact lanes); a single sequence keeps its own (one lane, no reductions).
+# 0.96-1.01x the time of exact lanes); a single sequence keeps its one-lane build (B1 not measured at 16).
 MIN_BLOCK_B = 16
 # Integer arguments that change with the shape but not the code worth generating: Triton would
 # otherwise build a kernel per combination of "== 1" and "divisible by 16" among them (the GPU run of
