@@ -57,6 +57,14 @@ def test_the_page_file_is_gone_after_close(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fmt", paged_offload.FORMATS)
+def test_host_chunks_are_contiguous_copies(fmt):
+    # chunk-major: each chunk of pageable host memory is one contiguous block for its copy
+    k = torch.randn(2, 40, 2, 64, dtype=torch.bfloat16)
+    host = paged_offload.store(k, k, 16, fmt)
+    assert all(t[i].is_contiguous() for t in (host.k, host.v) for i in range(host.k.shape[0]))
+
+
 @pytest.mark.requires_cuda
 def test_optimized_staging_is_pinned_and_double_buffered(tmp_path):
     case = ContextCase(2, 100, 32, **SMALL)
