@@ -14,6 +14,9 @@ chunks of a sequence are merged by their log-sum-exp.
   single-chunk tile writes the output directly; otherwise the last tile of a (sequence, KV head) to
   finish merges its partials.
 
+Quantized caches (int8, fp8, int4) are read as 16-bit units split into fp16 planes
+(kernels/kv_planes.py) wherever they view as such, else byte by byte (_attend_chunk).
+
 Each launcher checks its arguments (one device sync for the value checks), allocates output and
 workspace, and returns a zero-argument `launch()` so benchmarks time kernel launches only.
 """
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels import hw, kv_quant
+from kernels.kv_planes import _attend_chunk_planes, _int8_to_f16, _nibble_to_f16, quant_units, unit_view
 from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check_power_of_two, check_tensor,
                             check_unit_stride_last)
 
@@ -75,23 +79,9 @@ MIN_BLOCK_B = 16
 # otherwise build a kernel per combination of "== 1" and "divisible by 16" among them (the GPU run of
 # the minimal profile spent 149 of test_decode_attention.py's 166 s building 140 kernels). The K/V
 # strides stay specialized: their divisibility sets the width of the tile loads.
-VARYING_INTS = ("stride_sx", "stride_sy", "stride_sh", "stride_bt", "page_size", "max_chunks", "num_q_heads",
-                "num_kv_heads")
+VARYING_INTS = ("stride_sx", "stride_sy", "stride_sh", "stride_bt", "page_size", "page_shift", "max_chunks",
+                "num_q_heads", "num_kv_heads")
 SCALES = ("k_scale_ptr", "v_scale_ptr")  # per-row fp32 loads: their alignment changes no load width
-
-
-@triton.jit
-def _int8_to_f16(x):
-    # Exact, on the integer ALUs instead of the conversion pipe: the fp16 with bits
-    # 0x6400 | (x + 128) is 1024 + x + 128.
-    bits = (x.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80) | 0x6400
-    return bits.to(tl.float16, bitcast=True) - 1152.0
-
-
-@triton.jit
-def _nibble_to_f16(n):
-    # n: uint16 in [0, 16), an int4 value + 8 -> that value, exactly (as _int8_to_f16)
-    return (n | 0x6400).to(tl.float16, bitcast=True) - 1032.0
 
 
 @triton.jit
@@ -230,9 +220,10 @@ def _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh
 def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
               part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
               stride_sx, stride_sy, stride_sh, stride_bt,
-              page_size, max_chunks, num_q_heads, num_kv_heads, chunk_size,
+              page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size,
               GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+              K_UNIT: tl.constexpr = 1, V_UNIT: tl.constexpr = 1, PAGE_POW2: tl.constexpr = False):
     # grid (B * Hkv, max_chunks): one tile each; tiles past the sequence's end exit.
     b = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
@@ -240,11 +231,19 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
     start = chunk * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
     if start < seq_len:
-        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
-                                      start, tl.minimum(start + chunk_size, seq_len), qk_scale,
-                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
-                                      stride_sx, stride_sy, stride_sh, stride_bt,
-                                      page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+        if K_UNIT == 1 and V_UNIT == 1:
+            acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                          start, tl.minimum(start + chunk_size, seq_len), qk_scale,
+                                          stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                                          stride_sx, stride_sy, stride_sh, stride_bt,
+                                          page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+        else:
+            acc, m_i, l_i = _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b,
+                                                 kvh, start, tl.minimum(start + chunk_size, seq_len), qk_scale,
+                                                 stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                                                 stride_sx, stride_sy, stride_sh, stride_bt,
+                                                 page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
+                                                 K_UNIT, V_UNIT, PAGE_POW2)
         _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
                        GROUP, HEAD_DIM, BLOCK_H)
 
@@ -266,11 +265,12 @@ def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, 
 def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
                 part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
                 stride_sx, stride_sy, stride_sh, stride_bt,
-                page_size, max_chunks, num_q_heads, num_kv_heads, chunk_size,
+                page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size,
                 counters_ptr, out_ptr, stride_ob, stride_oh, batch,
                 GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr):
+                BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr,
+                K_UNIT: tl.constexpr = 1, V_UNIT: tl.constexpr = 1, PAGE_POW2: tl.constexpr = False):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
     # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
@@ -287,10 +287,17 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
         chunk = local % nc
         start = chunk * chunk_size
         end = tl.minimum(start + chunk_size, tl.sum(tl.where(this, lens, 0), 0))
-        acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
-                                      start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
-                                      stride_sx, stride_sy, stride_sh, stride_bt,
-                                      page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+        if K_UNIT == 1 and V_UNIT == 1:
+            acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                          start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky,
+                                          stride_kh, stride_sx, stride_sy, stride_sh, stride_bt,
+                                          page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+        else:
+            acc, m_i, l_i = _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b,
+                                                 kvh, start, end, qk_scale, stride_qb, stride_qh, stride_kx,
+                                                 stride_ky, stride_kh, stride_sx, stride_sy, stride_sh, stride_bt,
+                                                 page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
+                                                 K_UNIT, V_UNIT, PAGE_POW2)
         if nc == 1:
             _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
         else:
@@ -427,6 +434,11 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     quantized = dims.quant != "none"
     if not quantized:  # unused by the kernel; any tensor will do
         k_scale = v_scale = k_cache[:1, :1, :1, 0]
+    k_unit, v_unit = quant_units(dims.quant, k_cache, v_cache, head_dim, NUM_WARPS)
+    if not paged and (k_unit, v_unit) != (1, 1) and k_cache.stride(2) * capacity >= 2 ** 31:
+        k_unit, v_unit = 1, 1  # the planes kernel's contiguous row offsets are 32-bit
+    # the kernel reads the rows as units: the strides below are K's view's, V's follow in-kernel
+    k_cache, v_cache = unit_view(k_cache, k_unit), unit_view(v_cache, v_unit)
     if paged:
         strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                    *((k_scale.stride(0), k_scale.stride(1), k_scale.stride(2)) if quantized else (0, 0, 0)),
@@ -442,9 +454,11 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     merge = dict(BLOCK_G=block_g, MERGE_C=max(1, MERGE_ROWS // block_g))
     args = (q, k_cache, v_cache, k_scale, v_scale, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
-            page_size, max_chunks, num_q_heads, num_kv_heads, chunk,
+            page_size, page_size.bit_length() - 1, max_chunks, num_q_heads, num_kv_heads, chunk,
             *extra_args(out))
     meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
+                K_UNIT=k_unit, V_UNIT=v_unit,
+                PAGE_POW2=paged and (k_unit, v_unit) != (1, 1) and page_size & (page_size - 1) == 0,
                 num_warps=NUM_WARPS, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
     if resident_per_sm is not None and not hw.interpreting():  # the interpreter has no registers
         cap = resident_registers(resident_per_sm)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import decode_attention, kv_quant
+from kernels import decode_attention, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.interpreter import INTERPRET_ENV
@@ -264,6 +264,36 @@ def test_quantization_loss_is_reported_against_unquantized_attention(fmt, device
     inputs, exact = make_case_tensors(case, device)
     loss = quantization_loss(reference.decode_attention(**inputs), inputs, exact)
     assert 0 < loss < {"int8": 0.02, "fp8": 0.08, "int4": 0.3}[fmt], loss
+
+
+def test_quantized_tiles_are_read_as_16_bit_units_where_they_can_be():
+    # kernels/kv_planes.py: 16-bit units, but V in bytes where its planes would be narrower than 8
+    # columns per warp (int4 at D=64), and bytes throughout where a cache does not view as units.
+    def units(fmt, head_dim, offset=0):
+        width = head_dim // 2 if fmt == "int4" else head_dim
+        store = torch.zeros(offset + 2 * 3 * 40 * width, dtype=torch.int8)[offset:].view(2, 3, 40, width)
+        return kv_planes.quant_units(fmt, store, store, head_dim, decode_attention.NUM_WARPS)
+    assert units("none", 128) == (1, 1)
+    assert units("int8", 128) == units("int8", 64) == units("int4", 128) == (2, 2)
+    assert units("int4", 64) == (2, 1)
+    assert units("int8", 128, offset=1) == (1, 1)
+
+
+@pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
+@pytest.mark.parametrize("variant", FUSED_DEQUANT)
+def test_quantized_caches_that_are_not_units_are_read_as_bytes(variant, fmt, device):
+    # An odd storage offset: the byte-by-byte path (_attend_chunk) against the same oracle.
+    case = DecodeCase((300, 77), q_heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout="paged",
+                      quant=fmt)
+    inputs = make_inputs(case, device)
+    for name in ("k_cache", "v_cache"):
+        cache = inputs[name]
+        odd = torch.empty(cache.numel() + 1, dtype=cache.dtype, device=device)[1:].view(cache.shape)
+        inputs[name] = odd.copy_(cache)
+    assert kv_planes.quant_units(fmt, inputs["k_cache"], inputs["v_cache"], 64, decode_attention.NUM_WARPS) == (1, 1)
+    out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)
+    VARIANTS[variant](**inputs, out=out)()
+    check_output(out, inputs)
 
 
 QUANT_BAD_INPUTS = {
