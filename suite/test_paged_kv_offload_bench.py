@@ -66,10 +66,14 @@ def test_paged_kv_offload(benchmark, variant, fmt, device, perf, rounds, pytestc
             stream_s = measure(lambda: decode(compute=False), device=device, rounds=rounds, cold=False,
                                before=before, host_bound=True)
             attend_s = measure(lambda: decode(copy=False), device=device, rounds=rounds, cold=False)
-            metrics["overlap_fraction"] = overlap(stream_s, attend_s, seconds)
+            hidden = overlap(stream_s, attend_s, seconds)
+            # Gated for the optimized variant only: the baseline is synchronous by design, and with
+            # attention ~1% of its step, noise in its streaming time alone moves this anywhere in [0, 1].
+            if variant != BASELINE:
+                metrics["overlap_fraction"] = hidden
             benchmark.extra_info.update(stream_ms=1e3 * stream_s, attend_ms=1e3 * attend_s,
-                                        tokens_per_s=case.batch / seconds)
-            rate = f"{case.batch / seconds:,.0f} tok/s, {100 * metrics['overlap_fraction']:.0f}% overlapped"
+                                        tokens_per_s=case.batch / seconds, overlap_measured=hidden)
+            rate = f"{case.batch / seconds:,.0f} tok/s, {100 * hidden:.0f}% overlapped"
             key = f"{fmt}/{case}"
             if variant == BASELINE:
                 perf.set_baseline(WORKLOAD, key, seconds)
