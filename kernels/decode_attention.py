@@ -87,9 +87,9 @@ SCALES = ("k_scale_ptr", "v_scale_ptr")  # per-row fp32 loads: their alignment c
 @triton.jit
 def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
                   stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy, stride_sh,
-                  stride_bt, page_size,
+                  stride_bt, page_size, page_shift,
                   GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_POW2: tl.constexpr):
     # The GROUP query heads of KV head `kvh` over positions [start, end) of sequence b:
     # returns the unnormalized output [BLOCK_H, D], row max and row sum (log2 units).
     # Quantized caches (kernels/kv_quant.py): the dots run in fp16, which holds int8, int4 and e4m3
@@ -121,8 +121,12 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         # those columns get zero weight below.
         pos = tl.minimum(pos, end - 1)
         if PAGED:
-            page = tl.load(block_table_ptr + b * stride_bt + pos // page_size).to(tl.int64)
-            slot = (pos % page_size).to(tl.int64)
+            if PAGE_POW2:  # page_size == 2 ** page_shift: a shift and a mask, not a division by a runtime value
+                page = tl.load(block_table_ptr + b * stride_bt + (pos >> page_shift)).to(tl.int64)
+                slot = (pos & (page_size - 1)).to(tl.int64)
+            else:
+                page = tl.load(block_table_ptr + b * stride_bt + pos // page_size).to(tl.int64)
+                slot = (pos % page_size).to(tl.int64)
             rows = page * stride_kx + slot * stride_ky
             scale_rows = page * stride_sx + slot * stride_sy
         else:
@@ -236,7 +240,8 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
                                           start, tl.minimum(start + chunk_size, seq_len), qk_scale,
                                           stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
                                           stride_sx, stride_sy, stride_sh, stride_bt,
-                                          page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+                                          page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
+                                          PAGE_POW2)
         else:
             acc, m_i, l_i = _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b,
                                                  kvh, start, tl.minimum(start + chunk_size, seq_len), qk_scale,
@@ -291,7 +296,8 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
             acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
                                           start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky,
                                           stride_kh, stride_sx, stride_sy, stride_sh, stride_bt,
-                                          page_size, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+                                          page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
+                                          PAGE_POW2)
         else:
             acc, m_i, l_i = _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b,
                                                  kvh, start, end, qk_scale, stride_qb, stride_qh, stride_kx,
@@ -458,7 +464,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
             *extra_args(out))
     meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
                 K_UNIT=k_unit, V_UNIT=v_unit,
-                PAGE_POW2=paged and (k_unit, v_unit) != (1, 1) and page_size & (page_size - 1) == 0,
+                PAGE_POW2=paged and page_size & (page_size - 1) == 0,
                 num_warps=NUM_WARPS, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
     if resident_per_sm is not None and not hw.interpreting():  # the interpreter has no registers
         cap = resident_registers(resident_per_sm)

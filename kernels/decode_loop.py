@@ -129,8 +129,8 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
             acc, m_i, l_i = _attend_chunk(model_scratch_ptr + D_MODEL, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
                                           seq_lens_ptr, b, kvh, 0, seq_len, qk_scale,
                                           3 * D_MODEL, HEAD_DIM, stride_kb, stride_kl, stride_kh,
-                                          stride_sb, stride_sl, stride_sh, 0, 1,
-                                          GROUP, False, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+                                          stride_sb, stride_sl, stride_sh, 0, 1, 0,
+                                          GROUP, False, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, False)
             _store_heads(model_scratch_ptr + 2 * D_MODEL, 3 * D_MODEL, HEAD_DIM, b, kvh, acc / l_i[:, None],
                          GROUP, HEAD_DIM, BLOCK_H)
         tl.debug_barrier()

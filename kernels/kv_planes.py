@@ -141,7 +141,7 @@ def _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_ta
                          HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                          K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr):
     # As _attend_chunk, for a quantized cache whose K and V rows are read as K_UNIT- and V_UNIT-byte
-    # units (k_ptr/v_ptr: int16/int32 views for 2/4; the strides are in K units). A tile [BLOCK_N, UNITS]
+    # units (k_ptr/v_ptr: int16 views for 2; the strides are in K units). A tile [BLOCK_N, UNITS]
     # of units splits into NP planes of fp16 [BLOCK_N, UNITS] (plane P: byte P % UNIT of each unit,
     # int4: its nibble P // UNIT): S sums NP dots of q's matching columns with the K planes, and each
     # V plane accumulates its own columns of the output. V's dot reduces over positions: read as

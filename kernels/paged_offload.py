@@ -46,7 +46,7 @@ def _attend_merge(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_run_ptr, lse_run_ptr, o
     kvh = tl.program_id(1)
     acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, q_ptr, b, kvh, 0, n_valid, qk_scale,
                                   stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_sb, stride_st,
-                                  stride_sh, 0, 1, GROUP, False, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N)
+                                  stride_sh, 0, 1, 0, GROUP, False, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, False)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     h_mask = offs_h < GROUP
