@@ -122,6 +122,24 @@ def _planes2(u, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _tile_planes(u, UNIT: tl.constexpr, NP: tl.constexpr, QUANT: tl.constexpr):
+    # The NP fp16 planes of a tile of UNIT-byte units, as four (planes past NP repeat earlier ones
+    # and are not read)
+    if UNIT == 2:
+        return _planes2(u, QUANT)
+    p0 = _plane_f16(u, 0, UNIT, QUANT)
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    if NP >= 2:
+        p1 = _plane_f16(u, 1, UNIT, QUANT)
+    if NP == 4:
+        p2 = _plane_f16(u, 2, UNIT, QUANT)
+        p3 = _plane_f16(u, 3, UNIT, QUANT)
+    return p0, p1, p2, p3
+
+
+@triton.jit
 def _plane_cols(P: tl.constexpr, UNIT: tl.constexpr, HEAD_DIM: tl.constexpr, UNITS: tl.constexpr):
     # The head-dim index of plane P's columns: (D/2) * hi + UNIT * c + j (kernels/kv_quant.py's int4
     # keeps element i + D/2 in the high nibble of byte i)
@@ -200,16 +218,7 @@ def _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_ta
                 v_tile = v_base + rows[:, None] + offs_v[None, :]
             else:
                 v_tile = v_base + (rows * K_UNIT // V_UNIT)[:, None] + offs_v[None, :]
-        k = tl.load(k_tile)
-        if K_UNIT == 2:
-            k0, k1, k2, k3 = _planes2(k, QUANT)
-        else:
-            k0 = _plane_f16(k, 0, K_UNIT, QUANT)
-            if NPK >= 2:
-                k1 = _plane_f16(k, 1, K_UNIT, QUANT)
-            if NPK == 4:
-                k2 = _plane_f16(k, 2, K_UNIT, QUANT)
-                k3 = _plane_f16(k, 3, K_UNIT, QUANT)
+        k0, k1, k2, k3 = _tile_planes(tl.load(k_tile), K_UNIT, NPK, QUANT)
         s = tl.dot(q0, tl.trans(k0))
         if NPK >= 2:
             s = tl.dot(q1, tl.trans(k1), s)
@@ -224,16 +233,7 @@ def _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_ta
         l_cols = l_cols * alpha[:, None] + p
         p *= tl.load(v_scale_ptr + scale_rows)[None, :]
         p16 = p.to(tl.float16)
-        v = tl.load(v_tile)
-        if V_UNIT == 2:
-            v0, v1, v2, v3 = _planes2(v, QUANT)
-        else:
-            v0 = _plane_f16(v, 0, V_UNIT, QUANT)
-            if NPV >= 2:
-                v1 = _plane_f16(v, 1, V_UNIT, QUANT)
-            if NPV == 4:
-                v2 = _plane_f16(v, 2, V_UNIT, QUANT)
-                v3 = _plane_f16(v, 3, V_UNIT, QUANT)
+        v0, v1, v2, v3 = _tile_planes(tl.load(v_tile), V_UNIT, NPV, QUANT)
         acc0 = acc0 * alpha[:, None] + tl.dot(p16, v0)
         if NPV >= 2:
             acc1 = acc1 * alpha[:, None] + tl.dot(p16, v1)
