@@ -10,9 +10,9 @@ chunks of a sequence are merged by their log-sum-exp.
   partials go to a workspace and a second kernel merges them.
 - triton_persistent: one launch, grid = SM count x 2 or 3, all resident at once (registers are
   capped where a build needs more); each program walks a work list of (sequence, KV head, chunk)
-  tiles built in-kernel from seq_lens, so every program gets the same number of equal-sized tiles however unequal the lengths are. A
-  single-chunk tile writes the output directly; otherwise the last tile of a (sequence, KV head) to
-  finish merges its partials.
+  tiles built in-kernel from seq_lens, so every program gets the same number of equal-sized tiles
+  however unequal the lengths are. A single-chunk tile writes the output directly; otherwise the
+  last tile of a (sequence, KV head) to finish merges its partials.
 
 Quantized caches (int8, fp8, int4) are read as 16-bit units split into fp16 planes
 (kernels/kv_planes.py) wherever they view as such, else byte by byte (_attend_chunk).
@@ -167,6 +167,27 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
 
 
 @triton.jit
+def _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start, end, qk_scale,
+                 stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy, stride_sh,
+                 stride_bt, page_size, page_shift,
+                 GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, K_UNIT: tl.constexpr, V_UNIT: tl.constexpr,
+                 PAGE_POW2: tl.constexpr):
+    # A tile of either kernel: quantized caches read as 16-bit units go through kernels/kv_planes.py,
+    # everything else (fp16/bf16, caches that do not view as units) through _attend_chunk.
+    if K_UNIT == 1 and V_UNIT == 1:
+        return _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start, end,
+                             qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy,
+                             stride_sh, stride_bt, page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H,
+                             BLOCK_N, PAGE_POW2)
+    else:
+        return _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start,
+                                    end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx,
+                                    stride_sy, stride_sh, stride_bt, page_size, page_shift, GROUP, PAGED, QUANT,
+                                    HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2)
+
+
+@triton.jit
 def _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, o,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)
@@ -227,7 +248,7 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
               page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size,
               GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-              K_UNIT: tl.constexpr = 1, V_UNIT: tl.constexpr = 1, PAGE_POW2: tl.constexpr = False):
+              K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr):
     # grid (B * Hkv, max_chunks): one tile each; tiles past the sequence's end exit.
     b = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
@@ -235,20 +256,11 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
     start = chunk * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
     if start < seq_len:
-        if K_UNIT == 1 and V_UNIT == 1:
-            acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
-                                          start, tl.minimum(start + chunk_size, seq_len), qk_scale,
-                                          stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
-                                          stride_sx, stride_sy, stride_sh, stride_bt,
-                                          page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
-                                          PAGE_POW2)
-        else:
-            acc, m_i, l_i = _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b,
-                                                 kvh, start, tl.minimum(start + chunk_size, seq_len), qk_scale,
-                                                 stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
-                                                 stride_sx, stride_sy, stride_sh, stride_bt,
-                                                 page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
-                                                 K_UNIT, V_UNIT, PAGE_POW2)
+        acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                     start, tl.minimum(start + chunk_size, seq_len), qk_scale,
+                                     stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                                     stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift,
+                                     GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2)
         _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
                        GROUP, HEAD_DIM, BLOCK_H)
 
@@ -275,7 +287,7 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                 GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr,
-                K_UNIT: tl.constexpr = 1, V_UNIT: tl.constexpr = 1, PAGE_POW2: tl.constexpr = False):
+                K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
     # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
@@ -292,18 +304,10 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
         chunk = local % nc
         start = chunk * chunk_size
         end = tl.minimum(start + chunk_size, tl.sum(tl.where(this, lens, 0), 0))
-        if K_UNIT == 1 and V_UNIT == 1:
-            acc, m_i, l_i = _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
-                                          start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky,
-                                          stride_kh, stride_sx, stride_sy, stride_sh, stride_bt,
-                                          page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
-                                          PAGE_POW2)
-        else:
-            acc, m_i, l_i = _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b,
-                                                 kvh, start, end, qk_scale, stride_qb, stride_qh, stride_kx,
-                                                 stride_ky, stride_kh, stride_sx, stride_sy, stride_sh, stride_bt,
-                                                 page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
-                                                 K_UNIT, V_UNIT, PAGE_POW2)
+        acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                     start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                                     stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift,
+                                     GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2)
         if nc == 1:
             _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
         else:
@@ -440,9 +444,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     quantized = dims.quant != "none"
     if not quantized:  # unused by the kernel; any tensor will do
         k_scale = v_scale = k_cache[:1, :1, :1, 0]
-    k_unit, v_unit = quant_units(dims.quant, k_cache, v_cache, head_dim, NUM_WARPS)
-    if not paged and (k_unit, v_unit) != (1, 1) and k_cache.stride(2) * capacity >= 2 ** 31:
-        k_unit, v_unit = 1, 1  # the planes kernel's contiguous row offsets are 32-bit
+    k_unit, v_unit = quant_units(dims.quant, k_cache, v_cache, head_dim, NUM_WARPS, paged)
     # the kernel reads the rows as units: the strides below are K's view's, V's follow in-kernel
     k_cache, v_cache = unit_view(k_cache, k_unit), unit_view(v_cache, v_unit)
     if paged:

@@ -47,11 +47,9 @@ def _plane_f16(u, P: tl.constexpr, UNIT: tl.constexpr, QUANT: tl.constexpr):
         else:
             return u.to(tl.float16)
     elif QUANT == "int4":
-        n = ((u >> SHIFT) & 15).to(tl.uint16)
-        return (n | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        return _nibble_to_f16(((u >> SHIFT) & 15).to(tl.uint16))
     elif QUANT == "int8":
-        bits = ((u >> SHIFT) & 0xFF) ^ 0x6480  # 0x6400 | (x + 128): 1024 + x + 128
-        return bits.to(tl.uint16).to(tl.float16, bitcast=True) - 1152.0
+        return _int8_to_f16(((u >> SHIFT) & 0xFF).to(tl.uint8))
     else:
         return ((u >> SHIFT) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
@@ -188,7 +186,7 @@ def _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_ta
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     # Row sums are kept per column and reduced once per chunk: no cross-warp sum per step.
     l_cols = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-    if not PAGED:  # a contiguous tile is a 64-bit base and 32-bit row offsets (the launcher checks they fit)
+    if not PAGED:  # a contiguous tile is a 64-bit base and 32-bit row offsets (quant_units checks they fit)
         k_base = k_ptr + (b.to(tl.int64) * stride_kx + kvh * stride_kh)
         v_base = v_ptr + (b.to(tl.int64) * stride_kx + kvh * stride_kh) * K_UNIT // V_UNIT
         s_base = b.to(tl.int64) * stride_sx + kvh * stride_sh
@@ -260,13 +258,14 @@ def _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_ta
     return acc, m_i, l_i
 
 
-def quant_units(fmt, k_cache, v_cache, head_dim, num_warps):
+def quant_units(fmt, k_cache, v_cache, head_dim, num_warps, paged):
     """(K_UNIT, V_UNIT): bytes per unit in which _attend_chunk_planes reads fmt's K and V tiles, UNIT_BYTES
     each; 1 (the cache's own dtype) where a plane would be too narrow (K: < 16 columns, a dot's least
     K; V: < 8 per warp, which several warps would compute at once: int4 at D=64) or where the caches
-    do not view as units (a stride or the storage offset odd). (1, 1), for fp16/bf16 caches and
-    caches that do not view as units, means decode_attention's _attend_chunk."""
-    if fmt == "none":
+    do not view as units (a stride or the storage offset odd). (1, 1), for fp16/bf16 caches, caches
+    that do not view as units and contiguous caches whose row offsets pass 32 bits (the planes
+    kernel's), means decode_attention's _attend_chunk. k_cache: [B, Hkv, L_max, D'] or paged."""
+    if fmt == "none" or (not paged and k_cache.stride(2) * k_cache.shape[2] >= 2 ** 31):
         return 1, 1
     k_unit = v_unit = UNIT_BYTES
     row_bytes = kv_quant.values_per_byte_row(fmt, head_dim)

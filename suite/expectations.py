@@ -119,8 +119,8 @@ class Expectations:
 def update(directory, key, measured: dict, *, margin: float, provenance: dict, allow_lower=False) -> Path:
     """Write floors = measured * (1 - margin) into <directory>/<key>.json.
 
-    An existing floor is never lowered unless allow_lower, and a floor set by hand (its entry has a
-    "why") is left as it is. Returns the path written.
+    An existing floor is never lowered unless allow_lower, a floor set by hand (its entry has a
+    "why") is left as it is, and a measurement of zero writes no floor. Returns the path written.
     """
     path = Path(directory) / f"{key}.json"
     data = _read(path) if path.exists() else {"gates": {}}
@@ -135,6 +135,8 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
             if "why" in entry.get(metric, {}):
                 continue  # a deliberate floor, with its reason: an update does not override it
             floor = round(value * (1 - margin), 3)
+            if floor <= 0:
+                continue  # a floor of zero cannot fail: nothing measured to hold
             old = entry.get(metric, {}).get("floor")
             if old is not None and floor < old and not allow_lower:
                 continue  # keep the higher floor with the measurement it came from
@@ -142,5 +144,7 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
             written = True
         if written:
             entry["provenance"] = provenance
+        if not entry:
+            del data["gates"][gate_id]  # every metric measured zero: no gate
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path

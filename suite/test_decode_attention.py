@@ -268,15 +268,18 @@ def test_quantization_loss_is_reported_against_unquantized_attention(fmt, device
 
 def test_quantized_tiles_are_read_as_16_bit_units_where_they_can_be():
     # kernels/kv_planes.py: 16-bit units, but V in bytes where its planes would be narrower than 8
-    # columns per warp (int4 at D=64), and bytes throughout where a cache does not view as units.
+    # columns per warp (int4 at D=64), and bytes throughout where a cache does not view as units or a
+    # contiguous cache's row offsets would pass 32 bits.
     def units(fmt, head_dim, offset=0):
         width = head_dim // 2 if fmt == "int4" else head_dim
         store = torch.zeros(offset + 2 * 3 * 40 * width, dtype=torch.int8)[offset:].view(2, 3, 40, width)
-        return kv_planes.quant_units(fmt, store, store, head_dim, decode_attention.NUM_WARPS)
+        return kv_planes.quant_units(fmt, store, store, head_dim, decode_attention.NUM_WARPS, paged=False)
     assert units("none", 128) == (1, 1)
     assert units("int8", 128) == units("int8", 64) == units("int4", 128) == (2, 2)
     assert units("int4", 64) == (2, 1)
     assert units("int8", 128, offset=1) == (1, 1)
+    huge = torch.empty(1, 1, 2**24, 128, dtype=torch.int8, device="meta")  # row offsets past 32 bits
+    assert kv_planes.quant_units("int8", huge, huge, 128, decode_attention.NUM_WARPS, paged=False) == (1, 1)
 
 
 @pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
@@ -290,7 +293,8 @@ def test_quantized_caches_that_are_not_units_are_read_as_bytes(variant, fmt, dev
         cache = inputs[name]
         odd = torch.empty(cache.numel() + 1, dtype=cache.dtype, device=device)[1:].view(cache.shape)
         inputs[name] = odd.copy_(cache)
-    assert kv_planes.quant_units(fmt, inputs["k_cache"], inputs["v_cache"], 64, decode_attention.NUM_WARPS) == (1, 1)
+    assert kv_planes.quant_units(fmt, inputs["k_cache"], inputs["v_cache"], 64, decode_attention.NUM_WARPS,
+                                 paged=True) == (1, 1)
     out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)
     VARIANTS[variant](**inputs, out=out)()
     check_output(out, inputs)

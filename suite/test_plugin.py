@@ -115,6 +115,15 @@ def test_update_never_lowers_a_floor_unless_asked(tmp_path):
     assert (floor(1.0), floor(0.5), floor(0.5, allow_lower=True), floor(2.0)) == (1.0, 1.0, 0.5, 2.0)
 
 
+def test_update_writes_no_floor_that_cannot_fail(tmp_path):
+    # An overlap measured as 0 would make a floor of 0, which every run passes: no gate.
+    entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0, "overlap_fraction": 0.0}}, margin=0.1,
+                            provenance=PROV_A))
+    assert SPEEDUP in entry and "overlap_fraction" not in entry
+    path = update(tmp_path, "h100", {"b/none": {"overlap_fraction": 0.0}}, margin=0.1, provenance=PROV_A)
+    assert "b/none" not in json.loads(path.read_text())["gates"]
+
+
 def test_update_keeps_the_measured_value_and_provenance_of_a_kept_floor(tmp_path):
     update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0}}, margin=0.0, provenance=PROV_A)
     entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 0.5}}, margin=0.0, provenance=PROV_B))
