@@ -84,13 +84,18 @@ def compile_sm90(kernel, args, meta):
     return triton.compile(source, target=TARGET, options=options)
 
 
+def resource_usage(cubin):
+    """cuobjdump's resource usage of a cubin: {"REG": registers per thread, "LOCAL": bytes, ...}."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True)
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout)}
+
+
 def registers(compiled):
-    """Registers per thread of a compiled kernel, from cuobjdump's resource usage of its cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
-    return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+    """Registers per thread of a compiled Triton kernel."""
+    return resource_usage(compiled.asm["cubin"])["REG"]
 
 
 def buffered_tiles(ttgir, rows, cols, dtype="bf16"):

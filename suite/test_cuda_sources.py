@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kernels import cuda_build, cuda_decode_attention, cuda_decode_loop, prefill_kv_write
+from kernels.decode_attention import SM_REGISTERS
+from suite.kernel_ir import resource_usage
 
 ARCHS = ("sm_90a", "sm_100a")
 BUILDS = {"tma_probe": [{}], "smem_probe": [{}], "kv_write": prefill_kv_write.builds(),
@@ -93,6 +95,15 @@ def test_nvcc_compiles(case, arch, nvcc_builds, request):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_nvrtc_compiles(case, arch, nvrtc_builds, request):
     assert nvrtc_builds[request.node.callspec.id].result()[:4] == ELF_MAGIC
+
+
+def test_cuda_persistent_fits_its_ctas_per_sm():
+    # sm_90a: CTAS_PER_SM CTAs of THREADS threads share an SM's registers (8-register granules),
+    # and nothing spills to local memory; __launch_bounds__ in decode_attention.cu promises both
+    limit = SM_REGISTERS // (cuda_decode_attention.CTAS_PER_SM * cuda_decode_attention.THREADS) // 8 * 8
+    for defines in pairwise_cover(cuda_decode_attention.builds()):
+        usage = resource_usage(cuda_build.compile_cubin("decode_attention", "sm_90a", defines))
+        assert usage["REG"] <= limit and usage["LOCAL"] == 0 and usage["STACK"] == 0, (defines, usage)
 
 
 def test_a_build_is_cached_on_disk(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 // blocks staged in shared memory (16-byte chunks, XOR-swizzled), ATT_WARPS warps each taking 16
 // positions of a block with mma.sync m16n8k16 (the query heads of one KV head as the M rows):
 // S = Q K^T, an online softmax in registers, O += P V; then the warps' states merge through
-// shared memory.
+// shared memory. Shared memory is addressed by 32-bit shared-window addresses throughout (no
+// generic-to-shared conversion per access).
 //
 // Defines: ELEM_BF16, HEAD_DIM (64, 128), GROUP_MAX (4, 8, 16: at least the query heads per KV
 // head); ATT_WARPS (default 4).
@@ -18,27 +19,29 @@ constexpr int BLOCK_N = ATT_WARPS * WARP_N;  // positions per pipeline stage
 constexpr int CHUNKS = HEAD_DIM / 8;         // 16-byte chunks per K or V row
 constexpr int K_STEPS = HEAD_DIM / 16;       // mma k-steps of Q K^T
 constexpr int D_TILES = HEAD_DIM / 8;        // mma n-tiles of O
-constexpr int STAGE_ELEMS = 2 * BLOCK_N * HEAD_DIM;  // K then V
+constexpr int QUADS = HEAD_DIM / 4;          // float4s per head row (the warps' merge)
+constexpr int ROW_BYTES = HEAD_DIM * 2;
+constexpr int KV_BYTES = BLOCK_N * ROW_BYTES;  // one block of K (or V)
+constexpr int STAGE_BYTES = 2 * KV_BYTES;      // K then V
 constexpr int MERGE_FLOATS = ATT_WARPS * GROUP_MAX * (HEAD_DIM + 2);  // the warps' m, l and O
 
 static_assert(GROUP_MAX >= 1 && GROUP_MAX <= 16, "query heads per KV head: the 16 rows of an mma tile");
 
-__device__ __forceinline__ void cp_async_16_zfill(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0)
+__device__ __forceinline__ void cp_async_16_zfill(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                  : "memory");
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
 
 // d += a (16x16, row) . b (16x8, col), fp32 accumulators
@@ -70,9 +73,9 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
-// Element offset of 16-byte chunk c of row r in a stage: chunks XOR-swizzled by the row so that
-// ldmatrix's eight rows of one chunk column fall in different banks.
-__device__ __forceinline__ int swz(int r, int c) { return r * HEAD_DIM + ((c ^ (r & 7)) * 8); }
+// Byte offset of 16-byte chunk c of row r in a K or V block: chunks XOR-swizzled by the row so
+// that ldmatrix's eight rows of one chunk column fall in different banks.
+__device__ __forceinline__ u32 swz(int r, int c) { return r * ROW_BYTES + ((c ^ (r & 7)) << 4); }
 
 // Q as mma A fragments: rows = the GROUP query heads of a KV head (zero past `group`), read from
 // q (global or shared memory) with stride_h elements between heads.
@@ -98,16 +101,17 @@ struct WarpSoftmax {
         l[0] = l[1] = 0.f;
     }
 
-    // This warp's 16 rows of a staged block (kst, vst: the block's K and V); `first` is the
-    // position of its first row, positions >= end are masked. scale: log2(e) / sqrt(D).
-    __device__ __forceinline__ void attend(const u16* kst, const u16* vst, const u32 (*qa)[4], int first, int end,
-                                           float scale, int lane, int warp) {
+    // This warp's 16 rows of a staged block (kst, vst: shared addresses of the block's K and V);
+    // `first` is the position of its first row, positions >= end are masked. scale: log2(e) / sqrt(D).
+    __device__ __forceinline__ void attend(u32 kst, u32 vst, const u32 (*qa)[4], int first, int end, float scale,
+                                           int lane, int warp) {
         const int cq = (lane % 4) * 2;
         float s[2][4] = {};
+        const int krow = warp * WARP_N + (lane / 16) * 8 + lane % 8;
 #pragma unroll
         for (int ks = 0; ks < K_STEPS; ++ks) {
             u32 b[4];
-            ldmatrix_x4(b, kst + swz(warp * WARP_N + (lane / 16) * 8 + lane % 8, ks * 2 + (lane / 8) % 2));
+            ldmatrix_x4(b, kst + swz(krow, ks * 2 + (lane / 8) % 2));
             mma(s[0], qa[ks], b[0], b[1]);
             mma(s[1], qa[ks], b[2], b[3]);
         }
@@ -146,10 +150,11 @@ struct WarpSoftmax {
             o[t][2] *= alpha[1];
             o[t][3] *= alpha[1];
         }
+        const int vrow = warp * WARP_N + ((lane / 8) % 2) * 8 + lane % 8;
 #pragma unroll
         for (int dp = 0; dp < D_TILES / 2; ++dp) {
             u32 b[4];
-            ldmatrix_x4_trans(b, vst + swz(warp * WARP_N + ((lane / 8) % 2) * 8 + lane % 8, dp * 2 + lane / 16));
+            ldmatrix_x4_trans(b, vst + swz(vrow, dp * 2 + lane / 16));
             mma(o[2 * dp], pa, b[0], b[1]);
             mma(o[2 * dp + 1], pa, b[2], b[3]);
         }
@@ -172,26 +177,31 @@ struct WarpSoftmax {
                 l_w[warp * GROUP_MAX + row] = l[h];
             }
 #pragma unroll
-            for (int t = 0; t < D_TILES; ++t) {
-                o_w[(warp * GROUP_MAX + row) * HEAD_DIM + t * 8 + cq] = o[t][2 * h];
-                o_w[(warp * GROUP_MAX + row) * HEAD_DIM + t * 8 + cq + 1] = o[t][2 * h + 1];
-            }
+            for (int t = 0; t < D_TILES; ++t)
+                *reinterpret_cast<float2*>(o_w + (warp * GROUP_MAX + row) * HEAD_DIM + t * 8 + cq) =
+                    make_float2(o[t][2 * h], o[t][2 * h + 1]);
         }
     }
 };
 
-// Head g, element d of the warps' merged state: returns O (unnormalized), sets m and l.
-__device__ __forceinline__ float merge_warps(const float* merge, int g, int d, float* m_out, float* l_out) {
+__device__ __forceinline__ float4 scale4(float4 o, float s) { return make_float4(o.x * s, o.y * s, o.z * s, o.w * s); }
+
+// Head g, elements d..d+3 of the warps' merged state: returns O (unnormalized), sets m and l.
+__device__ __forceinline__ float4 merge_warps(const float* merge, int g, int d, float* m_out, float* l_out) {
     const float* m_w = merge;
     const float* l_w = merge + ATT_WARPS * GROUP_MAX;
     const float* o_w = merge + 2 * ATT_WARPS * GROUP_MAX;
     float m = NEG_INF;
+#pragma unroll
     for (int w = 0; w < ATT_WARPS; ++w) m = fmaxf(m, m_w[w * GROUP_MAX + g]);
-    float l = 0.f, o = 0.f;
+    float l = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
     for (int w = 0; w < ATT_WARPS; ++w) {
-        float scale = exp2_approx(m_w[w * GROUP_MAX + g] - m);
-        l += l_w[w * GROUP_MAX + g] * scale;
-        o += o_w[(w * GROUP_MAX + g) * HEAD_DIM + d] * scale;
+        const float s = exp2_approx(m_w[w * GROUP_MAX + g] - m);
+        const float4 ow = *reinterpret_cast<const float4*>(o_w + (w * GROUP_MAX + g) * HEAD_DIM + d);
+        l += l_w[w * GROUP_MAX + g] * s;
+        o = make_float4(o.x + ow.x * s, o.y + ow.y * s, o.z + ow.z * s, o.w + ow.w * s);
     }
     *m_out = m;
     *l_out = l;

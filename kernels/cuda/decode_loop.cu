@@ -57,8 +57,8 @@ __device__ __forceinline__ float round_elem(float x) { return elem_to_f32(f32_to
 extern "C" __global__ void __launch_bounds__(THREADS) decode_loop_persistent(const LoopArgs a) {
     extern __shared__ __align__(1024) u8 smem_raw[];
     // Shared memory: [K/V stages | GEMV partials] (never live at once), merge, h, x, attn, qkv, q.
-    const int union_bytes = max(STAGES * STAGE_ELEMS * 2, ATT_WARPS * max(a.width, a.d_model) * 4);
-    u16* stages = reinterpret_cast<u16*>(smem_raw);
+    const int union_bytes = max(STAGES * STAGE_BYTES, ATT_WARPS * max(a.width, a.d_model) * 4);
+    const u32 stages = smem_addr(smem_raw);
     float* partial = reinterpret_cast<float*>(smem_raw);
     float* merge = reinterpret_cast<float*>(smem_raw + union_bytes);
     float* h = merge + MERGE_FLOATS;    // [d_model] fp32: the running hidden state
@@ -109,13 +109,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_loop_persistent(con
         const int blocks = (seq_len + BLOCK_N - 1) / BLOCK_N;
         for (int kvh = 0; kvh < a.kv_heads; ++kvh) {
             const long long head_row = cache_row0 + kvh * a.stride_kh;
-            auto issue = [&](int j, u16* stage) {
+            auto issue = [&](int j, u32 stage) {
                 for (int i = tid; i < BLOCK_N * CHUNKS; i += THREADS) {
                     int r = i / CHUNKS, c = i % CHUNKS, pos = j * BLOCK_N + r;
                     bool valid = pos < seq_len;
                     long long off = head_row + (valid ? pos : 0) * a.stride_kl + c * 8;
                     cp_async_16_zfill(stage + swz(r, c), a.k + off, valid);
-                    cp_async_16_zfill(stage + BLOCK_N * HEAD_DIM + swz(r, c), a.v + off, valid);
+                    cp_async_16_zfill(stage + KV_BYTES + swz(r, c), a.v + off, valid);
                 }
             };
             u32 qa[K_STEPS][4];
@@ -123,26 +123,32 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_loop_persistent(con
             WarpSoftmax state;
             state.reset();
             for (int s = 0; s < STAGES - 1; ++s) {
-                if (s < blocks) issue(s, stages + s * STAGE_ELEMS);
+                if (s < blocks) issue(s, stages + s * STAGE_BYTES);
                 cp_async_commit();
             }
             for (int j = 0; j < blocks; ++j) {
-                if (j + STAGES - 1 < blocks) issue(j + STAGES - 1, stages + ((j + STAGES - 1) % STAGES) * STAGE_ELEMS);
+                if (j + STAGES - 1 < blocks) issue(j + STAGES - 1, stages + ((j + STAGES - 1) % STAGES) * STAGE_BYTES);
                 cp_async_commit();
                 cp_async_wait<STAGES - 1>();
                 __syncthreads();
-                const u16* kst = stages + (j % STAGES) * STAGE_ELEMS;
+                const u32 kst = stages + (j % STAGES) * STAGE_BYTES;
                 int first = j * BLOCK_N + warp * WARP_N;
                 if (first < seq_len)
-                    state.attend(kst, kst + BLOCK_N * HEAD_DIM, qa, first, seq_len, a.qk_scale, lane, warp);
+                    state.attend(kst, kst + KV_BYTES, qa, first, seq_len, a.qk_scale, lane, warp);
                 __syncthreads();  // the stage is refilled next
             }
             state.store(merge, a.group, lane, warp);
             __syncthreads();
-            for (int i = tid; i < a.group * HEAD_DIM; i += THREADS) {
-                int g = i / HEAD_DIM, d = i % HEAD_DIM;
-                float m, l, o = merge_warps(merge, g, d, &m, &l);
-                attn[(kvh * a.group + g) * HEAD_DIM + d] = round_elem(o / l);
+            for (int i = tid; i < a.group * QUADS; i += THREADS) {
+                int g = i / QUADS, d = (i % QUADS) * 4;
+                float m, l;
+                float4 o = merge_warps(merge, g, d, &m, &l);
+                o = scale4(o, __frcp_rn(l));
+                float* out = attn + (kvh * a.group + g) * HEAD_DIM + d;
+                out[0] = round_elem(o.x);
+                out[1] = round_elem(o.y);
+                out[2] = round_elem(o.z);
+                out[3] = round_elem(o.w);
             }
             __syncthreads();  // the merge buffer is reused by the next head
         }
