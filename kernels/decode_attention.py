@@ -51,11 +51,18 @@ PAGED_TILES_PER_SM = 2
 MERGE_ROWS = 64  # (head, chunk) partials merged per step: [GROUP, MERGE_ROWS // GROUP, D] fp32
 NUM_WARPS = 4
 NUM_STAGES = 3
-# Paged caches: the pipeliner gives the block-table load a stage of its own, so 3 stages leave the K
-# and V tiles one buffer (no prefetch); 5 give them two, as 3 do for a contiguous cache. That pays
-# where each program has one tile (split-KV's CTAs always), whose latency nothing else hides (H100:
-# B16-L4096 100 vs 107 us, B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were
-# as fast or faster (B64-L4096 376 vs 387 us).
+# A paged tile's block-table entries (at most this many) are loaded once per tile, before its loop
+# (_attend_chunk's TABLE_PAGES), and each step takes its rows' pages from registers: the loop's only
+# global loads are K and V, which get two buffers at NUM_STAGES as for a contiguous cache. 256 int32
+# entries are 2 registers per thread at 4 warps. H100, 24 paged minimal shapes vs the per-step load:
+# geomean 1.03x faster, B64-L1024 var 69.5 -> 64.3 us, B4-L1024 var 14.9 -> 13.3 us.
+MAX_TABLE_PAGES = 256
+# Tiles with more pages (page sizes < 8 at chunk 2048) and the quantized planes load their rows'
+# table entries every step. The pipeliner gives that load a stage of its own, so 3 stages leave the
+# K and V tiles one buffer (no prefetch); 5 give them two. That pays where each program has one tile
+# (split-KV's CTAs always), whose latency nothing else hides (H100, per-step loads: B16-L4096 100 vs
+# 107 us, B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were as fast or faster
+# (B64-L4096 376 vs 387 us).
 PAGED_ONE_WAVE_STAGES = 5
 # Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
 # registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
@@ -89,9 +96,13 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
                   stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy, stride_sh,
                   stride_bt, page_size, page_shift,
                   GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_POW2: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_POW2: tl.constexpr,
+                  TABLE_PAGES: tl.constexpr = 0):  # 0 for the loops of kernels/decode_loop.py, paged_offload.py
     # The GROUP query heads of KV head `kvh` over positions [start, end) of sequence b:
     # returns the unnormalized output [BLOCK_H, D], row max and row sum (log2 units).
+    # TABLE_PAGES > 0 (paged): the tile's block-table entries, at most TABLE_PAGES, are loaded once
+    # before the loop and each step picks its rows' pages from registers (tl.gather), so the loop's
+    # only global loads are the K and V tiles; 0: each step loads its rows' entries.
     # Quantized caches (kernels/kv_quant.py): the dots run in fp16, which holds int8, int4 and e4m3
     # values exactly and converts from them cheaply (q, |q| < 65504, is converted once per chunk);
     # the K scale multiplies the scores' columns and the V scale folds into P.
@@ -114,6 +125,15 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         q_hi = q_hi.to(tl.float16)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
+    if PAGED and TABLE_PAGES > 0:
+        if PAGE_POW2:
+            first_page = start >> page_shift
+            n_pages = ((end - 1) >> page_shift) - first_page + 1
+        else:
+            first_page = start // page_size
+            n_pages = (end - 1) // page_size - first_page + 1
+        offs_t = tl.arange(0, TABLE_PAGES)
+        table = tl.load(block_table_ptr + b * stride_bt + first_page + offs_t, mask=offs_t < n_pages, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
@@ -122,10 +142,16 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         pos = tl.minimum(pos, end - 1)
         if PAGED:
             if PAGE_POW2:  # page_size == 2 ** page_shift: a shift and a mask, not a division by a runtime value
-                page = tl.load(block_table_ptr + b * stride_bt + (pos >> page_shift)).to(tl.int64)
+                if TABLE_PAGES > 0:
+                    page = tl.gather(table, (pos >> page_shift) - first_page, 0).to(tl.int64)
+                else:
+                    page = tl.load(block_table_ptr + b * stride_bt + (pos >> page_shift)).to(tl.int64)
                 slot = (pos & (page_size - 1)).to(tl.int64)
             else:
-                page = tl.load(block_table_ptr + b * stride_bt + pos // page_size).to(tl.int64)
+                if TABLE_PAGES > 0:
+                    page = tl.gather(table, pos // page_size - first_page, 0).to(tl.int64)
+                else:
+                    page = tl.load(block_table_ptr + b * stride_bt + pos // page_size).to(tl.int64)
                 slot = (pos % page_size).to(tl.int64)
             rows = page * stride_kx + slot * stride_ky
             scale_rows = page * stride_sx + slot * stride_sy
@@ -172,14 +198,14 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr,
                  stride_bt, page_size, page_shift,
                  GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, K_UNIT: tl.constexpr, V_UNIT: tl.constexpr,
-                 PAGE_POW2: tl.constexpr):
+                 PAGE_POW2: tl.constexpr, TABLE_PAGES: tl.constexpr):
     # A tile of either kernel: quantized caches read as 16-bit units go through kernels/kv_planes.py,
     # everything else (fp16/bf16, caches that do not view as units) through _attend_chunk.
     if K_UNIT == 1 and V_UNIT == 1:
         return _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start, end,
                              qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy,
                              stride_sh, stride_bt, page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H,
-                             BLOCK_N, PAGE_POW2)
+                             BLOCK_N, PAGE_POW2, TABLE_PAGES)
     else:
         return _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start,
                                     end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx,
@@ -248,7 +274,7 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
               page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size,
               GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-              K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr):
+              K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr, TABLE_PAGES: tl.constexpr):
     # grid (B * Hkv, max_chunks): one tile each; tiles past the sequence's end exit.
     b = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
@@ -260,7 +286,8 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
                                      start, tl.minimum(start + chunk_size, seq_len), qk_scale,
                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
                                      stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift,
-                                     GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2)
+                                     GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2,
+                                     TABLE_PAGES)
         _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
                        GROUP, HEAD_DIM, BLOCK_H)
 
@@ -287,7 +314,8 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                 GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr,
-                K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr):
+                K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr,
+                TABLE_PAGES: tl.constexpr):
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
     # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
@@ -307,7 +335,8 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
         acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
                                      start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
                                      stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift,
-                                     GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2)
+                                     GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2,
+                                     TABLE_PAGES)
         if nc == 1:
             _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
         else:
@@ -424,6 +453,25 @@ def build_registers(kernel, grid, args, meta):
     return compiled.n_regs
 
 
+def _table_entries(chunk, page_size):
+    # a power of two >= the pages a tile of chunk positions can touch: a power-of-two page size
+    # divides the chunk's start or holds the whole chunk; any other may straddle one more page
+    if page_size & (page_size - 1) == 0:
+        pages = max(1, chunk // page_size)
+    else:
+        pages = triton.cdiv(chunk, page_size) + 1
+    return triton.next_power_of_2(pages)
+
+
+def table_pages(chunk, page_size):
+    """TABLE_PAGES of a paged launch: one size per page size where MAX_CHUNK's tiles fit (fewer
+    builds: a shorter chunk's entries are masked), else the chunk's, else 0 (one load per step)."""
+    for positions in (max(chunk, MAX_CHUNK), chunk):
+        if _table_entries(positions, page_size) <= MAX_TABLE_PAGES:
+            return _table_entries(positions, page_size)
+    return 0
+
+
 def _chunk(chunk, dims, sms, paged):
     if chunk is None:
         return choose_chunk(dims, sms, PAGED_TILES_PER_SM if paged else 1)
@@ -434,7 +482,7 @@ def _chunk(chunk, dims, sms, paged):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
-          out, chunk, dims, fused_merge, block_k, num_stages, resident_per_sm=None):
+          out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
@@ -447,6 +495,8 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     k_unit, v_unit = quant_units(dims.quant, k_cache, v_cache, head_dim, NUM_WARPS, paged)
     # the kernel reads the rows as units: the strides below are K's view's, V's follow in-kernel
     k_cache, v_cache = unit_view(k_cache, k_unit), unit_view(v_cache, v_unit)
+    hoisted = table_pages(chunk, k_cache.shape[1]) if paged and (k_unit, v_unit) == (1, 1) else 0
+    num_stages = PAGED_ONE_WAVE_STAGES if paged and one_wave and not hoisted else NUM_STAGES
     if paged:
         strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                    *((k_scale.stride(0), k_scale.stride(1), k_scale.stride(2)) if quantized else (0, 0, 0)),
@@ -466,7 +516,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
             *extra_args(out))
     meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
                 K_UNIT=k_unit, V_UNIT=v_unit,
-                PAGE_POW2=paged and page_size & (page_size - 1) == 0,
+                PAGE_POW2=paged and page_size & (page_size - 1) == 0, TABLE_PAGES=hoisted,
                 num_warps=NUM_WARPS, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
     if resident_per_sm is not None and not hw.interpreting():  # the interpreter has no registers
         cap = resident_registers(resident_per_sm)
@@ -502,8 +552,7 @@ def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     chunk = _chunk(chunk, dims, hw.num_sms(q.device), block_table is not None)
     return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False,
-                 block_k=_block_k(block_k, chunk, dims.quant),
-                 num_stages=PAGED_ONE_WAVE_STAGES if block_table is not None else NUM_STAGES)
+                 block_k=_block_k(block_k, chunk, dims.quant), one_wave=True)
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
@@ -527,12 +576,10 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     grid = min(num_programs, max_tiles)
-    paged_one_wave = block_table is not None and tiles <= grid
     counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (grid,),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
                  block_k=_block_k(block_k, chunk, dims.quant),
-                 num_stages=PAGED_ONE_WAVE_STAGES if paged_one_wave else NUM_STAGES,
-                 resident_per_sm=triton.cdiv(grid, sms))
+                 one_wave=tiles <= grid, resident_per_sm=triton.cdiv(grid, sms))

@@ -101,6 +101,17 @@ def test_many_chunks_per_sequence(variant, chunk, layout, device):
     _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
 
 
+@pytest.mark.parametrize("variant", variant_params(FUSED_DEQUANT))
+@pytest.mark.parametrize("page_size,chunk,hoisted", [(1, 512, 0), (3, 64, 32), (5, 128, 32), (16, 128, 128)])
+def test_block_table_hoisted_or_loaded_per_step(variant, page_size, chunk, hoisted, device):
+    # A tile's block-table entries are loaded once where they fit MAX_TABLE_PAGES (page sizes that
+    # do not divide the chunk straddle one more page), else every step: both paths meet the oracle.
+    assert decode_attention.table_pages(chunk, page_size) == hoisted
+    case = DecodeCase((600, 37, 301), q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, layout="paged",
+                      page_size=page_size, spare=5)
+    _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
+
+
 def _dims(batch, kv_heads, lengths):
     return decode_attention.DecodeDims(batch, 4 * kv_heads, kv_heads, 128, max(lengths), min(lengths), max(lengths),
                                        "none", sum(lengths))
@@ -138,22 +149,23 @@ def test_program_count_fills_the_last_wave_of_equal_tiles():
 
 def test_persistent_builds_prefetch_and_fit():
     # Compiled for sm_90 on any machine (suite/kernel_ir.py, in a process without the interpreter).
-    # The K and V tiles need two buffers (a prefetch). A paged cache at 3 stages gets only one,
-    # because the block-table load takes a stage; that is why one-wave paged launches use 5.
-    # Every program of the grid must be resident: its registers fit its share of an SM.
+    # The K and V tiles need two buffers (a prefetch). Paged tiles hoist their block-table entries,
+    # so 3 stages give two, as for a contiguous cache. A tile with too many pages to hoist loads its
+    # table every step, and the pipeliner gives that load a stage of its own: one-wave launches of
+    # those use 5 stages. Every program of the grid must be resident: its registers fit its share of an SM.
     env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
     run = subprocess.run([sys.executable, "-m", "suite.kernel_ir"], env=env, capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr
     builds = json.loads(run.stdout.splitlines()[-1])
     da = decode_attention
-    assert [builds[c]["stages"] for c in builds] == [da.NUM_STAGES, da.PAGED_ONE_WAVE_STAGES,
-                                                     da.PAGED_ONE_WAVE_STAGES, da.NUM_STAGES]
-    assert builds["contiguous"]["kv_buffers"] == [2, 2]
-    assert builds["paged, one wave"]["kv_buffers"] == [2, 2]
-    assert builds["paged, one wave, 3 per SM"]["kv_buffers"] == [2, 2]
-    assert builds["paged, many tiles per program"]["kv_buffers"] == [1, 1], \
-        "paged tiles at NUM_STAGES are no longer single-buffered: re-measure PAGED_ONE_WAVE_STAGES"
+    per_step = "paged, table per step, one wave"
+    assert {c: b["table_pages"] > 0 for c, b in builds.items()} == {c: c.startswith("paged") and c != per_step
+                                                                    for c in builds}
+    assert {c: b["stages"] for c, b in builds.items()} == {
+        c: da.PAGED_ONE_WAVE_STAGES if c == per_step else da.NUM_STAGES for c in builds}
+    for case, build in builds.items():
+        assert build["kv_buffers"] == [2, 2], f"{case}: K and V tiles are not double-buffered: {build}"
     assert builds["paged, one wave, 3 per SM"]["programs_per_sm"] == 3
     for case, build in builds.items():
         threads = build["programs_per_sm"] * da.NUM_WARPS * 32
