@@ -168,7 +168,8 @@ def _chunk_len(host, i):
 class Decoder:
     """One decode step's attention for q [B, Hq, D] over a HostKV, as `variant`. Call it -> out
     [B, Hq, D]; call(copy=False) attends device-resident chunks only, call(compute=False) only
-    streams the chunks in (the two halves, timed apart for the overlap)."""
+    streams the chunks in; call(trace=True) (optimized, on a GPU) also records per-chunk events
+    for hidden_attention()."""
 
     def __init__(self, variant, q, host):
         if variant not in VARIANTS:
@@ -195,6 +196,10 @@ class Decoder:
         self.copy_stream = torch.cuda.Stream() if pinned else None
         self.copied = [torch.cuda.Event() for _ in range(2)] if pinned else None
         self.consumed = [torch.cuda.Event() for _ in range(2)] if pinned else None
+        # trace: the step's start, each chunk's copy end, attention start and end (GPU clock)
+        self.trace = [torch.cuda.Event(enable_timing=True) for _ in range(1 + 3 * host.k.shape[0])] \
+            if pinned else None
+        self.traced = False
 
     def _attend(self, i, buffer):
         q, host = self.q, self.host
@@ -215,10 +220,16 @@ class Decoder:
             BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
             LAST=i == host.k.shape[0] - 1, num_warps=NUM_WARPS)
 
-    def __call__(self, copy=True, compute=True):
+    def __call__(self, copy=True, compute=True, trace=False):
+        if trace and not (copy and compute and self.trace):
+            raise ValueError("trace needs the optimized variant on a GPU, streaming and attending")
+        self.traced = trace
         self.lse_run.fill_(float("-inf"))
         self.o_run.zero_()
         chunks = self.host.k.shape[0]
+        if trace:
+            self.trace[0].record()
+            self.copy_stream.wait_event(self.trace[0])  # every traced copy comes after the start
         if self.variant == "baseline":
             for i in range(chunks):
                 if copy:
@@ -234,7 +245,7 @@ class Decoder:
         for i in range(chunks):
             s = i % 2
             if copy:
-                self._copy_in(s)
+                self._copy_in(i, s)
             if compute:
                 self._compute(i, s)
             if copy and i + 1 < chunks:
@@ -250,7 +261,7 @@ class Decoder:
         for staged, whole in zip(self.staging[i % 2], self.host.tensors()):
             staged.copy_(whole[i])
 
-    def _copy_in(self, s):
+    def _copy_in(self, i, s):
         if self.copy_stream is None:
             for dst, src in zip(self.buffers[s], self.staging[s]):
                 dst.copy_(src)
@@ -260,10 +271,38 @@ class Decoder:
             for dst, src in zip(self.buffers[s], self.staging[s]):
                 dst.copy_(src, non_blocking=True)
             self.copied[s].record()
+            if self.traced:
+                self.trace[1 + 3 * i].record()
 
     def _compute(self, i, s):
         if self.copied is not None:
             torch.cuda.current_stream().wait_event(self.copied[s])
+        if self.traced:
+            self.trace[2 + 3 * i].record()
         self._attend(i, self.buffers[s])
+        if self.traced:
+            self.trace[3 + 3 * i].record()
         if self.consumed is not None:
             self.consumed[s].record()
+
+    def hidden_attention(self):
+        """From the last traced call: the share of attention hidden under streaming, over every
+        chunk but the last (whose attention nothing can hide). Chunk i's attention is exposed
+        from when chunk i+1 is on the GPU (its copy done) until it ends: only then does the step
+        wait for it. Synchronizes."""
+        if not self.traced:
+            raise RuntimeError("hidden_attention() needs a call with trace=True first")
+        if self.host.k.shape[0] < 2:
+            raise ValueError("hidden_attention() needs at least two chunks: a last chunk's attention is never hidden")
+        self.trace[-1].synchronize()
+        t = [self.trace[0].elapsed_time(e) for e in self.trace[1:]]  # ms since the step's start
+        return hidden_share(copied=t[0::3], start=t[1::3], end=t[2::3])
+
+
+def hidden_share(copied, start, end):
+    """Per chunk i: its copy's end, its attention's start and end (one clock). The share of the
+    attention of chunks 0..n-2 that ran before chunk i+1 was on the GPU (hidden_attention)."""
+    hideable = range(len(end) - 1)
+    attend = sum(end[i] - start[i] for i in hideable)
+    exposed = sum(min(end[i] - start[i], max(0.0, end[i] - copied[i + 1])) for i in hideable)
+    return 1.0 - exposed / attend

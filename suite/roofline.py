@@ -9,7 +9,7 @@ from suite.timing import measure
 
 STREAM_BYTES = 1 << 30  # far beyond any L2
 MATMUL_N = 8192
-H2D_BYTES = 256 << 20  # pinned host -> device: the link's peak
+H2D_BYTES = 256 << 20  # host -> device: the link's peak (pinned), and the host-bound paths
 ROUNDS = 20
 
 
@@ -19,13 +19,18 @@ class Roofline:
     read_gbps: float  # streaming read
     matmul_tflops: float  # bf16 [N, N] @ [N, N] on random data
     h2d_gbps: float  # pinned host to device
+    h2d_pageable_gbps: float  # pageable host to device (the driver stages it): host-bound
+    host_copy_gbps: float  # pageable host memory to pinned host memory, by the CPU as torch copies
 
     def as_dict(self):
         return {k: round(v, 1) for k, v in asdict(self).items()}
 
     def ceiling(self, kind):
+        # staged_h2d: host memory streamed to the GPU through pinned staging, the CPU filling one
+        # buffer while the other is copied: the slower of the two stages
         return {"read": self.read_gbps, "copy": self.copy_gbps, "matmul": self.matmul_tflops,
-                "h2d": self.h2d_gbps}[kind]
+                "h2d": self.h2d_gbps, "h2d_pageable": self.h2d_pageable_gbps,
+                "staged_h2d": min(self.h2d_gbps, self.host_copy_gbps)}[kind]
 
 
 def calibrate(device) -> Roofline:
@@ -38,8 +43,13 @@ def calibrate(device) -> Roofline:
     b = torch.randn_like(a)
     mm_s = measure(lambda: a @ b, device=device, rounds=ROUNDS, cold=False)
     del a, b
-    host = torch.empty(H2D_BYTES // 4, pin_memory=True).normal_()
+    pinned = torch.empty(H2D_BYTES // 4, pin_memory=True).normal_()
+    pageable = torch.empty(H2D_BYTES // 4).normal_()
     dst = torch.empty(H2D_BYTES // 4, device=device)
-    h2d_s = measure(lambda: dst.copy_(host, non_blocking=True), device=device, rounds=ROUNDS, cold=False)
+    h2d_s = measure(lambda: dst.copy_(pinned, non_blocking=True), device=device, rounds=ROUNDS, cold=False)
+    # host-bound: the clock covers the host's work (the GPU waits on it)
+    pageable_s = measure(lambda: dst.copy_(pageable), device=device, rounds=ROUNDS, cold=False, host_bound=True)
+    host_s = measure(lambda: pinned.copy_(pageable), device=device, rounds=ROUNDS, cold=False, host_bound=True)
     return Roofline(copy_gbps=2 * STREAM_BYTES / copy_s / 1e9, read_gbps=STREAM_BYTES / read_s / 1e9,
-                    matmul_tflops=2 * MATMUL_N**3 / mm_s / 1e12, h2d_gbps=H2D_BYTES / h2d_s / 1e9)
+                    matmul_tflops=2 * MATMUL_N**3 / mm_s / 1e12, h2d_gbps=H2D_BYTES / h2d_s / 1e9,
+                    h2d_pageable_gbps=H2D_BYTES / pageable_s / 1e9, host_copy_gbps=H2D_BYTES / host_s / 1e9)

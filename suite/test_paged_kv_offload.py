@@ -78,6 +78,38 @@ def test_optimized_staging_is_pinned_and_double_buffered(tmp_path):
         host.close()
 
 
+@pytest.mark.parametrize("copied, start, end, hidden", [
+    ([1, 5, 9], [2, 6, 10], [3, 7, 11], 1.0),  # each attention ends before the next chunk lands
+    ([1, 2, 3], [4, 6, 8], [6, 8, 10], 0.0),  # every chunk waits on the GPU for the attention before it
+    ([1, 4, 9], [2, 5, 10], [5, 7, 11], 0.8),  # chunk 0: 1 of its 3 ms exposed; chunk 1: hidden
+    ([1, 4], [2, 5], [6, 6.5], 0.5)])  # the last chunk's attention never counts
+def test_hidden_share(copied, start, end, hidden):
+    assert paged_offload.hidden_share(copied, start, end) == pytest.approx(hidden)
+
+
+@pytest.mark.requires_cuda
+def test_a_traced_step_matches_and_reports_its_overlap(tmp_path):
+    case = ContextCase(2, 100, 32, **SMALL)
+    q, k, v = make_context(case, torch.device("cuda"))
+    host = paged_offload.store(k, v, case.chunk, "fp16", page_file_path=tmp_path / "pages")
+    try:
+        decode = paged_offload.Decoder("optimized", q, host)
+        with pytest.raises(RuntimeError, match="needs a call with trace=True"):
+            decode.hidden_attention()
+        decode.out.fill_(float("nan"))
+        check_context_output(decode(trace=True), q, k, v, "fp16")
+        assert 0.0 <= decode.hidden_attention() <= 1.0
+    finally:
+        host.close()
+
+
+def test_trace_needs_the_optimized_variant_on_a_gpu():
+    k = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    host = paged_offload.store(k, k, 4, "fp16")
+    with pytest.raises(ValueError, match="trace needs the optimized variant on a GPU"):
+        paged_offload.Decoder("baseline", torch.randn(1, 4, 64, dtype=torch.bfloat16), host)(trace=True)
+
+
 def test_bad_arguments_name_the_argument():
     k = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="fmt must be one of"):

@@ -4,11 +4,16 @@ lives in host memory, streamed through two chunk buffers on the GPU.
 pytest-benchmark's statistic is the step's GPU time, with no host slack: the host's work (the
 optimized path fills pinned staging from the page file) is on the critical path, so the timed span
 starts with it. Reported: tokens/s (one token per sequence), effective GB/s of host KV streamed
-against the session's pinned H2D peak, and the overlap: the share of the shorter of streaming
-alone and attention alone that the step hides under the longer, (stream + attend - step) /
-min(stream, attend), clipped to [0, 1]. --page-cache cold evicts the page file from the OS page
-cache before every round (README: the page cache). fp8 runs fused only where requires_fp8_fused
-holds; otherwise the optimized variant streams fp16 and extra_info says why."""
+against the ceiling of the variant's path measured this session (ROOFLINE), streaming alone and
+attention alone (medians), and for the optimized variant the overlap: the share of attention hidden
+under streaming, from per-chunk CUDA events within a step (Decoder.hidden_attention), the median of
+TRACED steps. (The same share from three medians, (stream + attend - step) / attend, moved between 0
+and 1 from run to run: attention is ~4% of the step, so host noise in streaming alone decided it.)
+--page-cache cold evicts the page file from the OS page cache before every round (README: the page
+cache). fp8 runs fused only where requires_fp8_fused holds; otherwise the optimized variant streams
+fp16 and extra_info says why."""
+
+import statistics
 
 import pytest
 
@@ -24,10 +29,11 @@ BASELINE = "baseline"
 # the GPU holds two chunks (134 MB)
 DEFAULT = ContextCase(batch=4, length=32768, chunk=4096)
 SMOKE = ContextCase(batch=2, length=40, chunk=16, q_heads=4, kv_heads=2, head_dim=64)  # no GPU
-
-
-def overlap(stream_s, attend_s, step_s):
-    return min(1.0, max(0.0, (stream_s + attend_s - step_s) / min(stream_s, attend_s)))
+TRACED = 5  # traced steps for the overlap
+# Each variant against the ceiling of its own path, measured this session (suite/roofline.py): the
+# baseline's pageable copies and the optimized staging are host-bound, and H100 hosts differed by
+# 10-14 GB/s pageable and 0.59-0.74 of the pinned peak for the same code.
+ROOFLINE = {"baseline": "h2d_pageable", "optimized": "staged_h2d"}
 
 
 def _format(variant, fmt, device):
@@ -66,14 +72,12 @@ def test_paged_kv_offload(benchmark, variant, fmt, device, perf, rounds, pytestc
             stream_s = measure(lambda: decode(compute=False), device=device, rounds=rounds, cold=False,
                                before=before, host_bound=True)
             attend_s = measure(lambda: decode(copy=False), device=device, rounds=rounds, cold=False)
-            hidden = overlap(stream_s, attend_s, seconds)
-            # Gated for the optimized variant only: the baseline is synchronous by design, and with
-            # attention ~1% of its step, noise in its streaming time alone moves this anywhere in [0, 1].
-            if variant != BASELINE:
-                metrics["overlap_fraction"] = hidden
             benchmark.extra_info.update(stream_ms=1e3 * stream_s, attend_ms=1e3 * attend_s,
-                                        tokens_per_s=case.batch / seconds, overlap_measured=hidden)
-            rate = f"{case.batch / seconds:,.0f} tok/s, {100 * hidden:.0f}% overlapped"
+                                        tokens_per_s=case.batch / seconds)
+            rate = f"{case.batch / seconds:,.0f} tok/s"
+            if variant != BASELINE:  # the baseline is synchronous by design: nothing to overlap
+                metrics["overlap_fraction"] = statistics.median(_traced_overlap(decode) for _ in range(TRACED))
+                rate += f", {100 * metrics['overlap_fraction']:.0f}% of attention hidden"
             key = f"{fmt}/{case}"
             if variant == BASELINE:
                 perf.set_baseline(WORKLOAD, key, seconds)
@@ -81,13 +85,12 @@ def test_paged_kv_offload(benchmark, variant, fmt, device, perf, rounds, pytestc
                 speedups["baseline"] = perf.baseline(WORKLOAD, key, lambda: pytest.fail(
                     "the baseline must run first at this format (its time is the speedup's base)"))
         perf.record(benchmark, gate_id, seconds, shape=dict(case.__dict__, dtype=str(case.dtype), variant=variant,
-                                                             fmt=fmt), bytes_moved=host.bytes(), roofline_kind="h2d",
+                                                             fmt=fmt), bytes_moved=host.bytes(), roofline_kind=ROOFLINE[variant],
                     speedups=speedups, rate=rate, metrics=metrics)
     finally:
         host.close()
 
 
-@pytest.mark.parametrize("stream_s, attend_s, step_s, expected", [
-    (10.0, 2.0, 10.0, 1.0), (10.0, 2.0, 12.0, 0.0), (10.0, 2.0, 11.0, 0.5), (2.0, 10.0, 10.5, 0.75)])
-def test_overlap(stream_s, attend_s, step_s, expected):
-    assert overlap(stream_s, attend_s, step_s) == pytest.approx(expected)
+def _traced_overlap(decode):
+    decode(trace=True)
+    return decode.hidden_attention()

@@ -297,7 +297,8 @@ def test_perf_record_on_cpu_is_a_smoke_run_with_a_table(tmp_path):
 def gpu_recorder(tmp_path, updating):
     # The GPU path without a GPU: a cuda device object and a roofline given instead of calibrated.
     rec = PerfRecorder("cuda", gated(tmp_path), updating=updating)
-    rec._roofline = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0, h2d_gbps=50.0)
+    rec._roofline = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0, h2d_gbps=50.0,
+                             h2d_pageable_gbps=15.0, host_copy_gbps=20.0)
     return rec
 
 
