@@ -412,17 +412,29 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
     return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1], fmt, stats[2])
 
 
-def choose_chunk(dims, sms, tiles_per_sm=1):
-    """The largest power-of-two chunk in [MIN_CHUNK, MAX_CHUNK] whose tiles leave at most IDLE_SMS of
+def choose_chunk(dims, sms, tiles_per_sm=1, max_chunk=MAX_CHUNK):
+    """The largest power-of-two chunk in [MIN_CHUNK, max_chunk] whose tiles leave at most IDLE_SMS of
     tiles_per_sm * sms slots idle; below SHORT_CHUNK, only while more than half of the SMs would be.
     Tiles are counted from the lengths' total (exact for uniform lengths), not from the capacity."""
     def tiles(chunk):
         return dims.num_kv_heads * max(dims.batch, triton.cdiv(dims.total_len, chunk))
 
-    chunk = MAX_CHUNK
+    chunk = max_chunk
     while chunk > SHORT_CHUNK and tiles(chunk) < (1 - IDLE_SMS) * tiles_per_sm * sms:
         chunk //= 2
     while chunk > MIN_CHUNK and tiles(chunk) < sms / 2:
+        chunk //= 2
+    return chunk
+
+
+def longest_equal_tile(dims, page_size=None):
+    """The longest chunk a persistent launch of uniform fp16/bf16 lengths may take: a whole sequence
+    (paged: while the tile's block-table entries fit MAX_TABLE_PAGES). Such tiles stream without a
+    merge and without a tile change: H100, B64-L16384 1398.7 us in chunks of 16384 vs 1460.1 in
+    chunks of MAX_CHUNK (SDPA 1387.9), B16-L16384 352.5 vs 367.8 (SDPA 349.8). Lengths that differ
+    keep MAX_CHUNK: shorter tiles balance them."""
+    chunk = max(MAX_CHUNK, triton.next_power_of_2(dims.max_len))
+    while page_size is not None and chunk > MAX_CHUNK and not table_pages(chunk, page_size):
         chunk //= 2
     return chunk
 
@@ -564,15 +576,21 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
     sms = hw.num_sms(q.device)
-    chunk = _chunk(chunk, dims, sms, block_table is not None)
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else None
+    uniform = dims.min_len == dims.max_len
+    if chunk is None and uniform and dims.quant == "none":
+        chunk = choose_chunk(dims, sms, 1, longest_equal_tile(dims, page_size))
+    chunk = _chunk(chunk, dims, sms, paged)
     max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
     tiles = batch * num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths
     if num_programs is None:
         per_sm = PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM
-        # A paged tile's per-row table lookups make it latency-bound: it gains from every program
-        # (H100, B16-L16384: 384 us on 396 programs vs 402 on 264), so only contiguous tiles count as equal.
-        equal_tiles = block_table is None and dims.min_len == dims.max_len
-        num_programs = choose_programs(tiles, sms, per_sm, equal_tiles)
+        # Paged tiles count as equal only with their table hoisted: per-row table loads make a tile
+        # latency-bound, and it gained from every program (H100, B16-L16384: 384 us on 396 programs
+        # vs 402 on 264).
+        hoisted = dims.quant == "none" and paged and table_pages(chunk, page_size) > 0
+        num_programs = choose_programs(tiles, sms, per_sm, uniform and (not paged or hoisted))
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     grid = min(num_programs, max_tiles)

@@ -138,6 +138,17 @@ def test_chunk_heuristic_fills_the_gpu():
     assert da.choose_chunk(_dims(4, 8, [2100, 16384, 9000, 8500]), sms, 2) == 1024
 
 
+def test_uniform_tiles_may_span_whole_sequences():
+    sms, da = 132, decode_attention
+    dims = _dims(64, 8, [16384] * 64)
+    assert da.longest_equal_tile(dims) == 16384
+    assert da.choose_chunk(dims, sms, 1, da.longest_equal_tile(dims)) == 16384  # 512 tiles, no merge
+    assert da.longest_equal_tile(dims, page_size=16) == 4096  # the table's 256 entries of 16 positions
+    assert da.longest_equal_tile(dims, page_size=1) == da.MAX_CHUNK  # no table fits: as before
+    assert da.longest_equal_tile(_dims(4, 8, [300] * 4)) == da.MAX_CHUNK
+    assert da.choose_chunk(_dims(1, 8, [16384]), sms, 1, 16384) == 1024  # one sequence still splits to fill the SMs
+
+
 def test_program_count_fills_the_last_wave_of_equal_tiles():
     sms, da = 132, decode_attention
     assert da.choose_programs(1024, sms, 3, equal_tiles=True) == 2 * sms  # 4 waves of 264, not 2.6 of 396
