@@ -70,6 +70,11 @@ PAGED_ONE_WAVE_STAGES = 5
 # wave better: B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on 396.
 PROGRAMS_PER_SM = 3
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
+# Quantized tiles are instruction-bound: uniform lengths take longer tiles (longest_equal_tile) only
+# while every SM still gets this many. H100, L4096 uniform, whole-sequence tiles vs chunks of 2048:
+# B64 int4 109.4 vs 122.3 us, int8 190.7 vs 203.8, fp8 188.9 vs 200.1 (paged alike); at B16 (one
+# tile per SM) int4 lost 12% (38.5 vs 34.5) while int8 and fp8 gained 5%.
+QUANT_EQUAL_TILES_PER_SM = 2
 MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
 # Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
 # registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged
@@ -428,9 +433,9 @@ def choose_chunk(dims, sms, tiles_per_sm=1, max_chunk=MAX_CHUNK):
 
 
 def longest_equal_tile(dims, page_size=None):
-    """The longest chunk a persistent launch of uniform fp16/bf16 lengths may take: a whole sequence
-    (paged: while the tile's block-table entries fit MAX_TABLE_PAGES). Such tiles stream without a
-    merge and without a tile change: H100, B64-L16384 1398.7 us in chunks of 16384 vs 1460.1 in
+    """The longest chunk a persistent launch of uniform lengths may take: a whole sequence (paged:
+    while the tile's block-table entries fit MAX_TABLE_PAGES). Such tiles stream without a merge
+    and without a tile change: H100, bf16 B64-L16384 1398.7 us in chunks of 16384 vs 1460.1 in
     chunks of MAX_CHUNK (SDPA 1387.9), B16-L16384 352.5 vs 367.8 (SDPA 349.8). Lengths that differ
     keep MAX_CHUNK: shorter tiles balance them."""
     chunk = max(MAX_CHUNK, triton.next_power_of_2(dims.max_len))
@@ -579,8 +584,10 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else None
     uniform = dims.min_len == dims.max_len
-    if chunk is None and uniform and dims.quant == "none":
-        chunk = choose_chunk(dims, sms, 1, longest_equal_tile(dims, page_size))
+    if chunk is None and uniform:
+        per_sm = 1 if dims.quant == "none" else QUANT_EQUAL_TILES_PER_SM
+        chunk = max(choose_chunk(dims, sms, per_sm, longest_equal_tile(dims, page_size)),
+                    _chunk(None, dims, sms, paged))
     chunk = _chunk(chunk, dims, sms, paged)
     max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
     tiles = batch * num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths

@@ -147,6 +147,9 @@ def test_uniform_tiles_may_span_whole_sequences():
     assert da.longest_equal_tile(dims, page_size=1) == da.MAX_CHUNK  # no table fits: as before
     assert da.longest_equal_tile(_dims(4, 8, [300] * 4)) == da.MAX_CHUNK
     assert da.choose_chunk(_dims(1, 8, [16384]), sms, 1, 16384) == 1024  # one sequence still splits to fill the SMs
+    # quantized tiles are instruction-bound: longer only while every SM still gets two
+    assert da.choose_chunk(_dims(64, 8, [4096] * 64), sms, da.QUANT_EQUAL_TILES_PER_SM, 4096) == 4096
+    assert da.choose_chunk(_dims(16, 8, [4096] * 16), sms, da.QUANT_EQUAL_TILES_PER_SM, 4096) == 2048
 
 
 def test_program_count_fills_the_last_wave_of_equal_tiles():
