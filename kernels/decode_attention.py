@@ -45,8 +45,9 @@ MIN_CHUNK = 128
 SHORT_CHUNK = 256
 MAX_CHUNK = 2048
 IDLE_SMS = 1 / 8
-# A paged tile's per-row table lookups make it latency-bound: two tiles per SM (H100, B4-L4096:
-# 33.7 us in chunks of 512 vs 39.8 in chunks of 1024).
+# Paged tiles of variable lengths: two tiles per SM. Measured with per-step table loads (H100,
+# B4-L4096: 33.7 us in chunks of 512 vs 39.8 in chunks of 1024) and again with hoisted tables (one
+# tile per SM lost 9% and 5% at B16-L1024 and B16-L4096 var).
 PAGED_TILES_PER_SM = 2
 MERGE_ROWS = 64  # (head, chunk) partials merged per step: [GROUP, MERGE_ROWS // GROUP, D] fp32
 NUM_WARPS = 4
