@@ -65,17 +65,23 @@ def test_host_chunks_are_contiguous_copies(fmt):
     assert all(t[i].is_contiguous() for t in (host.k, host.v) for i in range(host.k.shape[0]))
 
 
-@pytest.mark.requires_cuda
-def test_optimized_staging_is_pinned_and_double_buffered(tmp_path):
+@pytest.fixture
+def optimized_small(tmp_path):
+    """(optimized Decoder on the GPU, q, k, v) over a small fp16 context in a page file."""
     case = ContextCase(2, 100, 32, **SMALL)
     q, k, v = make_context(case, torch.device("cuda"))
     host = paged_offload.store(k, v, case.chunk, "fp16", page_file_path=tmp_path / "pages")
     try:
-        decode = paged_offload.Decoder("optimized", q, host)
-        assert len(decode.staging) == len(decode.buffers) == 2
-        assert all(t.is_pinned() for buffer in decode.staging for t in buffer)
+        yield paged_offload.Decoder("optimized", q, host), q, k, v
     finally:
         host.close()
+
+
+@pytest.mark.requires_cuda
+def test_optimized_staging_is_pinned_and_double_buffered(optimized_small):
+    decode = optimized_small[0]
+    assert len(decode.staging) == len(decode.buffers) == 2
+    assert all(t.is_pinned() for buffer in decode.staging for t in buffer)
 
 
 @pytest.mark.parametrize("copied, start, end, hidden", [
@@ -88,19 +94,13 @@ def test_hidden_share(copied, start, end, hidden):
 
 
 @pytest.mark.requires_cuda
-def test_a_traced_step_matches_and_reports_its_overlap(tmp_path):
-    case = ContextCase(2, 100, 32, **SMALL)
-    q, k, v = make_context(case, torch.device("cuda"))
-    host = paged_offload.store(k, v, case.chunk, "fp16", page_file_path=tmp_path / "pages")
-    try:
-        decode = paged_offload.Decoder("optimized", q, host)
-        with pytest.raises(RuntimeError, match="needs a call with trace=True"):
-            decode.hidden_attention()
-        decode.out.fill_(float("nan"))
-        check_context_output(decode(trace=True), q, k, v, "fp16")
-        assert 0.0 <= decode.hidden_attention() <= 1.0
-    finally:
-        host.close()
+def test_a_traced_step_matches_and_reports_its_overlap(optimized_small):
+    decode, q, k, v = optimized_small
+    with pytest.raises(RuntimeError, match="needs a call with trace=True"):
+        decode.hidden_attention()
+    decode.out.fill_(float("nan"))
+    check_context_output(decode(trace=True), q, k, v, "fp16")
+    assert 0.0 <= decode.hidden_attention() <= 1.0
 
 
 def test_trace_needs_the_optimized_variant_on_a_gpu():

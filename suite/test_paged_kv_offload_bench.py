@@ -84,8 +84,8 @@ def test_paged_kv_offload(benchmark, variant, fmt, device, perf, rounds, pytestc
             else:
                 speedups["baseline"] = perf.baseline(WORKLOAD, key, lambda: pytest.fail(
                     "the baseline must run first at this format (its time is the speedup's base)"))
-        perf.record(benchmark, gate_id, seconds, shape=dict(case.__dict__, dtype=str(case.dtype), variant=variant,
-                                                             fmt=fmt), bytes_moved=host.bytes(), roofline_kind=ROOFLINE[variant],
+        shape = dict(case.__dict__, dtype=str(case.dtype), variant=variant, fmt=fmt)
+        perf.record(benchmark, gate_id, seconds, shape=shape, bytes_moved=host.bytes(), roofline_kind=ROOFLINE[variant],
                     speedups=speedups, rate=rate, metrics=metrics)
     finally:
         host.close()

@@ -294,6 +294,13 @@ def test_perf_record_on_cpu_is_a_smoke_run_with_a_table(tmp_path):
     assert row.startswith(GATE) and "2,000.0" in row and "2 GB/s" in row and "1.20x" in row
 
 
+def test_staged_h2d_is_bound_by_the_slower_stage():
+    roof = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0, h2d_gbps=50.0,
+                    h2d_pageable_gbps=15.0, host_copy_gbps=20.0)
+    assert roof.ceiling("staged_h2d") == 20.0 and roof.ceiling("h2d_pageable") == 15.0
+    assert Roofline(**{**roof.__dict__, "host_copy_gbps": 80.0}).ceiling("staged_h2d") == 50.0
+
+
 def gpu_recorder(tmp_path, updating):
     # The GPU path without a GPU: a cuda device object and a roofline given instead of calibrated.
     rec = PerfRecorder("cuda", gated(tmp_path), updating=updating)
