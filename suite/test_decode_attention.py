@@ -154,11 +154,12 @@ def test_uniform_tiles_may_span_whole_sequences():
 
 def test_program_count_fills_the_last_wave_of_equal_tiles():
     sms, da = 132, decode_attention
-    assert da.choose_programs(1024, sms, 3, equal_tiles=True) == 2 * sms  # 4 waves of 264, not 2.6 of 396
+    assert da.choose_programs(1024, sms, 3, equal_tiles=True) == 256  # 4 tiles each: 4 waves of 264 less 8
     assert da.choose_programs(792, sms, 3, equal_tiles=True) == 3 * sms  # 2 full waves of 396
-    assert da.choose_programs(100, sms, 3, equal_tiles=True) == 3 * sms  # one part wave either way
+    assert da.choose_programs(512, sms, 3, equal_tiles=True) == 256  # 2 each, not 248 x 2 + 16 x 1
+    assert da.choose_programs(100, sms, 3, equal_tiles=True) == 100  # one part wave: one tile each
     assert da.choose_programs(1024, sms, 3, equal_tiles=False) == 3 * sms
-    assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 2 * sms
+    assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 256
 
 
 def test_persistent_builds_prefetch_and_fit():
