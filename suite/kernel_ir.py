@@ -108,18 +108,23 @@ def decode_attention_builds():
     """{case: {stages, kv_buffers, registers, programs_per_sm}} of triton_persistent's builds for
     small bf16 cases: the stages the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile
     buffers, registers per thread, and programs per SM in its grid. Cases: contiguous and paged as
-    the launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM), paged on
-    one program (many tiles per program), and paged with one-position pages, whose tiles have too
-    many pages to hoist their block-table entries (one table load per step)."""
+    the launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM), contiguous
+    with four equal tiles per program (short steps), paged on
+    one program (many tiles per program), paged with more equal tiles than one wave of 3 per SM
+    (short steps, 4 per SM), and paged with one-position pages, whose tiles have too many pages to
+    hoist their block-table entries (one table load per step)."""
     from kernels import decode_attention, hw
     from suite.decode_cases import DecodeCase, make_inputs
 
     result = {}
     two, three = (300, 500), (2000, 1500, 1800, 900, 1700, 1600)  # 2 and 3 programs per SM (2 KV heads, 4 SMs)
     for name, lens, layout, programs, page in (("contiguous", two, "contiguous", None, 16),
+                                               ("contiguous, equal tiles, short steps", (300,) * 16, "contiguous",
+                                                None, 16),
                                                ("paged, one wave", two, "paged", None, 16),
                                                ("paged, one wave, 3 per SM", three, "paged", None, 16),
                                                ("paged, many tiles per program", two, "paged", 1, 16),
+                                               ("paged, equal tiles, short steps", (640,) * 8, "paged", None, 16),
                                                ("paged, table per step, one wave", three, "paged", None, 1)):
         case = DecodeCase(lens, 8, 2, 128, torch.bfloat16, layout, page_size=page)
         inputs = make_inputs(case, "cpu")
@@ -128,7 +133,8 @@ def decode_attention_builds():
             decode_attention, "_persistent",
             lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)(), grids)
         compiled = compile_sm90(kernel, args, meta)
-        result[name] = dict(stages=meta["num_stages"], table_pages=meta["TABLE_PAGES"], registers=registers(compiled),
+        result[name] = dict(stages=meta["num_stages"], table_pages=meta["TABLE_PAGES"], block_n=meta["BLOCK_N"],
+                            registers=registers(compiled),
                             kv_buffers=buffered_tiles(compiled.asm["ttgir"], meta["BLOCK_N"], case.head_dim),
                             programs_per_sm=-(-grids[0][0] // hw.num_sms("cpu")))
     return result

@@ -182,6 +182,11 @@ def test_persistent_builds_prefetch_and_fit():
     for case, build in builds.items():
         assert build["kv_buffers"] == [2, 2], f"{case}: K and V tiles are not double-buffered: {build}"
     assert builds["paged, one wave, 3 per SM"]["programs_per_sm"] == 3
+    # more equal tiles than programs: short steps, paged on up to SHORT_PROGRAMS_PER_SM programs per SM
+    short = builds["paged, equal tiles, short steps"]
+    assert (short["block_n"], short["programs_per_sm"]) == (da.SHORT_BLOCK_N, da.SHORT_PROGRAMS_PER_SM), short
+    assert builds["contiguous, equal tiles, short steps"]["block_n"] == da.SHORT_BLOCK_N
+    assert {b["block_n"] for c, b in builds.items() if "short steps" not in c} == {da.BLOCK_N}
     for case, build in builds.items():
         threads = build["programs_per_sm"] * da.NUM_WARPS * 32
         assert build["registers"] * threads <= da.SM_REGISTERS, f"{case}: not every program is resident: {build}"
