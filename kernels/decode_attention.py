@@ -8,7 +8,7 @@ all g = Hq // Hkv query heads of its KV head at once (K and V are read once per 
 chunks of a sequence are merged by their log-sum-exp.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
   partials go to a workspace and a second kernel merges them.
-- triton_persistent: one launch, grid = SM count x 2 or 3, all resident at once (registers are
+- triton_persistent: one launch, grid = SM count x 2 to 4, all resident at once (registers are
   capped where a build needs more); each program walks a work list of (sequence, KV head, chunk)
   tiles built in-kernel from seq_lens, so every program gets the same number of equal-sized tiles
   however unequal the lengths are. A single-chunk tile writes the output directly; otherwise the
