@@ -13,7 +13,7 @@ from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
 
 # Module constants of kernels/decode_attention.py to sweep, then the launcher's chunk (last).
-SWEEP = {"BLOCK_N": (64, 128), "NUM_STAGES": (2, 3), "NUM_WARPS": (4, 8), "PROGRAMS_PER_SM": (2, 3),
+SWEEP = {"BLOCK_N": (32, 64, 128), "NUM_STAGES": (2, 3), "NUM_WARPS": (4, 8), "PROGRAMS_PER_SM": (2, 3, 4),
          "chunk": (1024, 2048)}
 
 
