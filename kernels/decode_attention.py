@@ -78,13 +78,16 @@ QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 
 # tile per SM) int4 lost 12% (38.5 vs 34.5) while int8 and fp8 gained 5%.
 QUANT_EQUAL_TILES_PER_SM = 2
 MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
-# Equal fp16/bf16 tiles with more of them than one wave of programs take K/V steps of SHORT_BLOCK_N
+# fp16/bf16 tiles that outnumber one wave of programs take K/V steps of SHORT_BLOCK_N
 # positions (H100, .dbg/s4 sweeps; elsewhere 32-position steps lost 5-12%, B1-B16 uniform):
 # - contiguous, where every program has two or more tiles: B64-L4096 350.3-350.4 vs 353.6-353.7 us
 #   (SDPA 353.9-354.2), B64-L16384 1382.1-1388.0 vs 1391.2-1393.1, B64-L1024 95.2 vs 95.8;
 # - paged (hoisted tables) on up to SHORT_PROGRAMS_PER_SM programs per SM, which half-size steps fit,
 #   so fewer or no tile changes each wait on a table load: B64-L1024 95.7-95.8 vs 98.8-99.0 us,
-#   B64-L16384 1426.8-1428.4 vs 1444.7-1445.7, B64-L4096 359.0-360.1 vs 360.8-360.9.
+#   B64-L16384 1426.8-1428.4 vs 1444.7-1445.7, B64-L4096 359.0-360.1 vs 360.8-360.9;
+# - unequal tiles (variable lengths) that one wave at SHORT_PROGRAMS_PER_SM per SM holds, on a program
+#   each, where PROGRAMS_PER_SM per SM would leave some programs a second tile: B64-L1024 var 57.6 vs
+#   59.9 us, paged 59.6 vs 64.3 (with more tiles than that wave, B64-L4096 var lost 3%).
 SHORT_BLOCK_N = 32
 SHORT_PROGRAMS_PER_SM = 4
 # Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
@@ -613,11 +616,13 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
         hoisted = dims.quant == "none" and paged and table_pages(chunk, page_size) > 0
         equal = uniform and (not paged or hoisted)
         num_programs = choose_programs(tiles, sms, per_sm, equal)
-        if block_k is None and equal and dims.quant == "none" and tiles > num_programs:
-            if paged:
+        if block_k is None and dims.quant == "none" and (not paged or hoisted) and tiles > num_programs:
+            if equal and paged:
                 block_k, num_programs = SHORT_BLOCK_N, choose_programs(tiles, sms, SHORT_PROGRAMS_PER_SM, True)
-            elif tiles >= 2 * num_programs:
+            elif equal and tiles >= 2 * num_programs:
                 block_k = SHORT_BLOCK_N
+            elif not equal and tiles <= SHORT_PROGRAMS_PER_SM * sms:  # one wave: a program per tile
+                block_k, num_programs = SHORT_BLOCK_N, tiles
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     grid = min(num_programs, max_tiles)

@@ -108,11 +108,11 @@ def decode_attention_builds():
     """{case: {stages, kv_buffers, registers, programs_per_sm}} of triton_persistent's builds for
     small bf16 cases: the stages the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile
     buffers, registers per thread, and programs per SM in its grid. Cases: contiguous and paged as
-    the launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM), contiguous
-    with four equal tiles per program (short steps), paged on
-    one program (many tiles per program), paged with more equal tiles than one wave of 3 per SM
-    (short steps, 4 per SM), and paged with one-position pages, whose tiles have too many pages to
-    hoist their block-table entries (one table load per step)."""
+    the launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM); short
+    steps: contiguous with four equal tiles per program, contiguous with more unequal tiles than 3
+    programs per SM hold (4 per SM), paged with more equal tiles than one wave of 3 per SM (4 per
+    SM); paged on one program (many tiles per program); and paged with one-position pages, whose
+    tiles have too many pages to hoist their block-table entries (one table load per step)."""
     from kernels import decode_attention, hw
     from suite.decode_cases import DecodeCase, make_inputs
 
@@ -125,6 +125,8 @@ def decode_attention_builds():
                                                ("paged, one wave, 3 per SM", three, "paged", None, 16),
                                                ("paged, many tiles per program", two, "paged", 1, 16),
                                                ("paged, equal tiles, short steps", (640,) * 8, "paged", None, 16),
+                                               ("contiguous, unequal tiles, short steps",
+                                                (900, 700, 500, 300, 850, 650, 450, 250), "contiguous", None, 16),
                                                ("paged, table per step, one wave", three, "paged", None, 1)):
         case = DecodeCase(lens, 8, 2, 128, torch.bfloat16, layout, page_size=page)
         inputs = make_inputs(case, "cpu")

@@ -186,6 +186,8 @@ def test_persistent_builds_prefetch_and_fit():
     short = builds["paged, equal tiles, short steps"]
     assert (short["block_n"], short["programs_per_sm"]) == (da.SHORT_BLOCK_N, da.SHORT_PROGRAMS_PER_SM), short
     assert builds["contiguous, equal tiles, short steps"]["block_n"] == da.SHORT_BLOCK_N
+    unequal = builds["contiguous, unequal tiles, short steps"]  # a program per tile, one wave
+    assert (unequal["block_n"], unequal["programs_per_sm"]) == (da.SHORT_BLOCK_N, da.SHORT_PROGRAMS_PER_SM), unequal
     assert {b["block_n"] for c, b in builds.items() if "short steps" not in c} == {da.BLOCK_N}
     for case, build in builds.items():
         threads = build["programs_per_sm"] * da.NUM_WARPS * 32
