@@ -85,9 +85,11 @@ MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tune
 # - paged (hoisted tables) on up to SHORT_PROGRAMS_PER_SM programs per SM, which half-size steps fit,
 #   so fewer or no tile changes each wait on a table load: B64-L1024 95.7-95.8 vs 98.8-99.0 us,
 #   B64-L16384 1426.8-1428.4 vs 1444.7-1445.7, B64-L4096 359.0-360.1 vs 360.8-360.9;
-# - unequal tiles (variable lengths) that one wave at SHORT_PROGRAMS_PER_SM per SM holds, on a program
-#   each, where PROGRAMS_PER_SM per SM would leave some programs a second tile: B64-L1024 var 57.6 vs
-#   59.9 us, paged 59.6 vs 64.3 (with more tiles than that wave, B64-L4096 var lost 3%).
+# - unequal tiles (variable lengths), each a whole sequence, that one wave of SHORT_PROGRAMS_PER_SM
+#   per SM holds, on a program each, where PROGRAMS_PER_SM per SM would leave some programs a second
+#   tile: B64-L1024 var 56.9 vs 59.5 us, paged 58.9 vs 64.7 (runs 0025 vs 0024). Where sequences
+#   split into chunks it was mixed (B4-L16384 var 42.6 vs 40.2, paged B4-L4096 var 22.9 vs 24.4), and
+#   with more tiles than that wave B64-L4096 var lost 3%.
 SHORT_BLOCK_N = 32
 SHORT_PROGRAMS_PER_SM = 4
 # Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
@@ -621,7 +623,7 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
                 block_k, num_programs = SHORT_BLOCK_N, choose_programs(tiles, sms, SHORT_PROGRAMS_PER_SM, True)
             elif equal and tiles >= 2 * num_programs:
                 block_k = SHORT_BLOCK_N
-            elif not equal and tiles <= SHORT_PROGRAMS_PER_SM * sms:  # one wave: a program per tile
+            elif not equal and chunk >= dims.max_len and tiles <= SHORT_PROGRAMS_PER_SM * sms:
                 block_k, num_programs = SHORT_BLOCK_N, tiles
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
