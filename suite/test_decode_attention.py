@@ -15,6 +15,7 @@ from kernels import decode_attention, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.interpreter import INTERPRET_ENV
+from tools import decode_launches
 from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
                                 quant_params, quantization_loss, variant_params)
 
@@ -160,6 +161,17 @@ def test_program_count_fills_the_last_wave_of_equal_tiles():
     assert da.choose_programs(100, sms, 3, equal_tiles=True) == 100  # one part wave: one tile each
     assert da.choose_programs(1024, sms, 3, equal_tiles=False) == 3 * sms
     assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 256
+
+
+def test_minimal_launches_on_an_h100():
+    # The launches runs 0024 and 0025 measured (tools/decode_launches.py: the launcher alone, 132 SMs).
+    launches, da = decode_launches.launches(sms=132, page_size=16), decode_attention
+    assert len(launches) == 48
+    assert launches["B64-L4096-uniform", "contiguous"][:2] == (256, da.SHORT_BLOCK_N)  # 2 equal tiles each
+    assert launches["B64-L1024-uniform", "paged"][:2] == (512, da.SHORT_BLOCK_N)  # every tile resident
+    assert launches["B64-L1024-var", "contiguous"][:2] == (512, da.SHORT_BLOCK_N)  # whole sequences, one wave
+    assert launches["B16-L4096-uniform", "contiguous"][:2] == (128, da.BLOCK_N)  # one tile per program
+    assert launches["B4-L16384-var", "contiguous"][1] == da.BLOCK_N  # split sequences keep BLOCK_N
 
 
 def test_persistent_builds_prefetch_and_fit():
