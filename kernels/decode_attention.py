@@ -78,8 +78,8 @@ QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 
 # tile per SM) int4 lost 12% (38.5 vs 34.5) while int8 and fp8 gained 5%.
 QUANT_EQUAL_TILES_PER_SM = 2
 MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
-# fp16/bf16 tiles that outnumber one wave of programs take K/V steps of SHORT_BLOCK_N
-# positions (H100, .dbg/s4 sweeps; elsewhere 32-position steps lost 5-12%, B1-B16 uniform):
+# fp16/bf16 tiles that outnumber one wave of programs take K/V steps of SHORT_BLOCK_N positions (H100
+# sweeps, notes/decode_attention.md; elsewhere 32-position steps lost 5-12%, B1-B16 uniform):
 # - contiguous, where every program has two or more tiles: B64-L4096 350.3-350.4 vs 353.6-353.7 us
 #   (SDPA 353.9-354.2), B64-L16384 1382.1-1388.0 vs 1391.2-1393.1, B64-L1024 95.2 vs 95.8;
 # - paged (hoisted tables) on up to SHORT_PROGRAMS_PER_SM programs per SM, which half-size steps fit,

@@ -15,9 +15,9 @@ from kernels import decode_attention, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.interpreter import INTERPRET_ENV
-from tools import decode_launches
 from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
                                 quant_params, quantization_loss, variant_params)
+from tools import decode_launches
 
 pytestmark = pytest.mark.decode
 
