@@ -275,6 +275,24 @@ def test_a_bound_launch_runs_again(variant, layout, device):
         check_output(out, inputs)
 
 
+@pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
+@pytest.mark.parametrize("bound_lens, new_lens", [((300, 300), (299, 45)), ((300, 300), (200, 200)),
+                                                  ((300, 45), (45, 45))], ids=str)
+def test_a_bound_launch_reads_the_new_lengths(variant, layout, device, bound_lens, new_lens):
+    # seq_lens may change between calls of one bound launch (not past the pages the block table
+    # holds); the persistent kernel plans for the lengths it was bound with (uniform ones: without
+    # waiting for seq_lens) and must notice.
+    inputs = make_inputs(DecodeCase(bound_lens, q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16,
+                                    layout=layout), device)
+    out = torch.empty_like(inputs["q"])
+    launch = VARIANTS[variant](**inputs, out=out, chunk=64)
+    inputs["seq_lens"].copy_(torch.tensor(new_lens, dtype=torch.int32))
+    for _ in range(2):  # the first launch after the change leaves the merge counters ready for the next
+        out.fill_(float("nan"))
+        launch()
+        check_output(out, inputs)
+
+
 def test_persistent_batch_limit(device):
     batch = decode_attention.MAX_BATCH + 1
     inputs = make_inputs(DecodeCase((1,) * batch, 2, 1, 64, torch.float16, "contiguous"), device)
