@@ -49,7 +49,7 @@ IDLE_SMS = 1 / 8
 # B4-L4096: 33.7 us in chunks of 512 vs 39.8 in chunks of 1024) and again with hoisted tables (one
 # tile per SM lost 9% and 5% at B16-L1024 and B16-L4096 var).
 PAGED_TILES_PER_SM = 2
-MERGE_ROWS = 64  # (head, chunk) partials merged per step: [GROUP, MERGE_ROWS // GROUP, D] fp32
+MERGE_ROWS_PER_WARP = 16  # (head, chunk) partials merged per step: [GROUP, 16 x warps // GROUP, D] fp32
 NUM_WARPS = 4
 NUM_STAGES = 3
 # A paged tile's block-table entries (at most this many) are loaded once per tile, before its loop
@@ -92,6 +92,14 @@ MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tune
 #   with more tiles than that wave B64-L4096 var lost 3%.
 SHORT_BLOCK_N = 32
 SHORT_PROGRAMS_PER_SM = 4
+# Short equal tiles (of at most ONE_WARP_MAX_TILE positions) of a contiguous cache that outnumber the
+# programs twice and fit one wave of SHORT_PROGRAMS_PER_SM per SM: a one-warp program per tile. Each
+# warp then keeps its own softmax state, where the 4 warps of a program exchange row maxima, sums and
+# P through shared memory at every step. H100, B64-L1024 uniform (the fifth and sixth sessions'
+# sweeps): 93.50 and 93.92 us vs 94.72 and 94.74 on 256 4-warp programs (SDPA 93.89, 94.18). Longer
+# tiles lost (B64-L4096 353.95 vs 351.28), paged ones too (B64-L1024 96.54 vs 96.13), and so did one
+# or two warps wherever tiles are split or fewer than 4 per SM (B1-B16: 1-15%).
+ONE_WARP_MAX_TILE = 1024
 # Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
 # registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged
 # B4-L16384 var: 54.2 us uncapped, 42.7 capped at 168). A cap is set only where the build needs it:
@@ -477,9 +485,9 @@ def choose_programs(tiles, sms, per_sm, equal_tiles):
     return triton.cdiv(tiles, triton.cdiv(tiles, min(n * sms, tiles)))
 
 
-def resident_registers(per_sm):
-    """The most registers per thread that let per_sm programs of NUM_WARPS warps share an SM."""
-    return min(MAX_THREAD_REGISTERS, SM_REGISTERS // (per_sm * NUM_WARPS * 32) // 8 * 8)  # 8 per thread granules
+def resident_registers(per_sm, num_warps):
+    """The most registers per thread that let per_sm programs of num_warps warps share an SM."""
+    return min(MAX_THREAD_REGISTERS, SM_REGISTERS // (per_sm * num_warps * 32) // 8 * 8)  # 8 per thread granules
 
 
 def build_registers(kernel, grid, args, meta):
@@ -518,8 +526,9 @@ def _chunk(chunk, dims, sms, paged):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
-          out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None):
+          out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None, num_warps=None):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
+    num_warps = NUM_WARPS if num_warps is None else num_warps
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
     out = torch.empty_like(q) if out is None else out
@@ -528,7 +537,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     quantized = dims.quant != "none"
     if not quantized:  # unused by the kernel; any tensor will do
         k_scale = v_scale = k_cache[:1, :1, :1, 0]
-    k_unit, v_unit = quant_units(dims.quant, k_cache, v_cache, head_dim, NUM_WARPS, paged)
+    k_unit, v_unit = quant_units(dims.quant, k_cache, v_cache, head_dim, num_warps, paged)
     # the kernel reads the rows as units: the strides below are K's view's, V's follow in-kernel
     k_cache, v_cache = unit_view(k_cache, k_unit), unit_view(v_cache, v_unit)
     hoisted = table_pages(chunk, k_cache.shape[1]) if paged and (k_unit, v_unit) == (1, 1) else 0
@@ -545,7 +554,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     block_g = triton.next_power_of_2(group)
-    merge = dict(BLOCK_G=block_g, MERGE_C=max(1, MERGE_ROWS // block_g))
+    merge = dict(BLOCK_G=block_g, MERGE_C=max(1, MERGE_ROWS_PER_WARP * num_warps // block_g))
     args = (q, k_cache, v_cache, k_scale, v_scale, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
             page_size, page_size.bit_length() - 1, max_chunks, num_q_heads, num_kv_heads, chunk,
@@ -553,9 +562,9 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
                 K_UNIT=k_unit, V_UNIT=v_unit,
                 PAGE_POW2=paged and page_size & (page_size - 1) == 0, TABLE_PAGES=hoisted,
-                num_warps=NUM_WARPS, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
+                num_warps=num_warps, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
     if resident_per_sm is not None and not hw.interpreting():  # the interpreter has no registers
-        cap = resident_registers(resident_per_sm)
+        cap = resident_registers(resident_per_sm, num_warps)
         if build_registers(kernel, grid(max_chunks), args, meta) > cap:
             meta["maxnreg"] = cap
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
@@ -592,11 +601,13 @@ def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
-                      chunk=None, block_k=None, num_programs=None):
+                      chunk=None, block_k=None, num_programs=None, num_warps=None):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
     batch, _, num_kv_heads, _, capacity = dims[:5]
+    if num_warps is not None and num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
     sms = hw.num_sms(q.device)
@@ -623,6 +634,9 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
                 block_k, num_programs = SHORT_BLOCK_N, choose_programs(tiles, sms, SHORT_PROGRAMS_PER_SM, True)
             elif equal and tiles >= 2 * num_programs:
                 block_k = SHORT_BLOCK_N
+                if (num_warps is None and not paged and min(chunk, dims.max_len) <= ONE_WARP_MAX_TILE
+                        and tiles <= SHORT_PROGRAMS_PER_SM * sms):
+                    num_warps, num_programs = 1, tiles
             elif not equal and chunk >= dims.max_len and tiles <= SHORT_PROGRAMS_PER_SM * sms:
                 block_k, num_programs = SHORT_BLOCK_N, tiles
     elif not isinstance(num_programs, int) or num_programs < 1:
@@ -634,4 +648,5 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
                  dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
                  block_k=_block_k(block_k, chunk, dims.quant),
-                 one_wave=tiles <= grid, resident_per_sm=triton.cdiv(grid, sms))
+                 one_wave=tiles <= grid, resident_per_sm=triton.cdiv(grid, sms),
+                 num_warps=num_warps)

@@ -105,11 +105,13 @@ def buffered_tiles(ttgir, rows, cols, dtype="bf16"):
 
 
 def decode_attention_builds():
-    """{case: {stages, kv_buffers, registers, programs_per_sm}} of triton_persistent's builds for
-    small bf16 cases: the stages the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile
-    buffers, registers per thread, and programs per SM in its grid. Cases: contiguous and paged as
-    the launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM); short
-    steps: contiguous with four equal tiles per program, contiguous with more unequal tiles than 3
+    """{case: {stages, table_pages, block_n, warps, kv_buffers, registers, programs_per_sm}} of
+    triton_persistent's builds for small bf16 cases: the stages, hoisted table entries, K/V step and
+    warps per program the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile buffers,
+    registers per thread, and programs per SM in its grid. Cases: contiguous and paged as the
+    launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM); short steps:
+    contiguous with four equal tiles per program, contiguous with short equal tiles twice the
+    programs (a one-warp program each, 4 per SM), contiguous with more unequal tiles than 3
     programs per SM hold (4 per SM), paged with more equal tiles than one wave of 3 per SM (4 per
     SM); paged on one program (many tiles per program); and paged with one-position pages, whose
     tiles have too many pages to hoist their block-table entries (one table load per step)."""
@@ -121,6 +123,8 @@ def decode_attention_builds():
     for name, lens, layout, programs, page in (("contiguous", two, "contiguous", None, 16),
                                                ("contiguous, equal tiles, short steps", (300,) * 16, "contiguous",
                                                 None, 16),
+                                               ("contiguous, equal tiles, short steps, one warp", (300,) * 8,
+                                                "contiguous", None, 16),
                                                ("paged, one wave", two, "paged", None, 16),
                                                ("paged, one wave, 3 per SM", three, "paged", None, 16),
                                                ("paged, many tiles per program", two, "paged", 1, 16),
@@ -136,6 +140,7 @@ def decode_attention_builds():
             lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)(), grids)
         compiled = compile_sm90(kernel, args, meta)
         result[name] = dict(stages=meta["num_stages"], table_pages=meta["TABLE_PAGES"], block_n=meta["BLOCK_N"],
+                            warps=meta["num_warps"],
                             registers=registers(compiled),
                             kv_buffers=buffered_tiles(compiled.asm["ttgir"], meta["BLOCK_N"], case.head_dim),
                             programs_per_sm=-(-grids[0][0] // hw.num_sms("cpu")))

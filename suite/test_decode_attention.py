@@ -168,6 +168,10 @@ def test_minimal_launches_on_an_h100():
     launches, da = decode_launches.launches(sms=132, page_size=16), decode_attention
     assert len(launches) == 48
     assert launches["B64-L4096-uniform", "contiguous"][:2] == (256, da.SHORT_BLOCK_N)  # 2 equal tiles each
+    # short equal tiles: a one-warp program each (ONE_WARP_MAX_TILE); every other launch has NUM_WARPS
+    assert launches["B64-L1024-uniform", "contiguous"] == (512, da.SHORT_BLOCK_N, 2048, da.NUM_STAGES, 1)
+    assert {key for key, launch in launches.items() if launch[4] != da.NUM_WARPS} == {("B64-L1024-uniform",
+                                                                                       "contiguous")}
     assert launches["B64-L1024-uniform", "paged"][:2] == (512, da.SHORT_BLOCK_N)  # every tile resident
     assert launches["B64-L1024-var", "contiguous"][:2] == (512, da.SHORT_BLOCK_N)  # whole sequences, one wave
     assert launches["B16-L4096-uniform", "contiguous"][:2] == (128, da.BLOCK_N)  # one tile per program
@@ -201,8 +205,11 @@ def test_persistent_builds_prefetch_and_fit():
     unequal = builds["contiguous, unequal tiles, short steps"]  # a program per tile, one wave
     assert (unequal["block_n"], unequal["programs_per_sm"]) == (da.SHORT_BLOCK_N, da.SHORT_PROGRAMS_PER_SM), unequal
     assert {b["block_n"] for c, b in builds.items() if "short steps" not in c} == {da.BLOCK_N}
+    one_warp = builds["contiguous, equal tiles, short steps, one warp"]  # short tiles, one wave of 4 per SM
+    assert (one_warp["block_n"], one_warp["warps"], one_warp["programs_per_sm"]) == (da.SHORT_BLOCK_N, 1, 4), one_warp
+    assert {b["warps"] for c, b in builds.items() if not c.endswith("one warp")} == {da.NUM_WARPS}
     for case, build in builds.items():
-        threads = build["programs_per_sm"] * da.NUM_WARPS * 32
+        threads = build["programs_per_sm"] * build["warps"] * 32
         assert build["registers"] * threads <= da.SM_REGISTERS, f"{case}: not every program is resident: {build}"
 
 
@@ -407,6 +414,14 @@ def test_num_programs_knob(variant, device):
     _run_case((variant, VARIANTS[variant]), case, device, chunk=64, num_programs=1)
 
 
+@pytest.mark.parametrize("num_warps", [1, 2])
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_num_warps_knob(num_warps, quant, layout, device):
+    # Fewer warps per program: each keeps its own softmax state; split tiles still merge.
+    case = DecodeCase((300, 45), q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout, quant=quant)
+    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_warps=num_warps)
+
+
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_cuda_persistent_refuses_quantized_caches(fmt, device):  # refused before anything runs: no GPU needed
     inputs = make_case_tensors(DecodeCase((40,), 4, 2, 64, torch.bfloat16, "contiguous", quant=fmt), device)[0]
@@ -417,7 +432,8 @@ def test_cuda_persistent_refuses_quantized_caches(fmt, device):  # refused befor
 @pytest.mark.parametrize("bad, match", [(dict(block_k=48), "block_k must be a positive power of two"),
                                         (dict(chunk=8), "chunk 8 must be >= 16"),
                                         (dict(block_k=8), "block_k 8 must be in"),
-                                        (dict(num_programs=0), "num_programs must be a positive int")])
+                                        (dict(num_programs=0), "num_programs must be a positive int"),
+                                        (dict(num_warps=3), "num_warps must be 1, 2, 4 or 8")])
 def test_bad_knobs(bad, match, device):
     inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
     with pytest.raises(ValueError, match=match):

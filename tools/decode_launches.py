@@ -1,5 +1,5 @@
 """The launch triton_persistent picks for each minimal decode-attention shape on a GPU of N SMs:
-grid, K/V step (BLOCK_N), chunk and stages, from the launcher alone (no GPU, nothing compiled).
+grid, K/V step (BLOCK_N), chunk, stages and warps per program, from the launcher alone (no GPU, nothing compiled).
 
     python -m tools.decode_launches [--sms 132] [--page-size 16]
 
@@ -34,7 +34,7 @@ def _inputs(lens, layout, page_size):
 
 
 def launches(sms, page_size):
-    """{(shape, layout): (grid, BLOCK_N, chunk, stages)} over the minimal profile's decode shapes."""
+    """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps)} over the minimal profile's decode shapes."""
     real_sms, real_registers = hw.num_sms, decode_attention.build_registers
     hw.num_sms = lambda device: sms
     decode_attention.build_registers = lambda *args, **kwargs: 0  # no compile: no register cap is decided
@@ -49,7 +49,7 @@ def launches(sms, page_size):
                                                     lambda: decode_attention.triton_persistent(**inputs)(), grids)
                 shape = f"B{batch}-L{length}-{'var' if variable else 'uniform'}"
                 result[shape, layout] = (grids[0][0], meta["BLOCK_N"], args[kernel.arg_names.index("chunk_size")],
-                                         meta["num_stages"])
+                                         meta["num_stages"], meta["num_warps"])
         return result
     finally:
         hw.num_sms, decode_attention.build_registers = real_sms, real_registers
@@ -62,9 +62,9 @@ def main():
     args = parser.parse_args()
     if args.sms < 1 or args.page_size < 1:
         parser.error("--sms and --page-size must be positive")
-    print("shape               layout      grid  BLOCK_N  chunk  stages")
-    for (shape, layout), (grid, block_n, chunk, stages) in launches(args.sms, args.page_size).items():
-        print(f"{shape:19s} {layout:10s} {grid:5d} {block_n:8d} {chunk:6d} {stages:7d}")
+    print("shape               layout      grid  BLOCK_N  chunk  stages  warps")
+    for (shape, layout), (grid, block_n, chunk, stages, warps) in launches(args.sms, args.page_size).items():
+        print(f"{shape:19s} {layout:10s} {grid:5d} {block_n:8d} {chunk:6d} {stages:7d} {warps:6d}")
 
 
 if __name__ == "__main__":
