@@ -95,10 +95,10 @@ SHORT_PROGRAMS_PER_SM = 4
 # Short equal tiles (of at most ONE_WARP_MAX_TILE positions) of a contiguous cache that outnumber the
 # programs twice and fit one wave of SHORT_PROGRAMS_PER_SM per SM: a one-warp program per tile. Each
 # warp then keeps its own softmax state, where the 4 warps of a program exchange row maxima, sums and
-# P through shared memory at every step. H100, B64-L1024 uniform (the fifth and sixth sessions'
-# sweeps): 93.50 and 93.92 us vs 94.72 and 94.74 on 256 4-warp programs (SDPA 93.89, 94.18). Longer
-# tiles lost (B64-L4096 353.95 vs 351.28), paged ones too (B64-L1024 96.54 vs 96.13), and so did one
-# or two warps wherever tiles are split or fewer than 4 per SM (B1-B16: 1-15%).
+# P through shared memory at every step. H100, B64-L1024 uniform, two sweeps: 93.50 and 93.92 us vs
+# 94.72 and 94.74 on 256 4-warp programs (SDPA 93.89, 94.18). Longer tiles lost (B64-L4096 353.95 vs
+# 351.28), paged ones too (B64-L1024 96.54 vs 96.13), and so did one or two warps at B1-B16, where
+# tiles are split or one per SM (0.5-15% slower; notes/decode_attention.md, sixth session).
 ONE_WARP_MAX_TILE = 1024
 # Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
 # registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged

@@ -286,9 +286,9 @@ def test_a_bound_launch_runs_again(variant, layout, device):
 @pytest.mark.parametrize("bound_lens, new_lens", [((300, 300), (299, 45)), ((300, 300), (200, 200)),
                                                   ((300, 45), (45, 45))], ids=str)
 def test_a_bound_launch_reads_the_new_lengths(variant, layout, device, bound_lens, new_lens):
-    # seq_lens may change between calls of one bound launch (not past the pages the block table
-    # holds); the persistent kernel plans for the lengths it was bound with (uniform ones: without
-    # waiting for seq_lens) and must notice.
+    # A decode loop advances seq_lens between calls of one bound launch (here: not past the pages
+    # the block table holds). Every split variant must read them at each call, though its chunk and
+    # grid were chosen for the lengths it was bound with, and leave its merge counters ready.
     inputs = make_inputs(DecodeCase(bound_lens, q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16,
                                     layout=layout), device)
     out = torch.empty_like(inputs["q"])

@@ -1,5 +1,6 @@
 """The launch triton_persistent picks for each minimal decode-attention shape on a GPU of N SMs:
-grid, K/V step (BLOCK_N), chunk, stages and warps per program, from the launcher alone (no GPU, nothing compiled).
+grid, K/V step (BLOCK_N), chunk, stages and warps per program, from the launcher alone (no GPU,
+nothing compiled).
 
     python -m tools.decode_launches [--sms 132] [--page-size 16]
 
