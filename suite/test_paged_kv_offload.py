@@ -13,12 +13,12 @@ SMALL = dict(q_heads=4, kv_heads=2, head_dim=64)
 
 
 def _params():
+    # the optimized fp8 path dequantizes inside the kernel: on a GPU only where that is supported
     on_gpu = torch.cuda.is_available()
-    for variant in paged_offload.VARIANTS:
-        for fmt in paged_offload.FORMATS:
-            # the optimized fp8 path dequantizes inside the kernel: on a GPU only where that is supported
-            marks = [pytest.mark.requires_fp8_fused] if on_gpu and (variant, fmt) == ("optimized", "fp8") else []
-            yield pytest.param(variant, fmt, marks=marks, id=f"{variant}-{fmt}")
+    return [pytest.param(variant, fmt, id=f"{variant}-{fmt}",
+                         marks=[pytest.mark.requires_fp8_fused] if on_gpu and (variant, fmt) == ("optimized", "fp8")
+                         else [])
+            for variant in paged_offload.VARIANTS for fmt in paged_offload.FORMATS]
 
 
 def _run(case, variant, fmt, device, tmp_path, page_cache="warm"):
