@@ -9,7 +9,9 @@ A file `expectations/<key>.json` per GPU (key from the GPU name), `default.json`
       "<pattern with * or ?>": {"hw_skip_reason": "why this cannot run on this GPU"}}}
 
 Every gate metric is a ratio where higher is better. An exact key wins; otherwise the longest
-matching pattern (the most specific) does.
+matching pattern (the most specific) does. A metric may be {"ungated": "why"} instead of a floor:
+measured and reported, never gated, and left alone by an update (for a value the host sets, not
+the code under test: a pageable copy's rate, say).
 """
 
 import fnmatch
@@ -80,11 +82,20 @@ def _validate(path, data):
         if "hw_skip_reason" in entry and not isinstance(entry["hw_skip_reason"], str):
             raise ExpectationsError(f"{where}.hw_skip_reason: expected a string")
         for metric in METRICS:
-            if metric in entry:
+            if metric in entry and _is_ungated(entry[metric]):
+                why = entry[metric]["ungated"]
+                if not isinstance(why, str) or not why.strip() or "floor" in entry[metric]:
+                    raise ExpectationsError(f"{where}.{metric}.ungated: expected a reason (a non-empty string) "
+                                            f"and no floor, got {entry[metric]!r}")
+            elif metric in entry:
                 floor = entry[metric].get("floor") if isinstance(entry[metric], dict) else None
                 if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not math.isfinite(floor) \
                         or floor < 0:
                     raise ExpectationsError(f"{where}.{metric}.floor: expected a number >= 0, got {floor!r}")
+
+
+def _is_ungated(metric_entry):
+    return isinstance(metric_entry, dict) and "ungated" in metric_entry
 
 
 class Expectations:
@@ -113,14 +124,20 @@ class Expectations:
     def check(self, gate_id, measured: dict) -> list:
         entry = self.entry(gate_id) or {}
         return [Verdict(gate_id, m, measured[m], entry[m]["floor"], self.path)
-                for m in METRICS if m in entry and measured.get(m) is not None]
+                for m in METRICS if m in entry and not _is_ungated(entry[m]) and measured.get(m) is not None]
+
+    def ungated(self, gate_id) -> list:
+        """The metrics of gate_id's entry marked {"ungated": why}."""
+        entry = self.entry(gate_id) or {}
+        return [m for m in METRICS if _is_ungated(entry.get(m))]
 
 
 def update(directory, key, measured: dict, *, margin: float, provenance: dict, allow_lower=False) -> Path:
     """Write floors = measured * (1 - margin) into <directory>/<key>.json.
 
     An existing floor is never lowered unless allow_lower, a floor set by hand (its entry has a
-    "why") is left as it is, and a measurement of zero writes no floor. Returns the path written.
+    "why") and an ungated metric are left as they are, and a measurement of zero writes no floor.
+    Returns the path written.
     """
     path = Path(directory) / f"{key}.json"
     data = _read(path) if path.exists() else {"gates": {}}
@@ -132,8 +149,8 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
         for metric, value in metrics.items():
             if metric not in METRICS or value is None:
                 continue
-            if "why" in entry.get(metric, {}):
-                continue  # a deliberate floor, with its reason: an update does not override it
+            if "why" in entry.get(metric, {}) or _is_ungated(entry.get(metric)):
+                continue  # a deliberate floor or no gate, with its reason: an update does not override it
             floor = round(value * (1 - margin), 3)
             if floor <= 0:
                 continue  # a floor of zero cannot fail: nothing measured to hold

@@ -134,6 +134,9 @@ class PerfRecorder:
             verdict = "no gate"
         else:
             verdict = "FAIL" if failed else "pass"
+        ungated = self.expectations.ungated(gate_id) if self.on_gpu and not self.updating else []
+        if ungated:
+            verdict += f" ({', '.join(ungated)} ungated: {self.expectations.path.name})"
         spread = extra.get("iqr_over_median", 0.0)
         if spread > NOISY:
             verdict += f" (noisy: IQR {100 * spread:.0f}% of median)"

@@ -88,7 +88,10 @@ def test_check_verdicts_and_their_message(tmp_path):
     (json.dumps({"gates": {GATE: {"speedup_vs_anchr": {"floor": 0.9}}}}), [f"'gates.{GATE}'", "speedup_vs_anchr"]),
     (json.dumps({"gates": {GATE: {"roofline_fraction": {"floor": -0.1}}}}), [f"'gates.{GATE}'", "fraction.floor"]),
     ('{"gates": {"%s": {"roofline_fraction": {"floor": NaN}}}}' % GATE, [f"'gates.{GATE}'"]),
-], ids=["not-json", "no-gates", "string-floor", "unknown-field", "negative-floor", "nan-floor"])
+    (json.dumps({"gates": {GATE: {SPEEDUP: {"ungated": ""}}}}), [f"'gates.{GATE}'", f"{SPEEDUP}.ungated"]),
+    (json.dumps({"gates": {GATE: {SPEEDUP: {"ungated": "host", "floor": 1.0}}}}), [f"{SPEEDUP}.ungated", "no floor"]),
+], ids=["not-json", "no-gates", "string-floor", "unknown-field", "negative-floor", "nan-floor", "ungated-no-reason",
+        "ungated-with-floor"])
 def test_malformed_expectations_name_file_and_key(tmp_path, text, names):
     path = tmp_path / "h100.json"
     path.write_text(text)
@@ -137,6 +140,16 @@ def test_update_leaves_a_floor_set_by_hand(tmp_path):
     path.write_text(json.dumps({"gates": {GATE: {SPEEDUP: hand}}}))
     update(tmp_path, "h100", {GATE: {SPEEDUP: 9.0}}, margin=0.1, provenance=PROV_A)
     assert entry_of(path)[SPEEDUP] == hand
+
+
+def test_an_ungated_metric_is_recorded_not_gated_and_kept_by_update(tmp_path):
+    ungated = {"ungated": "pageable H2D is host-bound"}
+    path = write(tmp_path, "h100", {GATE: {"roofline_fraction": ungated, SPEEDUP: {"floor": 2.0}}})
+    exp = Expectations.load(tmp_path, "h100")
+    assert [v.metric for v in exp.check(GATE, {"roofline_fraction": 0.01, SPEEDUP: 3.0})] == [SPEEDUP]
+    assert exp.ungated(GATE) == ["roofline_fraction"] and exp.ungated("other/gate") == []
+    update(tmp_path, "h100", {GATE: {"roofline_fraction": 0.9, SPEEDUP: 3.0}}, margin=0.0, provenance=PROV_A)
+    assert entry_of(path)["roofline_fraction"] == ungated and entry_of(path)[SPEEDUP]["floor"] == 3.0
 
 
 @pytest.mark.parametrize("text", [
@@ -325,6 +338,14 @@ def test_perf_gate_failure_names_gate_measured_floor_and_file_unless_updating(tm
     rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1.2e-3)
     assert bench.extra_info["gate"] == "recorded"
     assert rec.measured[GATE] == pytest.approx({"roofline_fraction": 0.5, SPEEDUP: 1.2})
+
+
+def test_perf_table_names_an_ungated_metric(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
+    write(tmp_path, "h100", {GATE: {"roofline_fraction": {"ungated": "host-bound"}}})
+    rec.expectations = Expectations.load(tmp_path, "h100")
+    rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=1e3)  # 1 MB/s: far below any roofline, and no failure
+    assert bench.extra_info["gate"] == "no gate (roofline_fraction ungated: h100.json)"
 
 
 def test_perf_record_speedup_only_on_gpu(tmp_path):
