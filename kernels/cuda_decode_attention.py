@@ -11,7 +11,8 @@ import torch
 import triton
 
 from kernels import cuda_build, hw
-from kernels.decode_attention import MAX_BATCH, PAGED_TILES_PER_SM, check_decode_args, choose_chunk
+from kernels.decode_attention import MAX_BATCH, check_decode_args
+from kernels.decode_plan import PAGED_TILES_PER_SM, choose_chunk
 from kernels.checks import HEAD_DIMS, check_power_of_two
 
 THREADS = 128

@@ -17,8 +17,9 @@ chunks of a sequence are merged by their log-sum-exp.
 Quantized caches (int8, fp8, int4) are read as 16-bit units split into fp16 planes
 (kernels/kv_planes.py) wherever they view as such, else byte by byte (_attend_chunk).
 
-Each launcher checks its arguments (one device sync for the value checks), allocates output and
-workspace, and returns a zero-argument `launch()` so benchmarks time kernel launches only.
+Each launcher checks its arguments (one device sync for the value checks), takes its launch (chunk,
+K/V step, programs, warps) from kernels/decode_plan.py, allocates output and workspace, and returns
+a zero-argument `launch()` so benchmarks time kernel launches only.
 """
 
 import math
@@ -28,85 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import hw, kv_quant
+from kernels import decode_plan as plan, hw, kv_quant
 from kernels.kv_planes import _attend_chunk_planes, _int8_to_f16, _nibble_to_f16, quant_units, unit_view
-from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check_power_of_two, check_tensor,
+from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check_tensor,
                             check_unit_stride_last)
 
-BLOCK_N = 64  # KV positions per inner step
-# Quantized caches convert every element before the dots: longer steps amortize it (H100, B64-L4096:
-# 128 beat 64 by 2-12% for int8, fp8 and int4 in tools/tune_decode_attention.py).
-QUANT_BLOCK_N = 128
-# Chunk heuristic (choose_chunk), from chunk sweeps of every minimal shape on an H100: the chunk
-# halves from MAX_CHUNK while the tiles would leave more than IDLE_SMS of the SMs idle (a split costs
-# a merge, which costs more than a few idle SMs); below SHORT_CHUNK only while more than half would
-# be idle (a 128-position tile is two steps, and merging its partials costs about as much).
-MIN_CHUNK = 128
-SHORT_CHUNK = 256
-MAX_CHUNK = 2048
-IDLE_SMS = 1 / 8
-# Paged tiles of variable lengths: two tiles per SM. Measured with per-step table loads (H100,
-# B4-L4096: 33.7 us in chunks of 512 vs 39.8 in chunks of 1024) and again with hoisted tables (one
-# tile per SM lost 9% and 5% at B16-L1024 and B16-L4096 var).
-PAGED_TILES_PER_SM = 2
-MERGE_ROWS_PER_WARP = 16  # (head, chunk) partials merged per step: [GROUP, 16 x warps // GROUP, D] fp32
-NUM_WARPS = 4
-NUM_STAGES = 3
-# A paged tile's block-table entries (at most this many) are loaded once per tile, before its loop
-# (_attend_chunk's TABLE_PAGES), and each step takes its rows' pages from registers: the loop's only
-# global loads are K and V, which get two buffers at NUM_STAGES as for a contiguous cache. 256 int32
-# entries are 2 registers per thread at 4 warps. H100, 24 paged minimal shapes vs the per-step load:
-# geomean 1.03x faster, B64-L1024 var 69.5 -> 64.3 us, B4-L1024 var 14.9 -> 13.3 us.
-MAX_TABLE_PAGES = 256
-# Tiles with more pages (page sizes < 8 at chunk 2048) and the quantized planes load their rows'
-# table entries every step. The pipeliner gives that load a stage of its own, so 3 stages leave the
-# K and V tiles one buffer (no prefetch); 5 give them two. That pays where each program has one tile
-# (split-KV's CTAs always), whose latency nothing else hides (H100, per-step loads: B16-L4096 100 vs
-# 107 us, B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were as fast or faster
-# (B64-L4096 376 vs 387 us).
-PAGED_ONE_WAVE_STAGES = 5
-# Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
-# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
-# (uniform lengths, contiguous cache) choose_programs may take 2 per SM, when that fills the last
-# wave better (B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on 396), and then no more
-# programs than share the tiles equally.
-PROGRAMS_PER_SM = 3
-QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
-# Quantized tiles are instruction-bound: uniform lengths take longer tiles (longest_equal_tile) only
-# while every SM still gets this many. H100, L4096 uniform, whole-sequence tiles vs chunks of 2048:
-# B64 int4 109.4 vs 122.3 us, int8 190.7 vs 203.8, fp8 188.9 vs 200.1 (paged alike); at B16 (one
-# tile per SM) int4 lost 12% (38.5 vs 34.5) while int8 and fp8 gained 5%.
-QUANT_EQUAL_TILES_PER_SM = 2
-MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
-# fp16/bf16 tiles that outnumber one wave of programs take K/V steps of SHORT_BLOCK_N positions (H100
-# sweeps, notes/decode_attention.md; elsewhere 32-position steps lost 5-12%, B1-B16 uniform):
-# - contiguous, where every program has two or more tiles: B64-L4096 350.3-350.4 vs 353.6-353.7 us
-#   (SDPA 353.9-354.2), B64-L16384 1382.1-1388.0 vs 1391.2-1393.1, B64-L1024 95.2 vs 95.8;
-# - paged (hoisted tables) on up to SHORT_PROGRAMS_PER_SM programs per SM, which half-size steps fit,
-#   so fewer or no tile changes each wait on a table load: B64-L1024 95.7-95.8 vs 98.8-99.0 us,
-#   B64-L16384 1426.8-1428.4 vs 1444.7-1445.7, B64-L4096 359.0-360.1 vs 360.8-360.9;
-# - unequal tiles (variable lengths), each a whole sequence, that one wave of SHORT_PROGRAMS_PER_SM
-#   per SM holds, on a program each, where PROGRAMS_PER_SM per SM would leave some programs a second
-#   tile: B64-L1024 var 56.9 vs 59.5 us, paged 58.9 vs 64.7 (runs 0025 vs 0024). Where sequences
-#   split into chunks it was mixed (B4-L16384 var 42.6 vs 40.2, paged B4-L4096 var 22.9 vs 24.4), and
-#   with more tiles than that wave B64-L4096 var lost 3%.
-SHORT_BLOCK_N = 32
-SHORT_PROGRAMS_PER_SM = 4
-# Short equal tiles (of at most ONE_WARP_MAX_TILE positions) of a contiguous cache that outnumber the
-# programs twice and fit one wave of SHORT_PROGRAMS_PER_SM per SM: a one-warp program per tile. Each
-# warp then keeps its own softmax state, where the 4 warps of a program exchange row maxima, sums and
-# P through shared memory at every step. H100, B64-L1024 uniform, two sweeps: 93.50 and 93.92 us vs
-# 94.72 and 94.74 on 256 4-warp programs (SDPA 93.89, 94.18). Longer tiles lost (B64-L4096 353.95 vs
-# 351.28), paged ones too (B64-L1024 96.54 vs 96.13), and so did one or two warps at B1-B16, where
-# tiles are split or one per SM (0.5-15% slower; notes/decode_attention.md, sixth session).
-ONE_WARP_MAX_TILE = 1024
-# Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
-# registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged
-# B4-L16384 var: 54.2 us uncapped, 42.7 capped at 168). A cap is set only where the build needs it:
-# one that changes no count still reschedules (paged B64-L1024 var, 168 registers either way: 72.5 us
-# uncapped, 80.4 capped).
-SM_REGISTERS = 65536
-MAX_THREAD_REGISTERS = 255
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
 # seq_lens lanes of a batch > 1: batches 2..16 share one build, which costs nothing (H100, B2-B8:
 # 0.96-1.01x the time of exact lanes); a single sequence keeps its one-lane build (B1 not measured at 16).
@@ -441,55 +368,6 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
     return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1], fmt, stats[2])
 
 
-def choose_chunk(dims, sms, tiles_per_sm=1, max_chunk=MAX_CHUNK):
-    """The largest power-of-two chunk in [MIN_CHUNK, max_chunk] whose tiles leave at most IDLE_SMS of
-    tiles_per_sm * sms slots idle; below SHORT_CHUNK, only while more than half of the SMs would be.
-    Tiles are counted from the lengths' total (exact for uniform lengths), not from the capacity."""
-    def tiles(chunk):
-        return dims.num_kv_heads * max(dims.batch, triton.cdiv(dims.total_len, chunk))
-
-    chunk = max_chunk
-    while chunk > SHORT_CHUNK and tiles(chunk) < (1 - IDLE_SMS) * tiles_per_sm * sms:
-        chunk //= 2
-    while chunk > MIN_CHUNK and tiles(chunk) < sms / 2:
-        chunk //= 2
-    return chunk
-
-
-def longest_equal_tile(dims, page_size=None):
-    """The longest chunk a persistent launch of uniform lengths may take: a whole sequence (paged:
-    while the tile's block-table entries fit MAX_TABLE_PAGES). Such tiles stream without a merge
-    and without a tile change: H100, bf16 B64-L16384 1398.7 us in chunks of 16384 vs 1460.1 in
-    chunks of MAX_CHUNK (SDPA 1387.9), B16-L16384 352.5 vs 367.8 (SDPA 349.8). Lengths that differ
-    keep MAX_CHUNK: shorter tiles balance them."""
-    chunk = max(MAX_CHUNK, triton.next_power_of_2(dims.max_len))
-    while page_size is not None and chunk > MAX_CHUNK and not table_pages(chunk, page_size):
-        chunk //= 2
-    return chunk
-
-
-def choose_programs(tiles, sms, per_sm, equal_tiles):
-    """per_sm programs per SM or, with equal tiles, the count in [MIN_PROGRAMS_PER_SM, per_sm] per SM
-    whose waves are fullest (the most programs among equals), less the programs a part-full last
-    wave would leave without a tile: every program then gets the same number of tiles. H100, 512
-    whole-sequence tiles: 256 programs vs 264, B64-L4096 352.8 vs 355.0 us, B64-L16384 1385.9 vs
-    1393.9, B64-L1024 94.8 vs 95.4, paged B64-L1024 98.3 vs 99.1."""
-    if not equal_tiles:
-        return per_sm * sms
-
-    def fullness(n):
-        programs = min(n * sms, tiles)
-        return tiles / (triton.cdiv(tiles, programs) * programs)
-
-    n = max(range(min(MIN_PROGRAMS_PER_SM, per_sm), per_sm + 1), key=lambda n: (fullness(n), n))
-    return triton.cdiv(tiles, triton.cdiv(tiles, min(n * sms, tiles)))
-
-
-def resident_registers(per_sm, num_warps):
-    """The most registers per thread that let per_sm programs of num_warps warps share an SM."""
-    return min(MAX_THREAD_REGISTERS, SM_REGISTERS // (per_sm * num_warps * 32) // 8 * 8)  # 8 per thread granules
-
-
 def build_registers(kernel, grid, args, meta):
     """Registers per thread of the build that kernel[grid](*args, **meta) launches (compiled, not run)."""
     compiled = kernel.warmup(*args, grid=grid, **meta)
@@ -497,38 +375,10 @@ def build_registers(kernel, grid, args, meta):
     return compiled.n_regs
 
 
-def _table_entries(chunk, page_size):
-    # a power of two >= the pages a tile of chunk positions can touch: a power-of-two page size
-    # divides the chunk's start or holds the whole chunk; any other may straddle one more page
-    if page_size & (page_size - 1) == 0:
-        pages = max(1, chunk // page_size)
-    else:
-        pages = triton.cdiv(chunk, page_size) + 1
-    return triton.next_power_of_2(pages)
-
-
-def table_pages(chunk, page_size):
-    """TABLE_PAGES of a paged launch: one size per page size where MAX_CHUNK's tiles fit (fewer
-    builds: a shorter chunk's entries are masked), else the chunk's, else 0 (one load per step)."""
-    for positions in (max(chunk, MAX_CHUNK), chunk):
-        if _table_entries(positions, page_size) <= MAX_TABLE_PAGES:
-            return _table_entries(positions, page_size)
-    return 0
-
-
-def _chunk(chunk, dims, sms, paged):
-    if chunk is None:
-        return choose_chunk(dims, sms, PAGED_TILES_PER_SM if paged else 1)
-    check_power_of_two("chunk", chunk)
-    if chunk < 16:
-        raise ValueError(f"chunk {chunk} must be >= 16 (a chunk holds at least one 16-position step)")
-    return chunk
-
-
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
           out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None, num_warps=None):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
-    num_warps = NUM_WARPS if num_warps is None else num_warps
+    num_warps = plan.NUM_WARPS if num_warps is None else num_warps
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
     out = torch.empty_like(q) if out is None else out
@@ -540,8 +390,8 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     k_unit, v_unit = quant_units(dims.quant, k_cache, v_cache, head_dim, num_warps, paged)
     # the kernel reads the rows as units: the strides below are K's view's, V's follow in-kernel
     k_cache, v_cache = unit_view(k_cache, k_unit), unit_view(v_cache, v_unit)
-    hoisted = table_pages(chunk, k_cache.shape[1]) if paged and (k_unit, v_unit) == (1, 1) else 0
-    num_stages = PAGED_ONE_WAVE_STAGES if paged and one_wave and not hoisted else NUM_STAGES
+    hoisted = plan.table_pages(chunk, k_cache.shape[1]) if paged and (k_unit, v_unit) == (1, 1) else 0
+    num_stages = plan.PAGED_ONE_WAVE_STAGES if paged and one_wave and not hoisted else plan.NUM_STAGES
     if paged:
         strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                    *((k_scale.stride(0), k_scale.stride(1), k_scale.stride(2)) if quantized else (0, 0, 0)),
@@ -554,7 +404,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     block_g = triton.next_power_of_2(group)
-    merge = dict(BLOCK_G=block_g, MERGE_C=max(1, MERGE_ROWS_PER_WARP * num_warps // block_g))
+    merge = dict(BLOCK_G=block_g, MERGE_C=max(1, plan.MERGE_ROWS_PER_WARP * num_warps // block_g))
     args = (q, k_cache, v_cache, k_scale, v_scale, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
             page_size, page_size.bit_length() - 1, max_chunks, num_q_heads, num_kv_heads, chunk,
@@ -564,7 +414,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
                 PAGE_POW2=paged and page_size & (page_size - 1) == 0, TABLE_PAGES=hoisted,
                 num_warps=num_warps, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
     if resident_per_sm is not None and not hw.interpreting():  # the interpreter has no registers
-        cap = resident_registers(resident_per_sm, num_warps)
+        cap = plan.resident_registers(resident_per_sm, num_warps)
         if build_registers(kernel, grid(max_chunks), args, meta) > cap:
             meta["maxnreg"] = cap
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
@@ -579,25 +429,15 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     return launch
 
 
-def _block_k(block_k, chunk, quant):
-    if block_k is None:  # chunk is a power of two >= 16 here (_chunk)
-        block_k = min(chunk, BLOCK_N if quant == "none" else QUANT_BLOCK_N)
-    check_power_of_two("block_k", block_k)
-    if block_k < 16 or block_k > chunk:
-        raise ValueError(f"block_k {block_k} must be in [16, chunk {chunk}] (tl.dot needs >= 16)")
-    return block_k
-
-
 def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
                     chunk=None, block_k=None):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
-    batch, _, num_kv_heads, _, capacity = dims[:5]
-    chunk = _chunk(chunk, dims, hw.num_sms(q.device), block_table is not None)
-    return _bind(_split_kv, lambda max_chunks: (batch * num_kv_heads, max_chunks), lambda out: (), {},
+    chunk = plan.resolve_chunk(chunk, dims, hw.num_sms(q.device), block_table is not None)
+    return _bind(_split_kv, lambda max_chunks: (dims.batch * dims.num_kv_heads, max_chunks), lambda out: (), {},
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False,
-                 block_k=_block_k(block_k, chunk, dims.quant), one_wave=True)
+                 block_k=plan.resolve_block_k(block_k, chunk, dims.quant), one_wave=True)
 
 
 def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=None, v_scale=None, out=None,
@@ -605,48 +445,15 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D] (kv_quant formats:
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
-    batch, _, num_kv_heads, _, capacity = dims[:5]
-    if num_warps is not None and num_warps not in (1, 2, 4, 8):
-        raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
+    batch = dims.batch
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
-    sms = hw.num_sms(q.device)
-    paged = block_table is not None
-    page_size = k_cache.shape[1] if paged else None
-    uniform = dims.min_len == dims.max_len
-    if chunk is None and uniform:
-        per_sm = 1 if dims.quant == "none" else QUANT_EQUAL_TILES_PER_SM
-        chunk = max(choose_chunk(dims, sms, per_sm, longest_equal_tile(dims, page_size)),
-                    _chunk(None, dims, sms, paged))
-    chunk = _chunk(chunk, dims, sms, paged)
-    max_tiles = batch * num_kv_heads * triton.cdiv(capacity, chunk)
-    tiles = batch * num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths
-    if num_programs is None:
-        per_sm = PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM
-        # Paged tiles count as equal only with their table hoisted: per-row table loads make a tile
-        # latency-bound, and it gained from every program (H100, B16-L16384: 384 us on 396 programs
-        # vs 402 on 264).
-        hoisted = dims.quant == "none" and paged and table_pages(chunk, page_size) > 0
-        equal = uniform and (not paged or hoisted)
-        num_programs = choose_programs(tiles, sms, per_sm, equal)
-        if block_k is None and dims.quant == "none" and (not paged or hoisted) and tiles > num_programs:
-            if equal and paged:
-                block_k, num_programs = SHORT_BLOCK_N, choose_programs(tiles, sms, SHORT_PROGRAMS_PER_SM, True)
-            elif equal and tiles >= 2 * num_programs:
-                block_k = SHORT_BLOCK_N
-                if (num_warps is None and not paged and min(chunk, dims.max_len) <= ONE_WARP_MAX_TILE
-                        and tiles <= SHORT_PROGRAMS_PER_SM * sms):
-                    num_warps, num_programs = 1, tiles
-            elif not equal and chunk >= dims.max_len and tiles <= SHORT_PROGRAMS_PER_SM * sms:
-                block_k, num_programs = SHORT_BLOCK_N, tiles
-    elif not isinstance(num_programs, int) or num_programs < 1:
-        raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
-    grid = min(num_programs, max_tiles)
-    counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
-    return _bind(_persistent, lambda _: (grid,),
+    launch = plan.plan_persistent(dims, hw.num_sms(q.device), k_cache.shape[1] if block_table is not None else None,
+                                  chunk=chunk, block_k=block_k, num_programs=num_programs, num_warps=num_warps)
+    counters = torch.zeros(batch * dims.num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
+    return _bind(_persistent, lambda _: (launch.grid,),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                  dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
-                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=True,
-                 block_k=_block_k(block_k, chunk, dims.quant),
-                 one_wave=tiles <= grid, resident_per_sm=triton.cdiv(grid, sms),
-                 num_warps=num_warps)
+                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, launch.chunk, dims,
+                 fused_merge=True, block_k=launch.block_k, one_wave=launch.one_wave,
+                 resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kernels import cuda_build, cuda_decode_attention, cuda_decode_loop, prefill_kv_write
-from kernels.decode_attention import SM_REGISTERS
+from kernels.decode_plan import SM_REGISTERS
 from suite.kernel_ir import resource_usage
 
 ARCHS = ("sm_90a", "sm_100a")

@@ -11,13 +11,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import decode_attention, kv_planes, kv_quant
+from kernels import decode_attention, decode_plan, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.interpreter import INTERPRET_ENV
 from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
                                 quant_params, quantization_loss, variant_params)
-from tools import decode_launches
 
 pytestmark = pytest.mark.decode
 
@@ -107,75 +106,10 @@ def test_many_chunks_per_sequence(variant, chunk, layout, device):
 def test_block_table_hoisted_or_loaded_per_step(variant, page_size, chunk, hoisted, device):
     # A tile's block-table entries are loaded once where they fit MAX_TABLE_PAGES (page sizes that
     # do not divide the chunk straddle one more page), else every step: both paths meet the oracle.
-    assert decode_attention.table_pages(chunk, page_size) == hoisted
+    assert decode_plan.table_pages(chunk, page_size) == hoisted
     case = DecodeCase((600, 37, 301), q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, layout="paged",
                       page_size=page_size, spare=5)
     _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
-
-
-def _dims(batch, kv_heads, lengths):
-    return decode_attention.DecodeDims(batch, 4 * kv_heads, kv_heads, 128, max(lengths), min(lengths), max(lengths),
-                                       "none", sum(lengths))
-
-
-def test_chunk_heuristic_fills_the_gpu():
-    sms, da = 132, decode_attention
-    for batch, kv_heads, length in [(1, 8, 1024), (1, 8, 4096), (16, 8, 1024), (64, 8, 4096), (4, 2, 300), (1, 1, 1)]:
-        for per_sm in (1, 2):
-            dims = _dims(batch, kv_heads, [length] * batch)
-            chunk = da.choose_chunk(dims, sms, per_sm)
-            tiles = lambda c: batch * kv_heads * -(-length // c)  # noqa: E731
-            assert da.MIN_CHUNK <= chunk <= da.MAX_CHUNK
-            if chunk < da.MAX_CHUNK:  # halved only while too many SMs were idle
-                assert tiles(2 * chunk) < (1 - da.IDLE_SMS) * per_sm * sms
-            if chunk < da.SHORT_CHUNK:
-                assert tiles(2 * chunk) < sms / 2
-            assert tiles(chunk) >= (1 - da.IDLE_SMS) * per_sm * sms or chunk <= da.SHORT_CHUNK
-    assert da.choose_chunk(_dims(1, 8, [1024]), sms) == 128  # 32 tiles at 256
-    assert da.choose_chunk(_dims(1, 8, [4096]), sms) == 256  # 128 tiles: 4 of 132 SMs idle, no further split
-    assert da.choose_chunk(_dims(16, 8, [1024] * 16), sms) >= 1024  # 128 tiles unsplit, no merge
-    assert da.choose_chunk(_dims(4, 8, [4096] * 4), sms, 2) == 512  # paged: 256 tiles, two per SM
-    # Variable lengths count by their total: 4 x ~9000 positions make 144 tiles of 2048, not 256.
-    assert da.choose_chunk(_dims(4, 8, [2100, 16384, 9000, 8500]), sms, 2) == 1024
-
-
-def test_uniform_tiles_may_span_whole_sequences():
-    sms, da = 132, decode_attention
-    dims = _dims(64, 8, [16384] * 64)
-    assert da.longest_equal_tile(dims) == 16384
-    assert da.choose_chunk(dims, sms, 1, da.longest_equal_tile(dims)) == 16384  # 512 tiles, no merge
-    assert da.longest_equal_tile(dims, page_size=16) == 4096  # the table's 256 entries of 16 positions
-    assert da.longest_equal_tile(dims, page_size=1) == da.MAX_CHUNK  # no table fits: as before
-    assert da.longest_equal_tile(_dims(4, 8, [300] * 4)) == da.MAX_CHUNK
-    assert da.choose_chunk(_dims(1, 8, [16384]), sms, 1, 16384) == 1024  # one sequence still splits to fill the SMs
-    # quantized tiles are instruction-bound: longer only while every SM still gets two
-    assert da.choose_chunk(_dims(64, 8, [4096] * 64), sms, da.QUANT_EQUAL_TILES_PER_SM, 4096) == 4096
-    assert da.choose_chunk(_dims(16, 8, [4096] * 16), sms, da.QUANT_EQUAL_TILES_PER_SM, 4096) == 2048
-
-
-def test_program_count_fills_the_last_wave_of_equal_tiles():
-    sms, da = 132, decode_attention
-    assert da.choose_programs(1024, sms, 3, equal_tiles=True) == 256  # 4 tiles each: 4 waves of 264 less 8
-    assert da.choose_programs(792, sms, 3, equal_tiles=True) == 3 * sms  # 2 full waves of 396
-    assert da.choose_programs(512, sms, 3, equal_tiles=True) == 256  # 2 each, not 248 x 2 + 16 x 1
-    assert da.choose_programs(100, sms, 3, equal_tiles=True) == 100  # one part wave: one tile each
-    assert da.choose_programs(1024, sms, 3, equal_tiles=False) == 3 * sms
-    assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 256
-
-
-def test_minimal_launches_on_an_h100():
-    # The launches runs 0024, 0025 and 0028 measured (tools/decode_launches.py: the launcher alone, 132 SMs).
-    launches, da = decode_launches.launches(sms=132, page_size=16), decode_attention
-    assert len(launches) == 48
-    assert launches["B64-L4096-uniform", "contiguous"][:2] == (256, da.SHORT_BLOCK_N)  # 2 equal tiles each
-    # short equal tiles: a one-warp program each (ONE_WARP_MAX_TILE); every other launch has NUM_WARPS
-    assert launches["B64-L1024-uniform", "contiguous"] == (512, da.SHORT_BLOCK_N, 2048, da.NUM_STAGES, 1)
-    assert {key for key, launch in launches.items() if launch[4] != da.NUM_WARPS} == {("B64-L1024-uniform",
-                                                                                       "contiguous")}
-    assert launches["B64-L1024-uniform", "paged"][:2] == (512, da.SHORT_BLOCK_N)  # every tile resident
-    assert launches["B64-L1024-var", "contiguous"][:2] == (512, da.SHORT_BLOCK_N)  # whole sequences, one wave
-    assert launches["B16-L4096-uniform", "contiguous"][:2] == (128, da.BLOCK_N)  # one tile per program
-    assert launches["B4-L16384-var", "contiguous"][1] == da.BLOCK_N  # split sequences keep BLOCK_N
 
 
 def test_persistent_builds_prefetch_and_fit():
@@ -189,7 +123,7 @@ def test_persistent_builds_prefetch_and_fit():
                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr
     builds = json.loads(run.stdout.splitlines()[-1])
-    da = decode_attention
+    da = decode_plan
     per_step = "paged, table per step, one wave"
     assert {c: b["table_pages"] > 0 for c, b in builds.items()} == {c: c.startswith("paged") and c != per_step
                                                                     for c in builds}
@@ -332,13 +266,13 @@ def test_quantized_tiles_are_read_as_16_bit_units_where_they_can_be():
     def units(fmt, head_dim, offset=0):
         width = head_dim // 2 if fmt == "int4" else head_dim
         store = torch.zeros(offset + 2 * 3 * 40 * width, dtype=torch.int8)[offset:].view(2, 3, 40, width)
-        return kv_planes.quant_units(fmt, store, store, head_dim, decode_attention.NUM_WARPS, paged=False)
+        return kv_planes.quant_units(fmt, store, store, head_dim, decode_plan.NUM_WARPS, paged=False)
     assert units("none", 128) == (1, 1)
     assert units("int8", 128) == units("int8", 64) == units("int4", 128) == (2, 2)
     assert units("int4", 64) == (2, 1)
     assert units("int8", 128, offset=1) == (1, 1)
     huge = torch.empty(1, 1, 2**24, 128, dtype=torch.int8, device="meta")  # row offsets past 32 bits
-    assert kv_planes.quant_units("int8", huge, huge, 128, decode_attention.NUM_WARPS, paged=False) == (1, 1)
+    assert kv_planes.quant_units("int8", huge, huge, 128, decode_plan.NUM_WARPS, paged=False) == (1, 1)
 
 
 @pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
@@ -352,7 +286,7 @@ def test_quantized_caches_that_are_not_units_are_read_as_bytes(variant, fmt, dev
         cache = inputs[name]
         odd = torch.empty(cache.numel() + 1, dtype=cache.dtype, device=device)[1:].view(cache.shape)
         inputs[name] = odd.copy_(cache)
-    assert kv_planes.quant_units(fmt, inputs["k_cache"], inputs["v_cache"], 64, decode_attention.NUM_WARPS,
+    assert kv_planes.quant_units(fmt, inputs["k_cache"], inputs["v_cache"], 64, decode_plan.NUM_WARPS,
                                  paged=True) == (1, 1)
     out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)
     VARIANTS[variant](**inputs, out=out)()

@@ -17,7 +17,7 @@ from suite.timing import measure
 
 STAGES = (2, 3, 4)
 CTAS_PER_SM = (1, 2, 3)
-CHUNKS = (None, 256, 512, 1024)  # None: decode_attention.choose_chunk, as the launcher defaults
+CHUNKS = (None, 256, 512, 1024)  # None: decode_plan.choose_chunk, as the launcher defaults
 ROUNDS = 20
 
 

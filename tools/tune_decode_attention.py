@@ -8,11 +8,11 @@ import itertools
 
 import torch
 
-from kernels import decode_attention as da, hw
+from kernels import decode_attention as da, decode_plan, hw
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
 
-# Module constants of kernels/decode_attention.py to sweep, then the launcher's chunk (last).
+# Module constants of kernels/decode_plan.py to sweep, then the launcher's chunk (last).
 SWEEP = {"BLOCK_N": (32, 64, 128), "NUM_STAGES": (2, 3), "NUM_WARPS": (4, 8), "PROGRAMS_PER_SM": (2, 3, 4),
          "chunk": (1024, 2048)}
 
@@ -33,7 +33,7 @@ def main():
         for values in itertools.product(*SWEEP.values()):
             config = dict(zip(names, values))
             for name in names[:-1]:
-                setattr(da, name, config[name])
+                setattr(decode_plan, name, config[name])
             launch = da.triton_persistent(**inputs, chunk=config["chunk"], block_k=config["BLOCK_N"],
                                           num_programs=config["PROGRAMS_PER_SM"] * hw.num_sms("cuda"))
             seconds = measure(launch, device="cuda", rounds=20)

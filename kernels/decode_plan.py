@@ -1,0 +1,223 @@
+"""How the Triton decode-attention kernels are launched (kernels/decode_attention.py): chunk, K/V step,
+programs, warps, stages and register cap, for a call's dims and the GPU's SM count. Pure Python:
+every rule here is a measured choice (H100 sweeps, notes/decode_attention.md), and
+`python -m tools.decode_launches` prints what it picks for each minimal shape without a GPU.
+"""
+
+from typing import NamedTuple
+
+import triton
+
+from kernels.checks import check_power_of_two
+
+BLOCK_N = 64  # KV positions per inner step
+# Quantized caches convert every element before the dots: longer steps amortize it (H100, B64-L4096:
+# 128 beat 64 by 2-12% for int8, fp8 and int4 in tools/tune_decode_attention.py).
+QUANT_BLOCK_N = 128
+# Chunk heuristic (choose_chunk), from chunk sweeps of every minimal shape on an H100: the chunk
+# halves from MAX_CHUNK while the tiles would leave more than IDLE_SMS of the SMs idle (a split costs
+# a merge, which costs more than a few idle SMs); below SHORT_CHUNK only while more than half would
+# be idle (a 128-position tile is two steps, and merging its partials costs about as much).
+MIN_CHUNK = 128
+SHORT_CHUNK = 256
+MAX_CHUNK = 2048
+IDLE_SMS = 1 / 8
+# Paged tiles of variable lengths: two tiles per SM. Measured with per-step table loads (H100,
+# B4-L4096: 33.7 us in chunks of 512 vs 39.8 in chunks of 1024) and again with hoisted tables (one
+# tile per SM lost 9% and 5% at B16-L1024 and B16-L4096 var).
+PAGED_TILES_PER_SM = 2
+MERGE_ROWS_PER_WARP = 16  # (head, chunk) partials merged per step: [GROUP, 16 x warps // GROUP, D] fp32
+NUM_WARPS = 4
+NUM_STAGES = 3
+# A paged tile's block-table entries (at most this many) are loaded once per tile, before its loop
+# (_attend_chunk's TABLE_PAGES), and each step takes its rows' pages from registers: the loop's only
+# global loads are K and V, which get two buffers at NUM_STAGES as for a contiguous cache. 256 int32
+# entries are 2 registers per thread at 4 warps. H100, 24 paged minimal shapes vs the per-step load:
+# geomean 1.03x faster, B64-L1024 var 69.5 -> 64.3 us, B4-L1024 var 14.9 -> 13.3 us.
+MAX_TABLE_PAGES = 256
+# Tiles with more pages (page sizes < 8 at chunk 2048) and the quantized planes load their rows'
+# table entries every step. The pipeliner gives that load a stage of its own, so 3 stages leave the
+# K and V tiles one buffer (no prefetch); 5 give them two. That pays where each program has one tile
+# (split-KV's CTAs always), whose latency nothing else hides (H100, per-step loads: B16-L4096 100 vs
+# 107 us, B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were as fast or faster
+# (B64-L4096 376 vs 387 us).
+PAGED_ONE_WAVE_STAGES = 5
+# Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
+# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
+# (uniform lengths, contiguous cache) choose_programs may take 2 per SM, when that fills the last
+# wave better (B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on 396), and then no more
+# programs than share the tiles equally.
+PROGRAMS_PER_SM = 3
+QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
+# Quantized tiles are instruction-bound: uniform lengths take longer tiles (longest_equal_tile) only
+# while every SM still gets this many. H100, L4096 uniform, whole-sequence tiles vs chunks of 2048:
+# B64 int4 109.4 vs 122.3 us, int8 190.7 vs 203.8, fp8 188.9 vs 200.1 (paged alike); at B16 (one
+# tile per SM) int4 lost 12% (38.5 vs 34.5) while int8 and fp8 gained 5%.
+QUANT_EQUAL_TILES_PER_SM = 2
+MIN_PROGRAMS_PER_SM = 2  # 1 per SM was 20-35% slower than 2 on every shape tuned
+# fp16/bf16 tiles that outnumber one wave of programs take K/V steps of SHORT_BLOCK_N positions (H100
+# sweeps, notes/decode_attention.md; elsewhere 32-position steps lost 5-12%, B1-B16 uniform):
+# - contiguous, where every program has two or more tiles: B64-L4096 350.3-350.4 vs 353.6-353.7 us
+#   (SDPA 353.9-354.2), B64-L16384 1382.1-1388.0 vs 1391.2-1393.1, B64-L1024 95.2 vs 95.8;
+# - paged (hoisted tables) on up to SHORT_PROGRAMS_PER_SM programs per SM, which half-size steps fit,
+#   so fewer or no tile changes each wait on a table load: B64-L1024 95.7-95.8 vs 98.8-99.0 us,
+#   B64-L16384 1426.8-1428.4 vs 1444.7-1445.7, B64-L4096 359.0-360.1 vs 360.8-360.9;
+# - unequal tiles (variable lengths), each a whole sequence, that one wave of SHORT_PROGRAMS_PER_SM
+#   per SM holds, on a program each, where PROGRAMS_PER_SM per SM would leave some programs a second
+#   tile: B64-L1024 var 56.9 vs 59.5 us, paged 58.9 vs 64.7 (runs 0025 vs 0024). Where sequences
+#   split into chunks it was mixed (B4-L16384 var 42.6 vs 40.2, paged B4-L4096 var 22.9 vs 24.4), and
+#   with more tiles than that wave B64-L4096 var lost 3%.
+SHORT_BLOCK_N = 32
+SHORT_PROGRAMS_PER_SM = 4
+# Short equal tiles (of at most ONE_WARP_MAX_TILE positions) of a contiguous cache that outnumber the
+# programs twice and fit one wave of SHORT_PROGRAMS_PER_SM per SM: a one-warp program per tile. Each
+# warp then keeps its own softmax state, where the 4 warps of a program exchange row maxima, sums and
+# P through shared memory at every step. H100, B64-L1024 uniform, two sweeps: 93.50 and 93.92 us vs
+# 94.72 and 94.74 on 256 4-warp programs (SDPA 93.89, 94.18). Longer tiles lost (B64-L4096 353.95 vs
+# 351.28), paged ones too (B64-L1024 96.54 vs 96.13), and so did one or two warps at B1-B16, where
+# tiles are split or one per SM (0.5-15% slower; notes/decode_attention.md, sixth session).
+ONE_WARP_MAX_TILE = 1024
+# Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
+# registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged
+# B4-L16384 var: 54.2 us uncapped, 42.7 capped at 168). A cap is set only where the build needs it:
+# one that changes no count still reschedules (paged B64-L1024 var, 168 registers either way: 72.5 us
+# uncapped, 80.4 capped).
+SM_REGISTERS = 65536
+MAX_THREAD_REGISTERS = 255
+
+
+def choose_chunk(dims, sms, tiles_per_sm=1, max_chunk=MAX_CHUNK):
+    """The largest power-of-two chunk in [MIN_CHUNK, max_chunk] whose tiles leave at most IDLE_SMS of
+    tiles_per_sm * sms slots idle; below SHORT_CHUNK, only while more than half of the SMs would be.
+    Tiles are counted from the lengths' total (exact for uniform lengths), not from the capacity."""
+    def tiles(chunk):
+        return dims.num_kv_heads * max(dims.batch, triton.cdiv(dims.total_len, chunk))
+
+    chunk = max_chunk
+    while chunk > SHORT_CHUNK and tiles(chunk) < (1 - IDLE_SMS) * tiles_per_sm * sms:
+        chunk //= 2
+    while chunk > MIN_CHUNK and tiles(chunk) < sms / 2:
+        chunk //= 2
+    return chunk
+
+
+def longest_equal_tile(dims, page_size=None):
+    """The longest chunk a persistent launch of uniform lengths may take: a whole sequence (paged:
+    while the tile's block-table entries fit MAX_TABLE_PAGES). Such tiles stream without a merge
+    and without a tile change: H100, bf16 B64-L16384 1398.7 us in chunks of 16384 vs 1460.1 in
+    chunks of MAX_CHUNK (SDPA 1387.9), B16-L16384 352.5 vs 367.8 (SDPA 349.8). Lengths that differ
+    keep MAX_CHUNK: shorter tiles balance them."""
+    chunk = max(MAX_CHUNK, triton.next_power_of_2(dims.max_len))
+    while page_size is not None and chunk > MAX_CHUNK and not table_pages(chunk, page_size):
+        chunk //= 2
+    return chunk
+
+
+def choose_programs(tiles, sms, per_sm, equal_tiles):
+    """per_sm programs per SM or, with equal tiles, the count in [MIN_PROGRAMS_PER_SM, per_sm] per SM
+    whose waves are fullest (the most programs among equals), less the programs a part-full last
+    wave would leave without a tile: every program then gets the same number of tiles. H100, 512
+    whole-sequence tiles: 256 programs vs 264, B64-L4096 352.8 vs 355.0 us, B64-L16384 1385.9 vs
+    1393.9, B64-L1024 94.8 vs 95.4, paged B64-L1024 98.3 vs 99.1."""
+    if not equal_tiles:
+        return per_sm * sms
+
+    def fullness(n):
+        programs = min(n * sms, tiles)
+        return tiles / (triton.cdiv(tiles, programs) * programs)
+
+    n = max(range(min(MIN_PROGRAMS_PER_SM, per_sm), per_sm + 1), key=lambda n: (fullness(n), n))
+    return triton.cdiv(tiles, triton.cdiv(tiles, min(n * sms, tiles)))
+
+
+def resident_registers(per_sm, num_warps):
+    """The most registers per thread that let per_sm programs of num_warps warps share an SM."""
+    return min(MAX_THREAD_REGISTERS, SM_REGISTERS // (per_sm * num_warps * 32) // 8 * 8)  # 8 per thread granules
+
+
+def _table_entries(chunk, page_size):
+    # a power of two >= the pages a tile of chunk positions can touch: a power-of-two page size
+    # divides the chunk's start or holds the whole chunk; any other may straddle one more page
+    if page_size & (page_size - 1) == 0:
+        pages = max(1, chunk // page_size)
+    else:
+        pages = triton.cdiv(chunk, page_size) + 1
+    return triton.next_power_of_2(pages)
+
+
+def table_pages(chunk, page_size):
+    """TABLE_PAGES of a paged launch: one size per page size where MAX_CHUNK's tiles fit (fewer
+    builds: a shorter chunk's entries are masked), else the chunk's, else 0 (one load per step)."""
+    for positions in (max(chunk, MAX_CHUNK), chunk):
+        if _table_entries(positions, page_size) <= MAX_TABLE_PAGES:
+            return _table_entries(positions, page_size)
+    return 0
+
+
+
+def resolve_chunk(chunk, dims, sms, paged):
+    """chunk as given (checked), or choose_chunk's for a launch of this many SMs."""
+    if chunk is None:
+        return choose_chunk(dims, sms, PAGED_TILES_PER_SM if paged else 1)
+    check_power_of_two("chunk", chunk)
+    if chunk < 16:
+        raise ValueError(f"chunk {chunk} must be >= 16 (a chunk holds at least one 16-position step)")
+    return chunk
+
+
+def resolve_block_k(block_k, chunk, quant):
+    """block_k as given (checked), or the default K/V step for this chunk and cache format."""
+    if block_k is None:  # chunk is a power of two >= 16 here (resolve_chunk)
+        block_k = min(chunk, BLOCK_N if quant == "none" else QUANT_BLOCK_N)
+    check_power_of_two("block_k", block_k)
+    if block_k < 16 or block_k > chunk:
+        raise ValueError(f"block_k {block_k} must be in [16, chunk {chunk}] (tl.dot needs >= 16)")
+    return block_k
+
+
+class PersistentLaunch(NamedTuple):
+    chunk: int  # positions per tile
+    block_k: int  # K/V positions per inner step
+    grid: int  # programs
+    num_warps: int
+    one_wave: bool  # every tile on a program of its own
+    programs_per_sm: int  # what the register cap must let share an SM
+
+
+def plan_persistent(dims, sms, page_size=None, *, chunk=None, block_k=None, num_programs=None, num_warps=None):
+    """triton_persistent's launch for dims on sms SMs (page_size: a paged cache's); the knobs given
+    are checked and kept, the rest chosen."""
+    if num_warps is not None and num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
+    paged = page_size is not None
+    uniform = dims.min_len == dims.max_len
+    if chunk is None and uniform:
+        per_sm = 1 if dims.quant == "none" else QUANT_EQUAL_TILES_PER_SM
+        chunk = max(choose_chunk(dims, sms, per_sm, longest_equal_tile(dims, page_size)),
+                    resolve_chunk(None, dims, sms, paged))
+    chunk = resolve_chunk(chunk, dims, sms, paged)
+    max_tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.capacity, chunk)
+    tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths
+    if num_programs is None:
+        per_sm = PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM
+        # Paged tiles count as equal only with their table hoisted: per-row table loads make a tile
+        # latency-bound, and it gained from every program (H100, B16-L16384: 384 us on 396 programs
+        # vs 402 on 264).
+        hoisted = dims.quant == "none" and paged and table_pages(chunk, page_size) > 0
+        equal = uniform and (not paged or hoisted)
+        num_programs = choose_programs(tiles, sms, per_sm, equal)
+        if block_k is None and dims.quant == "none" and (not paged or hoisted) and tiles > num_programs:
+            if equal and paged:
+                block_k, num_programs = SHORT_BLOCK_N, choose_programs(tiles, sms, SHORT_PROGRAMS_PER_SM, True)
+            elif equal and tiles >= 2 * num_programs:
+                block_k = SHORT_BLOCK_N
+                if (num_warps is None and not paged and min(chunk, dims.max_len) <= ONE_WARP_MAX_TILE
+                        and tiles <= SHORT_PROGRAMS_PER_SM * sms):
+                    num_warps, num_programs = 1, tiles
+            elif not equal and chunk >= dims.max_len and tiles <= SHORT_PROGRAMS_PER_SM * sms:
+                block_k, num_programs = SHORT_BLOCK_N, tiles
+    elif not isinstance(num_programs, int) or num_programs < 1:
+        raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
+    grid = min(num_programs, max_tiles)
+    return PersistentLaunch(chunk, resolve_block_k(block_k, chunk, dims.quant), grid,
+                            NUM_WARPS if num_warps is None else num_warps, tiles <= grid, triton.cdiv(grid, sms))

@@ -1,0 +1,97 @@
+"""The launches of the Triton decode-attention kernels (kernels/decode_plan.py): pure Python, no GPU."""
+
+import pytest
+
+from kernels import decode_plan
+from kernels.decode_attention import DecodeDims
+from kernels.decode_plan import PersistentLaunch, plan_persistent
+from tools import decode_launches
+
+pytestmark = pytest.mark.decode
+
+
+def _dims(batch, kv_heads, lengths):
+    return DecodeDims(batch, 4 * kv_heads, kv_heads, 128, max(lengths), min(lengths), max(lengths), "none",
+                      sum(lengths))
+
+
+def test_chunk_heuristic_fills_the_gpu():
+    sms, da = 132, decode_plan
+    for batch, kv_heads, length in [(1, 8, 1024), (1, 8, 4096), (16, 8, 1024), (64, 8, 4096), (4, 2, 300), (1, 1, 1)]:
+        for per_sm in (1, 2):
+            dims = _dims(batch, kv_heads, [length] * batch)
+            chunk = da.choose_chunk(dims, sms, per_sm)
+            tiles = lambda c: batch * kv_heads * -(-length // c)  # noqa: E731
+            assert da.MIN_CHUNK <= chunk <= da.MAX_CHUNK
+            if chunk < da.MAX_CHUNK:  # halved only while too many SMs were idle
+                assert tiles(2 * chunk) < (1 - da.IDLE_SMS) * per_sm * sms
+            if chunk < da.SHORT_CHUNK:
+                assert tiles(2 * chunk) < sms / 2
+            assert tiles(chunk) >= (1 - da.IDLE_SMS) * per_sm * sms or chunk <= da.SHORT_CHUNK
+    assert da.choose_chunk(_dims(1, 8, [1024]), sms) == 128  # 32 tiles at 256
+    assert da.choose_chunk(_dims(1, 8, [4096]), sms) == 256  # 128 tiles: 4 of 132 SMs idle, no further split
+    assert da.choose_chunk(_dims(16, 8, [1024] * 16), sms) >= 1024  # 128 tiles unsplit, no merge
+    assert da.choose_chunk(_dims(4, 8, [4096] * 4), sms, 2) == 512  # paged: 256 tiles, two per SM
+    # Variable lengths count by their total: 4 x ~9000 positions make 144 tiles of 2048, not 256.
+    assert da.choose_chunk(_dims(4, 8, [2100, 16384, 9000, 8500]), sms, 2) == 1024
+
+
+def test_uniform_tiles_may_span_whole_sequences():
+    sms, da = 132, decode_plan
+    dims = _dims(64, 8, [16384] * 64)
+    assert da.longest_equal_tile(dims) == 16384
+    assert da.choose_chunk(dims, sms, 1, da.longest_equal_tile(dims)) == 16384  # 512 tiles, no merge
+    assert da.longest_equal_tile(dims, page_size=16) == 4096  # the table's 256 entries of 16 positions
+    assert da.longest_equal_tile(dims, page_size=1) == da.MAX_CHUNK  # no table fits: as before
+    assert da.longest_equal_tile(_dims(4, 8, [300] * 4)) == da.MAX_CHUNK
+    assert da.choose_chunk(_dims(1, 8, [16384]), sms, 1, 16384) == 1024  # one sequence still splits to fill the SMs
+    # quantized tiles are instruction-bound: longer only while every SM still gets two
+    assert da.choose_chunk(_dims(64, 8, [4096] * 64), sms, da.QUANT_EQUAL_TILES_PER_SM, 4096) == 4096
+    assert da.choose_chunk(_dims(16, 8, [4096] * 16), sms, da.QUANT_EQUAL_TILES_PER_SM, 4096) == 2048
+
+
+def test_program_count_fills_the_last_wave_of_equal_tiles():
+    sms, da = 132, decode_plan
+    assert da.choose_programs(1024, sms, 3, equal_tiles=True) == 256  # 4 tiles each: 4 waves of 264 less 8
+    assert da.choose_programs(792, sms, 3, equal_tiles=True) == 3 * sms  # 2 full waves of 396
+    assert da.choose_programs(512, sms, 3, equal_tiles=True) == 256  # 2 each, not 248 x 2 + 16 x 1
+    assert da.choose_programs(100, sms, 3, equal_tiles=True) == 100  # one part wave: one tile each
+    assert da.choose_programs(1024, sms, 3, equal_tiles=False) == 3 * sms
+    assert da.choose_programs(1024, sms, 2, equal_tiles=True) == 256
+
+
+def test_minimal_launches_on_an_h100():
+    # The launches runs 0024, 0025 and 0028 measured (tools/decode_launches.py: the launcher alone, 132 SMs).
+    launches, da = decode_launches.launches(sms=132, page_size=16), decode_plan
+    assert len(launches) == 48
+    assert launches["B64-L4096-uniform", "contiguous"][:2] == (256, da.SHORT_BLOCK_N)  # 2 equal tiles each
+    # short equal tiles: a one-warp program each (ONE_WARP_MAX_TILE); every other launch has NUM_WARPS
+    assert launches["B64-L1024-uniform", "contiguous"] == (512, da.SHORT_BLOCK_N, 2048, da.NUM_STAGES, 1)
+    assert {key for key, launch in launches.items() if launch[4] != da.NUM_WARPS} == {("B64-L1024-uniform",
+                                                                                       "contiguous")}
+    assert launches["B64-L1024-uniform", "paged"][:2] == (512, da.SHORT_BLOCK_N)  # every tile resident
+    assert launches["B64-L1024-var", "contiguous"][:2] == (512, da.SHORT_BLOCK_N)  # whole sequences, one wave
+    assert launches["B16-L4096-uniform", "contiguous"][:2] == (128, da.BLOCK_N)  # one tile per program
+    assert launches["B4-L16384-var", "contiguous"][1] == da.BLOCK_N  # split sequences keep BLOCK_N
+
+
+def test_plan_of_one_sequence_splits_it_over_the_sms():
+    # B1-L4096, Hkv 8: 16 chunks of 256 per KV head, a program each on 128 of 132 SMs, merged in-kernel
+    assert plan_persistent(_dims(1, 8, [4096]), 132) == PersistentLaunch(256, decode_plan.BLOCK_N, 128,
+                                                                         decode_plan.NUM_WARPS, True, 1)
+    paged = plan_persistent(_dims(1, 8, [4096]), 132, page_size=16)
+    assert (paged.chunk, paged.grid, paged.one_wave) == (256, 128, True)
+
+
+def test_plan_keeps_the_knobs_given():
+    dims = _dims(1, 8, [4096])
+    assert plan_persistent(dims, 132, chunk=512, block_k=32, num_programs=7, num_warps=2) == \
+        PersistentLaunch(512, 32, 7, 2, False, 1)  # 64 tiles on 7 programs
+    assert plan_persistent(dims, 132, chunk=512, num_programs=10_000).grid == 64  # no more programs than tiles
+
+
+@pytest.mark.parametrize("knob, value", [("num_warps", 3), ("num_programs", 0), ("num_programs", 2.0),
+                                         ("chunk", 48), ("chunk", 8), ("block_k", 8), ("block_k", 24)])
+def test_plan_names_a_bad_knob(knob, value):
+    with pytest.raises(ValueError, match=knob):
+        plan_persistent(_dims(2, 2, [300, 40]), 132, **{knob: value})
