@@ -251,12 +251,16 @@ def test_quantized_storage_and_its_error(fmt, device):
 @pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
 def test_quantization_loss_is_reported_against_unquantized_attention(fmt, device):
     # The accuracy a quantized cache costs, measured (it is reported by the benchmarks): bounded
-    # by each format's precision, and far from noise.
+    # by each format's precision, and not zero (the cache is really quantized). The loss is the
+    # largest error over 2048 outputs, a heavy-tailed statistic of fresh random inputs: over 3000
+    # draws on the CPU its median / 99.9th percentile / largest were int8 0.0059 / 0.0135 / 0.0161,
+    # fp8 0.027 / 0.069 / 0.076, int4 0.107 / 0.249 / 0.332 (CI once drew int4 0.337, over a bound
+    # of 0.3). Each bound is about 1.5x that largest value, rounded up.
     case = DecodeCase((300, 77), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout="contiguous",
                       quant=fmt)
     inputs, exact = make_case_tensors(case, device)
     loss = quantization_loss(reference.decode_attention(**inputs), inputs, exact)
-    assert 0 < loss < {"int8": 0.02, "fp8": 0.08, "int4": 0.3}[fmt], loss
+    assert 0 < loss < {"int8": 0.025, "fp8": 0.12, "int4": 0.5}[fmt], loss
 
 
 def test_quantized_tiles_are_read_as_16_bit_units_where_they_can_be():
