@@ -154,7 +154,6 @@ def table_pages(chunk, page_size):
     return 0
 
 
-
 def resolve_chunk(chunk, dims, sms, paged):
     """chunk as given (checked), or choose_chunk's for a launch of this many SMs."""
     if chunk is None:
