@@ -376,9 +376,10 @@ def build_registers(kernel, grid, args, meta):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
-          out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None, num_warps=None):
+          out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None, num_warps=None, merge_rows=None):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     num_warps = plan.NUM_WARPS if num_warps is None else num_warps
+    merge_rows = plan.MERGE_ROWS_PER_WARP if merge_rows is None else merge_rows
     paged = block_table is not None
     max_chunks = triton.cdiv(capacity, chunk)
     out = torch.empty_like(q) if out is None else out
@@ -404,7 +405,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     block_g = triton.next_power_of_2(group)
-    merge = dict(BLOCK_G=block_g, MERGE_C=max(1, plan.MERGE_ROWS_PER_WARP * num_warps // block_g))
+    merge = dict(BLOCK_G=block_g, MERGE_C=max(1, merge_rows * num_warps // block_g))
     args = (q, k_cache, v_cache, k_scale, v_scale, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
             page_size, page_size.bit_length() - 1, max_chunks, num_q_heads, num_kv_heads, chunk,
@@ -456,4 +457,4 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
                  dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, launch.chunk, dims,
                  fused_merge=True, block_k=launch.block_k, one_wave=launch.one_wave,
-                 resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps)
+                 resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps, merge_rows=launch.merge_rows)

@@ -27,6 +27,13 @@ IDLE_SMS = 1 / 8
 # tile per SM lost 9% and 5% at B16-L1024 and B16-L4096 var).
 PAGED_TILES_PER_SM = 2
 MERGE_ROWS_PER_WARP = 16  # (head, chunk) partials merged per step: [GROUP, 16 x warps // GROUP, D] fp32
+# A single sequence on one program per SM merges 32 per warp: its build then takes 224 registers where
+# ptxas gave the 16-row build 128 and spilled two, and every batch-1 shape ran 4-7% faster (H100, three
+# interleaved medians, us, 16 vs 32 rows, contiguous / paged: B1-L1024 10.46 / 9.70, 10.78 / 10.16;
+# B1-L4096 14.24 / 13.52, 14.27 / 13.66; B1-L16384 30.37 / 29.34, 31.42 / 30.74; B1-L4096 var 13.07 /
+# 12.38, 13.33 / 12.72). Batch 4 (one program per SM too) was level or up to 1.7% slower, and launches
+# with 2-3 programs per SM, whose register cap 32 rows exceed, lost 1-14%; 64 rows lost everywhere.
+SINGLE_MERGE_ROWS_PER_WARP = 32
 NUM_WARPS = 4
 NUM_STAGES = 3
 # A paged tile's block-table entries (at most this many) are loaded once per tile, before its loop
@@ -181,6 +188,7 @@ class PersistentLaunch(NamedTuple):
     num_warps: int
     one_wave: bool  # every tile on a program of its own
     programs_per_sm: int  # what the register cap must let share an SM
+    merge_rows: int  # partials per warp in each step of the merge
 
 
 def plan_persistent(dims, sms, page_size=None, *, chunk=None, block_k=None, num_programs=None, num_warps=None):
@@ -218,5 +226,7 @@ def plan_persistent(dims, sms, page_size=None, *, chunk=None, block_k=None, num_
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     grid = min(num_programs, max_tiles)
+    per_sm = triton.cdiv(grid, sms)
+    merge_rows = SINGLE_MERGE_ROWS_PER_WARP if dims.batch == 1 and per_sm == 1 else MERGE_ROWS_PER_WARP
     return PersistentLaunch(chunk, resolve_block_k(block_k, chunk, dims.quant), grid,
-                            NUM_WARPS if num_warps is None else num_warps, tiles <= grid, triton.cdiv(grid, sms))
+                            NUM_WARPS if num_warps is None else num_warps, tiles <= grid, per_sm, merge_rows)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import decode_attention, decode_plan, kv_planes, kv_quant
+from kernels import decode_attention, decode_plan, hw, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.interpreter import INTERPRET_ENV
@@ -99,6 +99,20 @@ def test_many_chunks_per_sequence(variant, chunk, layout, device):
     # Small chunks: many tiles per program in the persistent loop, many partials to merge.
     case = DecodeCase((300, 5, 129), q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, layout=layout)
     _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
+
+
+def test_one_sequence_merges_many_partials(layout, device):
+    # One sequence on one program per SM: triton_persistent merges SINGLE_MERGE_ROWS_PER_WARP
+    # partials per warp and step; 2100 positions in chunks of 64 are 33 partials per KV head, one
+    # more than a step of 4 warps holds for 4 query heads per KV head.
+    case = DecodeCase((2100,), q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout)
+    sms = hw.num_sms(device)
+    inputs = make_inputs(case, device)
+    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
+                                              inputs.get("block_table"), None)
+    assert decode_plan.plan_persistent(dims, sms, case.page_size if layout == "paged" else None, chunk=64,
+                                       num_programs=sms).merge_rows == decode_plan.SINGLE_MERGE_ROWS_PER_WARP
+    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_programs=sms)
 
 
 @pytest.mark.parametrize("variant", variant_params(FUSED_DEQUANT))

@@ -77,8 +77,8 @@ def test_minimal_launches_on_an_h100():
 
 def test_plan_of_one_sequence_splits_it_over_the_sms():
     # B1-L4096, Hkv 8: 16 chunks of 256 per KV head, a program each on 128 of 132 SMs, merged in-kernel
-    assert plan_persistent(_dims(1, 8, [4096]), 132) == PersistentLaunch(256, decode_plan.BLOCK_N, 128,
-                                                                         decode_plan.NUM_WARPS, True, 1)
+    assert plan_persistent(_dims(1, 8, [4096]), 132) == PersistentLaunch(
+        256, decode_plan.BLOCK_N, 128, decode_plan.NUM_WARPS, True, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP)
     paged = plan_persistent(_dims(1, 8, [4096]), 132, page_size=16)
     assert (paged.chunk, paged.grid, paged.one_wave) == (256, 128, True)
 
@@ -86,8 +86,16 @@ def test_plan_of_one_sequence_splits_it_over_the_sms():
 def test_plan_keeps_the_knobs_given():
     dims = _dims(1, 8, [4096])
     assert plan_persistent(dims, 132, chunk=512, block_k=32, num_programs=7, num_warps=2) == \
-        PersistentLaunch(512, 32, 7, 2, False, 1)  # 64 tiles on 7 programs
+        PersistentLaunch(512, 32, 7, 2, False, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP)  # 64 tiles on 7 programs
     assert plan_persistent(dims, 132, chunk=512, num_programs=10_000).grid == 64  # no more programs than tiles
+
+
+def test_a_single_sequence_on_one_program_per_sm_merges_more_partials_per_step():
+    single, many = decode_plan.SINGLE_MERGE_ROWS_PER_WARP, decode_plan.MERGE_ROWS_PER_WARP
+    assert plan_persistent(_dims(1, 8, [16384]), 132).merge_rows == single
+    assert plan_persistent(_dims(4, 8, [1024] * 4), 132).merge_rows == many  # batch 4: level or slower
+    # 512 tiles of one sequence on 3 programs per SM: the register cap leaves no room for 32 rows
+    assert plan_persistent(_dims(1, 8, [4096]), 132, chunk=64, num_programs=396).merge_rows == many
 
 
 @pytest.mark.parametrize("knob, value", [("num_warps", 3), ("num_programs", 0), ("num_programs", 2.0),
