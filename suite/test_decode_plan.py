@@ -1,10 +1,16 @@
 """The launches of the Triton decode-attention kernels (kernels/decode_plan.py): pure Python, no GPU."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from kernels import decode_plan
 from kernels.decode_attention import DecodeDims
 from kernels.decode_plan import PersistentLaunch, plan_persistent
+from suite.interpreter import INTERPRET_ENV
 from tools import decode_launches
 
 pytestmark = pytest.mark.decode
@@ -96,6 +102,21 @@ def test_a_single_sequence_on_one_program_per_sm_merges_more_partials_per_step()
     assert plan_persistent(_dims(4, 8, [1024] * 4), 132).merge_rows == many  # batch 4: level or slower
     # 512 tiles of one sequence on 3 programs per SM: the register cap leaves no room for 32 rows
     assert plan_persistent(_dims(1, 8, [4096]), 132, chunk=64, num_programs=396).merge_rows == many
+
+
+def test_launch_list_compiles_each_launch_and_reports_its_registers():
+    # --registers compiles for sm_90 on any machine (in a process without the interpreter). A single
+    # sequence's build has no register cap (one program per SM) and, merging 32 partials per warp,
+    # takes more than 128 registers and spills nothing, where the 16-row build spilled.
+    env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
+    command = [sys.executable, "-m", "tools.decode_launches", "--registers", "--shapes", "B1-L4096-uniform"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    header, *rows = [line.split() for line in run.stdout.splitlines()]
+    assert header[-3:] == ["cap", "regs", "stack"]
+    assert [(row[1], row[7], row[9]) for row in rows] == [("contiguous", "-", "0"), ("paged", "-", "0")]
+    assert all(int(row[8]) > 128 for row in rows), rows
 
 
 @pytest.mark.parametrize("knob, value", [("num_warps", 3), ("num_programs", 0), ("num_programs", 2.0),

@@ -1,8 +1,10 @@
 """The launch triton_persistent picks for each minimal decode-attention shape on a GPU of N SMs:
 grid, K/V step (BLOCK_N), chunk, stages and warps per program, from the launcher alone (no GPU,
-nothing compiled).
+nothing compiled). With --registers each launch is also compiled for sm_90 (suite/kernel_ir.py,
+no GPU either, a few minutes): its register cap (the launcher's, "-" for none), registers per
+thread and stack bytes (spills show as a stack).
 
-    python -m tools.decode_launches [--sms 132] [--page-size 16]
+    python -m tools.decode_launches [--sms 132] [--page-size 16] [--registers] [--shapes B1-L4096-uniform ...]
 
 Run it without TRITON_INTERPRET: the interpreter replaces the kernel whose launch this captures.
 """
@@ -14,7 +16,7 @@ import torch
 
 from kernels import decode_attention, hw
 from suite.decode_cases import seeded_lengths
-from suite.kernel_ir import capture_launch
+from suite.kernel_ir import capture_launch, compile_sm90, resource_usage
 
 
 def _inputs(lens, layout, page_size):
@@ -34,23 +36,33 @@ def _inputs(lens, layout, page_size):
     return common | dict(k_cache=cache, v_cache=cache, block_table=table)
 
 
-def launches(sms, page_size):
-    """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps)} over the minimal profile's decode shapes."""
+def launches(sms, page_size, registers=False, shapes=None):
+    """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps)} over the minimal profile's decode shapes
+    (or those named in `shapes`); registers: each compiled for sm_90, with (cap, registers, stack bytes)."""
     real_sms, real_registers = hw.num_sms, decode_attention.build_registers
     hw.num_sms = lambda device: sms
-    decode_attention.build_registers = lambda *args, **kwargs: 0  # no compile: no register cap is decided
+    if not registers:
+        decode_attention.build_registers = lambda *args, **kwargs: 0  # no compile: no register cap is decided
     try:
-        result = {}
+        result, usage = {}, {}
         for variable, batch, length in itertools.product((False, True), (1, 4, 16, 64), (1024, 4096, 16384)):
+            shape = f"B{batch}-L{length}-{'var' if variable else 'uniform'}"
+            if shapes is not None and shape not in shapes:
+                continue
             lens = seeded_lengths(batch, length, variable, seed=hash((batch, length)))
             for layout in ("contiguous", "paged"):
                 inputs = _inputs(lens, layout, page_size)
                 grids = []
                 kernel, args, meta = capture_launch(decode_attention, "_persistent",
                                                     lambda: decode_attention.triton_persistent(**inputs)(), grids)
-                shape = f"B{batch}-L{length}-{'var' if variable else 'uniform'}"
-                result[shape, layout] = (grids[0][0], meta["BLOCK_N"], args[kernel.arg_names.index("chunk_size")],
-                                         meta["num_stages"], meta["num_warps"])
+                launch = (grids[0][0], meta["BLOCK_N"], args[kernel.arg_names.index("chunk_size")],
+                          meta["num_stages"], meta["num_warps"])
+                if registers:
+                    build = tuple(sorted(meta.items()))  # one compile per distinct build
+                    if build not in usage:
+                        usage[build] = resource_usage(compile_sm90(kernel, args, meta).asm["cubin"])
+                    launch += (meta.get("maxnreg"), usage[build]["REG"], usage[build]["STACK"])
+                result[shape, layout] = launch
         return result
     finally:
         hw.num_sms, decode_attention.build_registers = real_sms, real_registers
@@ -60,12 +72,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sms", type=int, default=132, help="SM count (H100 SXM: 132, B200: 148)")
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--registers", action="store_true", help="compile each launch for sm_90: cap, registers, stack")
+    parser.add_argument("--shapes", nargs="+", help="only these, e.g. B1-L4096-uniform B64-L1024-var")
     args = parser.parse_args()
     if args.sms < 1 or args.page_size < 1:
         parser.error("--sms and --page-size must be positive")
-    print("shape               layout      grid  BLOCK_N  chunk  stages  warps")
-    for (shape, layout), (grid, block_n, chunk, stages, warps) in launches(args.sms, args.page_size).items():
-        print(f"{shape:19s} {layout:10s} {grid:5d} {block_n:8d} {chunk:6d} {stages:7d} {warps:6d}")
+    known = {f"B{b}-L{n}-{kind}" for b in (1, 4, 16, 64) for n in (1024, 4096, 16384) for kind in ("uniform", "var")}
+    if args.shapes and set(args.shapes) - known:
+        parser.error(f"--shapes: unknown {sorted(set(args.shapes) - known)}; minimal shapes are B{{1,4,16,64}}-"
+                     f"L{{1024,4096,16384}}-{{uniform,var}}")
+    columns = "shape               layout      grid  BLOCK_N  chunk  stages  warps"
+    print(columns + ("  cap  regs  stack" if args.registers else ""))
+    for (shape, layout), launch in launches(args.sms, args.page_size, args.registers, args.shapes).items():
+        grid, block_n, chunk, stages, warps = launch[:5]
+        line = f"{shape:19s} {layout:10s} {grid:5d} {block_n:8d} {chunk:6d} {stages:7d} {warps:6d}"
+        if args.registers:
+            cap, regs, stack = launch[5:]
+            line += f" {cap or '-':>4} {regs:5d} {stack:6d}"
+        print(line)
 
 
 if __name__ == "__main__":
