@@ -1,11 +1,16 @@
-"""The SDPA anchors' backends: each one that runs the inputs, checked, then timed.
+"""What the kernels are measured against besides their own baselines: the SDPA anchors' backends
+(each one that runs the inputs, checked, then timed) and the paged-read floor.
 
 An anchor's launch may carry `timed`: the SDPA call alone, which is what gets timed; launch()
 itself adds the layout changes that let the suite's oracle check the result."""
 
 import warnings
 
+import torch
+
+from kernels import paged_read
 from kernels.sdpa_decode import BACKENDS
+from suite import reference
 from suite.timing import measure
 
 
@@ -29,3 +34,26 @@ def sdpa_backends(make_launch, check, device, rounds, cold=True):
         timed[backend] = (launch, measure(timed_part(launch), device=device, rounds=rounds, cold=cold)
                           if device.type == "cuda" else 0.0)
     return timed
+
+
+def check_partial_sums(partial, inputs):
+    """paged_read's [B, Hkv, chunks] sums against the float64 reference, per (sequence, KV head)."""
+    args = inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"], inputs["block_table"]
+    error = (partial.double().sum(-1) - reference.kv_products(*args)).abs()
+    # fp16/bf16 products are exact in fp32; only the fp32 sums round, far below 1e-6 of sum |k| |v|
+    bound = 1e-6 * reference.kv_products(*args, absolute=True)
+    if not torch.all(error <= bound):  # NaN (a program that wrote nothing) fails too
+        b, h = divmod(int(torch.argmax(torch.nan_to_num(error / bound, nan=float("inf")))), error.shape[1])
+        raise AssertionError(f"paged_read: sequence {b}, KV head {h} summed {error[b, h].item():.3g} away from "
+                             f"the reference (bound {bound[b, h].item():.3g})")
+
+
+def paged_read_floor(inputs, device, rounds):
+    """Seconds of the fastest bare read of inputs' paged cache (kernels/paged_read.py, each tiling
+    of CHUNKS checked, then timed cold): what its page placement lets any paged kernel reach."""
+    best = float("inf")
+    for chunk in paged_read.CHUNKS:
+        launch = paged_read.paged_read(**inputs, chunk=chunk)
+        check_partial_sums(launch(), inputs)
+        best = min(best, measure(launch, device=device, rounds=rounds))
+    return best

@@ -15,6 +15,16 @@ def gather_kv(cache, seq_len, b, block_table=None):
     return rows.transpose(0, 1)
 
 
+def kv_products(k_cache, v_cache, seq_lens, block_table=None, absolute=False):
+    """[B, Hkv] float64: each sequence's sum over its positions and dims of k * v (|k| * |v| when
+    absolute), what a bare read of the cache computes (kernels/paged_read.py)."""
+    sums = []
+    for b, n in enumerate(seq_lens.tolist()):
+        k, v = (gather_kv(c, n, b, block_table).double() for c in (k_cache, v_cache))
+        sums.append((k.abs() * v.abs() if absolute else k * v).sum(dim=(1, 2)))
+    return torch.stack(sums)
+
+
 def attention(q, k, v, hidden=None):
     """softmax(q . k^T / sqrt(D)) . v in float64. q: [Hq, Sq, D]; k, v: [Hkv, Sk, D] (GQA).
     hidden: [Sq, Sk] bool, True where a query must not see a key."""

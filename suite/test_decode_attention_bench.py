@@ -2,7 +2,9 @@
 
 Each benchmark first checks its own output against the float64 reference, then times cold
 (L2 flushed before every round). Speedups are against the SDPA anchor on the contiguous cache
-at the same shape, with the fastest SDPA backend that runs it.
+at the same shape, with the fastest SDPA backend that runs it. Paged variants also record
+speedup_vs_paged_read: the time of a bare read of the same pages (kernels/paged_read.py, the
+fastest of its tilings) over theirs, the fraction of what the pages' placement allows.
 """
 
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ import torch
 from kernels import kv_quant
 from suite.decode_cases import (NATIVE, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
                                 quant_params, quantization_loss, seeded_lengths)
-from suite.anchors import sdpa_backends
+from suite.anchors import paged_read_floor, sdpa_backends
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
@@ -117,14 +119,17 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
         perf.set_baseline(f"{WORKLOAD}/{name}/{layout}", str(shape), seconds)
     baseline = perf.baseline(WORKLOAD, str(shape), anchor_seconds) \
         if device.type == "cuda" and name != ANCHOR else None
-    speedups = None
+    speedups = {}
     if name in TRITON_COUNTERPART and device.type == "cuda":
         triton_name = TRITON_COUNTERPART[name]
-        speedups = {"triton": perf.baseline(f"{WORKLOAD}/{triton_name}/{layout}", str(shape), lambda: measure(
-            VARIANTS[triton_name](**inputs), device=device, rounds=rounds))}
+        speedups["triton"] = perf.baseline(f"{WORKLOAD}/{triton_name}/{layout}", str(shape), lambda: measure(
+            VARIANTS[triton_name](**inputs), device=device, rounds=rounds))
+    if layout == "paged" and device.type == "cuda":  # below 1: the fraction of the paged-read floor reached
+        speedups["paged_read"] = perf.baseline(f"{WORKLOAD}/paged_read", str(shape),
+                                               lambda: paged_read_floor(inputs, device, rounds))
     perf.record(benchmark, gate_id, seconds, shape=dict(variant=name, layout=layout, case=str(shape),
                                                          seq_lens_sum=sum(case.seq_lens)),
-                bytes_moved=case.bytes_moved(), baseline_seconds=baseline, speedups=speedups)
+                bytes_moved=case.bytes_moved(), baseline_seconds=baseline, speedups=speedups or None)
 
 
 def test_decode_attention_quantized(benchmark, fmt, shape, device, perf, rounds):

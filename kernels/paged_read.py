@@ -1,0 +1,69 @@
+"""A bare read of a paged KV cache: every K and V row a decode step attends, fetched through the
+block table as a paged decode kernel fetches it, with no attention math. Its time is the floor
+for a paged kernel whose pages lie where they lie. Random pages read slower than consecutive ones:
+on an H100, bf16, 16-position pages, the same bare read took 92.9 vs 89.4 us at B16-L4096 and
+355.5 vs 344.1 us at B16-L16384 (notes/decode_attention.md, eighth session)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import check_power_of_two, check_unit_stride_last
+from kernels.decode_attention import check_decode_args
+
+CHUNKS = (64, 256, 1024, 4096, 16384)  # positions per program: the floor is the fastest tiling
+BLOCK_N = 64  # positions per step
+NUM_STAGES = 3
+
+
+@triton.jit(do_not_specialize=("page_size", "chunk", "n_chunks"))
+def _paged_read(k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, partial_ptr,
+                stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
+                page_size, num_kv_heads, chunk, n_chunks,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
+    # grid (B * Hkv * n_chunks,): program -> (sequence b, KV head, chunk), as partial[b, kvh, chunk]
+    pid = tl.program_id(0)
+    b = pid // (num_kv_heads * n_chunks)
+    kvh = pid // n_chunks % num_kv_heads
+    start = pid % n_chunks * chunk
+    end = tl.minimum(start + chunk, tl.load(seq_lens_ptr + b))
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for step in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        pos = step + offs_n
+        valid = pos < end
+        page = tl.load(block_table_ptr + b * stride_bt + pos // page_size, mask=valid, other=0).to(tl.int64)
+        row = pos % page_size
+        k = tl.load(k_ptr + page[:, None] * stride_kp + row[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + page[:, None] * stride_vp + row[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        acc += k.to(tl.float32) * v.to(tl.float32)
+    tl.store(partial_ptr + pid, tl.sum(acc))
+
+
+def paged_read(q, k_cache, v_cache, seq_lens, block_table, *, chunk, k_scale=None, v_scale=None):
+    # the paged decode kernels' arguments (q only sets the checks' batch and device); k/v: [pages,
+    # page_size, Hkv, D] fp16/bf16; returns launch() -> [B, Hkv, n_chunks] float32, each program's
+    # sum over its positions of k * v (so no load is dead code, and a test can check the rows read)
+    if block_table is None:
+        raise ValueError("block_table is None: paged_read reads a paged cache")
+    dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, None, k_scale, v_scale)
+    if dims.quant != "none":
+        raise ValueError(f"k_cache: an {dims.quant} cache; paged_read reads fp16/bf16 caches")
+    check_power_of_two("chunk", chunk)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_unit_stride_last(name, t)
+    n_chunks = triton.cdiv(dims.max_len, chunk)
+    partial = torch.empty((dims.batch, dims.num_kv_heads, n_chunks), dtype=torch.float32, device=q.device)
+    grid = (partial.numel(),)
+
+    def launch():
+        _paged_read[grid](k_cache, v_cache, seq_lens, block_table, partial,
+                          *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+                          k_cache.shape[1], dims.num_kv_heads, chunk, n_chunks,
+                          HEAD_DIM=dims.head_dim, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES)
+        return partial
+
+    return launch

@@ -1,0 +1,63 @@
+"""The paged-read floor (kernels/paged_read.py): it must read exactly the rows each sequence holds,
+through its block table, or its time is the floor of some other read."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels import paged_read
+from suite.decode_cases import DecodeCase, make_inputs
+from suite.anchors import check_partial_sums
+
+pytestmark = pytest.mark.decode
+
+
+def _run_case(case, chunk, device):
+    inputs = make_inputs(case, device)
+    launch = paged_read.paged_read(**inputs, chunk=chunk)
+    launch().fill_(float("nan"))  # poisoned: the next call must write every program's sum
+    partial = launch()
+    assert partial.shape == (case.batch, case.kv_heads, -(-max(case.seq_lens) // chunk))
+    check_partial_sums(partial, inputs)
+
+
+@given(seq_lens=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+       page_size=st.sampled_from((1, 3, 16, 54, 64)), kv_heads=st.sampled_from((1, 2)),
+       head_dim=st.sampled_from((64, 128)), dtype=st.sampled_from((torch.float16, torch.bfloat16)),
+       chunk=st.sampled_from((64, 128, 256)), spare=st.integers(0, 9), strided=st.booleans())
+def test_reads_every_row_of_every_sequence(seq_lens, page_size, kv_heads, head_dim, dtype, chunk, spare, strided,
+                                           device):
+    case = DecodeCase(tuple(seq_lens), 2 * kv_heads, kv_heads, head_dim, dtype, "paged", page_size, spare=spare,
+                      strided=strided)
+    _run_case(case, chunk, device)
+
+
+def test_chunks_past_a_short_sequence_sum_nothing(device):
+    # one chunk of 64 for the first sequence, five for the second: the first one's others are 0
+    inputs = make_inputs(DecodeCase((54, 300), 4, 2, 64, torch.float16, "paged", 16), device)
+    partial = paged_read.paged_read(**inputs, chunk=64)()
+    assert partial.shape == (2, 2, 5)
+    assert torch.all(partial[0, :, 1:] == 0) and torch.all(partial[1] != 0)
+
+
+@pytest.fixture
+def paged_inputs(device):
+    return make_inputs(DecodeCase((70, 5), 4, 2, 64, torch.float16, "paged", 16), device)
+
+
+def test_bad_input_names_the_argument(paged_inputs, device):
+    with pytest.raises(ValueError, match="chunk"):
+        paged_read.paged_read(**paged_inputs, chunk=48)
+    with pytest.raises(ValueError, match="block_table"):
+        paged_read.paged_read(**(paged_inputs | dict(block_table=None)), chunk=64)
+    table = paged_inputs["block_table"].clone()
+    table[1, 0] = 1000
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\]"):
+        paged_read.paged_read(**(paged_inputs | dict(block_table=table)), chunk=64)
+
+
+def test_quantized_cache_is_refused(device):
+    inputs = make_inputs(DecodeCase((70,), 4, 2, 64, torch.float16, "paged", 16, quant="int8"), device)
+    with pytest.raises(ValueError, match="k_cache: an int8 cache"):
+        paged_read.paged_read(**inputs, chunk=64)
