@@ -49,6 +49,11 @@ def paged_inputs(device):
 def test_bad_input_names_the_argument(paged_inputs, device):
     with pytest.raises(ValueError, match="chunk"):
         paged_read.paged_read(**paged_inputs, chunk=48)
+    with pytest.raises(ValueError, match="v_cache strides"):
+        pages, page_size, heads, dim = paged_inputs["v_cache"].shape
+        v = torch.empty(pages, heads, page_size, dim, dtype=torch.float16, device=device).transpose(1, 2)
+        v.copy_(paged_inputs["v_cache"])
+        paged_read.paged_read(**(paged_inputs | dict(v_cache=v)), chunk=64)
     with pytest.raises(ValueError, match="block_table"):
         paged_read.paged_read(**(paged_inputs | dict(block_table=None)), chunk=64)
     table = paged_inputs["block_table"].clone()
