@@ -137,6 +137,8 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
 
     An existing floor is never lowered unless allow_lower, a floor set by hand (its entry has a
     "why") and an ungated metric are left as they are, and a measurement of zero writes no floor.
+    The entry's provenance becomes this run's when any floor is written; a floor kept beside it
+    then carries its own run's provenance.
     Returns the path written.
     """
     path = Path(directory) / f"{key}.json"
@@ -145,7 +147,7 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
         if not any(m in METRICS and v is not None for m, v in metrics.items()):
             continue  # nothing to gate (e.g. a baseline variant)
         entry = data["gates"].setdefault(gate_id, {})
-        written = False
+        written = set()
         for metric, value in metrics.items():
             if metric not in METRICS or value is None:
                 continue
@@ -158,8 +160,13 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
             if old is not None and floor < old and not allow_lower:
                 continue  # keep the higher floor with the measurement it came from
             entry[metric] = {"floor": floor, "measured": round(value, 4), "margin": margin}
-            written = True
+            written.add(metric)
         if written:
+            old = entry.get("provenance")
+            for metric in set(METRICS) - written:  # a floor kept beside them keeps its own run's provenance
+                kept = entry.get(metric)
+                if old not in (None, provenance) and isinstance(kept, dict) and "floor" in kept:
+                    kept.setdefault("provenance", old)
             entry["provenance"] = provenance
         if not entry:
             del data["gates"][gate_id]  # every metric measured zero: no gate

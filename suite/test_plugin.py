@@ -134,6 +134,15 @@ def test_update_keeps_the_measured_value_and_provenance_of_a_kept_floor(tmp_path
     assert (entry[SPEEDUP]["measured"], entry["provenance"]) == (1.0, PROV_A)
 
 
+def test_update_gives_a_floor_kept_beside_a_new_one_its_own_provenance(tmp_path):
+    update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0}}, margin=0.0, provenance=PROV_A)
+    entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 0.5, "roofline_fraction": 0.9}}, margin=0.0,
+                            provenance=PROV_B))
+    assert entry["provenance"] == PROV_B and "provenance" not in entry["roofline_fraction"]
+    assert (entry[SPEEDUP]["floor"], entry[SPEEDUP]["provenance"]) == (1.0, PROV_A)
+    assert Expectations.load(tmp_path, "h100").check(GATE, {SPEEDUP: 1.1, "roofline_fraction": 0.95})
+
+
 def test_update_leaves_a_floor_set_by_hand(tmp_path):
     path = tmp_path / "h100.json"
     hand = {"floor": 4.0, "measured": 8.0, "margin": 0.15, "why": "the baseline is host-bound"}
