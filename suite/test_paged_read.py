@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from kernels import paged_read
 from suite.decode_cases import DecodeCase, make_inputs
-from suite.anchors import check_partial_sums
+from suite.anchors import check_partial_sums, paged_read_floor
 
 pytestmark = pytest.mark.decode
 
@@ -19,7 +19,7 @@ def _run_case(case, chunk, device):
     launch().fill_(float("nan"))  # poisoned: the next call must write every program's sum
     partial = launch()
     assert partial.shape == (case.batch, case.kv_heads, -(-max(case.seq_lens) // chunk))
-    check_partial_sums(partial, inputs)
+    check_partial_sums([partial], inputs)
 
 
 @given(seq_lens=st.lists(st.integers(1, 300), min_size=1, max_size=3),
@@ -39,6 +39,17 @@ def test_chunks_past_a_short_sequence_sum_nothing(device):
     partial = paged_read.paged_read(**inputs, chunk=64)()
     assert partial.shape == (2, 2, 5)
     assert torch.all(partial[0, :, 1:] == 0) and torch.all(partial[1] != 0)
+
+
+def test_floor_checks_every_tiling_and_the_check_catches_one_wrong_sum(device):
+    inputs = make_inputs(DecodeCase((300, 54), 4, 2, 64, torch.bfloat16, "paged", 16), device)
+    floor = paged_read_floor(inputs, device, rounds=3)  # tilings of 64 and 256, then 1024: one per sequence
+    assert floor > 0 if device.type == "cuda" else floor == 0.0
+    partial = paged_read.paged_read(**inputs, chunk=64)()
+    check_partial_sums([partial], inputs)
+    partial[1, 0, 0] += 1.0  # the bound here is about 1e-6 * 54 * 64 * E|k||v| = 0.002
+    with pytest.raises(AssertionError, match="sequence 1, KV head 0"):
+        check_partial_sums([partial], inputs)
 
 
 @pytest.fixture
