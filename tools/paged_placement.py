@@ -1,6 +1,7 @@
 """What does page placement cost a paged decode? triton_persistent over one paged cache whose block
 table places each sequence's pages four ways, beside the same kernel on the contiguous copy of the
-cache and the sdpa anchor (which reads that copy: kernels/sdpa_decode.py gathers it before launch).
+cache and the sdpa anchor (which reads that copy: kernels/sdpa_decode.py gathers it before launch);
+under each placement's row, the paged-read floor (suite/anchors.py: a bare read of the same pages).
 
     python -m tools.paged_placement [--shapes 16x4096 64x1024] [--page-size 16] [--rounds 30]
 
@@ -17,6 +18,7 @@ import argparse
 import torch
 
 from kernels import decode_attention, sdpa_decode
+from suite.anchors import paged_read_floor
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
 
@@ -57,11 +59,15 @@ def main():
         times = {"sdpa": measure(sdpa_decode.sdpa(**inputs), device="cuda", rounds=args.rounds),
                  "contiguous": measure(decode_attention.triton_persistent(**contiguous), device="cuda",
                                        rounds=args.rounds)}
+        floors = {}
         for name, table in placements(inputs["block_table"], page_bytes).items():
-            launch = decode_attention.triton_persistent(**dict(inputs, block_table=table))
-            times[name] = measure(launch, device="cuda", rounds=args.rounds)
+            placed = dict(inputs, block_table=table)
+            times[name] = measure(decode_attention.triton_persistent(**placed), device="cuda", rounds=args.rounds)
+            floors[name] = paged_read_floor(placed, torch.device("cuda"), args.rounds)
         print(f"B{batch}-L{length} ps{args.page_size}".ljust(14) + " ".join(
             f"{times[name] * 1e6:9.1f} ({times['sdpa'] / times[name]:.3f})" for name in columns), flush=True)
+        print("  floor".ljust(14) + " " * 36 + " ".join(
+            f"{floors[name] * 1e6:9.1f} ({times['sdpa'] / floors[name]:.3f})" for name in columns[2:]), flush=True)
         del inputs, contiguous
         torch.cuda.empty_cache()
 
