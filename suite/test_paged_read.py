@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import paged_read
-from suite.decode_cases import DecodeCase, make_inputs
 from suite.anchors import check_partial_sums, paged_read_floor
+from suite.decode_cases import DecodeCase, make_inputs
 
 pytestmark = pytest.mark.decode
 
