@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_power_of_two, check_unit_stride_last
+from kernels.checks import check_power_of_two
 from kernels.decode_attention import check_decode_args
 
 CHUNKS = (64, 256, 1024, 4096, 16384)  # positions per program: the floor is the fastest tiling
@@ -64,11 +64,11 @@ def paged_read(q, k_cache, v_cache, seq_lens, block_table, *, chunk, k_scale=Non
     # sum over its positions of k * v (so no load is dead code, and a test can check the rows read)
     if block_table is None:
         raise ValueError("block_table is None: paged_read reads a paged cache")
+    # also: unit stride in D, and v_cache strided as k_cache (the kernel reads both at one offset)
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, None, k_scale, v_scale)
     if dims.quant != "none":
         raise ValueError(f"k_cache: an {dims.quant} cache; paged_read reads fp16/bf16 caches")
     check_power_of_two("chunk", chunk)
-    check_unit_stride_last("k_cache", k_cache)  # and v_cache, whose strides check_decode_args made k_cache's
     n_chunks = triton.cdiv(dims.max_len, chunk)
     partial = torch.empty((dims.batch, dims.num_kv_heads, n_chunks), dtype=torch.float32, device=q.device)
     grid = (partial.numel(),)
