@@ -17,13 +17,16 @@ from suite.expectations import Expectations, ExpectationsError, hardware_key, up
 from suite.perf import PerfRecorder
 
 DEFAULT_STORAGE = "file://./.benchmarks"
-# max_examples per hypothesis test; on a GPU each new shape may compile new kernel specializations
-HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 5, "full": 200}
+# max_examples per hypothesis test. On a GPU nearly every example draws a new specialization of
+# each kernel it runs (dtype, head dim, group, page size, ...): about a second of Triton JIT per
+# kernel, which is most of the minimal profile's time from a cold cache (run 0011: 228 of 359 s).
+HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 3, "full": 200}
 ROUNDS = {"minimal": 30, "full": 200}
 QUICK_ROUNDS = 10
 RECORDER = pytest.StashKey[PerfRecorder]()
 FILE_TIMER = "kernel-suite-file-timer"
 SLOWEST_FILES = 12
+MOST_JIT_TESTS = 10
 CLOCK_BEFORE = pytest.StashKey[str]()
 
 # minimal draws the same examples every run (derandomize), so a runner's Triton disk cache serves
@@ -76,12 +79,13 @@ class FileTimer:
     """Seconds per test file (setup, call and teardown) and, of them, Triton's JIT: the kernel
     specializations built (or loaded from Triton's disk cache) and their seconds. Where a
     profile's time goes (SPEC: the minimal profile well under 10 minutes on one H100), printed at
-    the end. The JIT is timed between Triton's jit_cache_hook (a specialization missing from the
-    process's cache) and its jit_post_compile_hook."""
+    the end, with the tests that built the most. The JIT is timed between Triton's jit_cache_hook
+    (a specialization missing from the process's cache) and its jit_post_compile_hook."""
 
     def __init__(self):
         self.seconds, self.jit_seconds, self.jit_builds = {}, {}, {}
-        self.path, self._jit_start = None, None
+        self.test_jit = {}  # nodeid: [seconds, builds]
+        self.path, self.nodeid, self._jit_start = None, None, None
         self._hooks = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
         knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._jit_begins, self._jit_ends
 
@@ -92,14 +96,18 @@ class FileTimer:
 
     def _jit_ends(self, **kwargs):
         if self._jit_start is not None and self.path is not None:
-            self.jit_seconds[self.path] = self.jit_seconds.get(self.path, 0.0) + time.perf_counter() - self._jit_start
+            seconds = time.perf_counter() - self._jit_start
+            self.jit_seconds[self.path] = self.jit_seconds.get(self.path, 0.0) + seconds
             self.jit_builds[self.path] = self.jit_builds.get(self.path, 0) + 1
+            test = self.test_jit.setdefault(self.nodeid, [0.0, 0])
+            test[0] += seconds
+            test[1] += 1
         self._jit_start = None
         if self._hooks[1]:
             self._hooks[1](**kwargs)
 
     def pytest_runtest_logstart(self, nodeid):
-        self.path = nodeid.split("::")[0]
+        self.path, self.nodeid = nodeid.split("::")[0], nodeid
 
     def pytest_runtest_logreport(self, report):
         path = report.nodeid.split("::")[0]
@@ -121,6 +129,10 @@ class FileTimer:
             terminalreporter.write_line(f"time by test file, {sum(self.seconds.values()):.0f} s in all{self._jit()}; "
                                         "slowest: " + ", ".join(f"{path} {s:.1f} s{self._jit(path)}"
                                                                 for path, s in slowest))
+        most = sorted(self.test_jit.items(), key=lambda kv: -kv[1][0])[:MOST_JIT_TESTS]
+        if most:
+            terminalreporter.write_line("most Triton JIT by test: " + ", ".join(
+                f"{nodeid} {s:.1f} s ({n} build{'s' * (n > 1)})" for nodeid, (s, n) in most))
 
 
 def pytest_collection_modifyitems(config, items):

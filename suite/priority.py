@@ -121,29 +121,35 @@ def build(device):
     return steps, prefills, lambda: seq_lens.copy_(start)
 
 
-def trace(priority, tile, folder):
-    """One scenario, warmed up, under torch.profiler (after the timed rounds' host slack): its
-    Chrome trace and timeline PNG under folder. -> (trace path, PNG path). Run it in a process of
-    its own (python -m suite.priority): the profiler's CUDA hooks outlive the profile and slow
-    every later kernel launch of the process (the eager decode's TPOT tripled in a run after it)."""
+def trace(scenarios, folder):
+    """Each (priority, tile) scenario, warmed up, under torch.profiler (after the timed rounds' host
+    slack): its Chrome trace and timeline PNG under folder. -> [(trace path, PNG path)], in order.
+    Run it in a process of its own (python -m suite.priority): the profiler's CUDA hooks outlive
+    the profile and slow every later kernel launch of the process (the eager decode's TPOT tripled
+    in a run after it). All scenarios share one process and one build: a process per scenario
+    cost the minimal profile a torch import, a CUDA context and a decoder build each."""
     steps, prefills, reset = build(torch.device("cuda"))
-    scenario = Scenario(prefills[tile], steps[priority], STEPS, priority)
-    scenario()
-    torch.cuda.synchronize()
-    reset()
-    name = f"stream_priority-{priority}-{tile[0]}x{tile[1]}"
-    stem = Path(folder) / f"{name}-{datetime.datetime.now():%Y%m%d_%H%M%S}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.cuda._sleep(SLACK_CYCLES)  # as in the timed rounds: everything enqueued before it runs
+    paths = []
+    for priority, tile in scenarios:
+        scenario = Scenario(prefills[tile], steps[priority], STEPS, priority)
         scenario()
         torch.cuda.synchronize()
-    prof.export_chrome_trace(f"{stem}.json")
-    lanes = kernel_intervals(f"{stem}.json")
-    labels = {s: ("prefill stream" if any("prefill" in n for _, _, n in v) else "decode stream")
-              for s, v in lanes.items()}
-    timeline_png(lanes, labels, f"{stem}.png", name)
-    return f"{stem}.json", f"{stem}.png"
+        reset()
+        name = f"stream_priority-{priority}-{tile[0]}x{tile[1]}"
+        stem = Path(folder) / f"{name}-{datetime.datetime.now():%Y%m%d_%H%M%S}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.cuda._sleep(SLACK_CYCLES)  # as in the timed rounds: everything enqueued before it runs
+            scenario()
+            torch.cuda.synchronize()
+        reset()
+        prof.export_chrome_trace(f"{stem}.json")
+        lanes = kernel_intervals(f"{stem}.json")
+        labels = {s: ("prefill stream" if any("prefill" in n for _, _, n in v) else "decode stream")
+                  for s, v in lanes.items()}
+        timeline_png(lanes, labels, f"{stem}.png", name)
+        paths.append((f"{stem}.json", f"{stem}.png"))
+    return paths
 
 
 def percentile(values, q):
@@ -193,14 +199,20 @@ def timeline_png(lanes, labels, path, title):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Trace one stream_priority scenario: Chrome trace + timeline PNG")
-    parser.add_argument("--priority", choices=PRIORITIES, required=True)
-    parser.add_argument("--tile", type=int, nargs=2, required=True, metavar=("BLOCK_M", "BLOCK_N"))
+    parser = argparse.ArgumentParser(description="Trace stream_priority scenarios: a Chrome trace and a timeline "
+                                                 "PNG each; prints priority, BLOCK_M, BLOCK_N, trace, png per scenario, tab-separated")
+    parser.add_argument("--priority", choices=PRIORITIES, nargs="+", default=list(PRIORITIES))
+    parser.add_argument("--tile", type=int, nargs=2, action="append", metavar=("BLOCK_M", "BLOCK_N"),
+                        help=f"repeat for several; default every tile of {TILES}")
     parser.add_argument("--folder", required=True)
     args = parser.parse_args(argv)
-    if tuple(args.tile) not in TILES:
-        parser.error(f"--tile must be one of {TILES}, got {tuple(args.tile)}")
-    print("\n".join(trace(args.priority, tuple(args.tile), args.folder)))
+    tiles = [tuple(t) for t in args.tile] if args.tile else list(TILES)
+    for tile in tiles:
+        if tile not in TILES:
+            parser.error(f"--tile must be one of {TILES}, got {tile}")
+    scenarios = [(priority, tile) for tile in tiles for priority in args.priority]
+    for (priority, tile), (trace_path, png) in zip(scenarios, trace(scenarios, args.folder)):
+        print(priority, *tile, trace_path, png, sep="\t")
 
 
 if __name__ == "__main__":

@@ -523,7 +523,8 @@ def test_the_end_says_how_much_of_it_was_triton_jit(inner, monkeypatch):
     result = inner.runpytest("-p", "suite.plugin")
     assert result.ret == 0, result.stdout.str()
     result.stdout.fnmatch_lines(["time by test file, * s in all (Triton JIT 0.[4-9] s, 2 builds); slowest: "
-                                 "test_jit.py 0.[4-9] s (Triton JIT 0.[4-9] s, 2 builds), test_none.py 0.[0-2] s"])
+                                 "test_jit.py 0.[4-9] s (Triton JIT 0.[4-9] s, 2 builds), test_none.py 0.[0-2] s",
+                                 "most Triton JIT by test: test_jit.py::test_two_builds 0.[4-9] s (2 builds)"])
     assert knobs.runtime.jit_cache_hook is None and knobs.runtime.jit_post_compile_hook is None  # put back
 
 

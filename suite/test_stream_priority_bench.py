@@ -28,7 +28,7 @@ from suite.timing import run_benchmark
 pytestmark = [pytest.mark.decode, pytest.mark.prefill, pytest.mark.requires_cuda]
 
 WORKLOAD = "stream_priority"
-TRACE_TIMEOUT_S = 180
+TRACE_TIMEOUT_S = 300  # every scenario, one process
 PROBE_KERNELS = 20
 PROBE_LAUNCHES = ("eager", "graph", "priority_graph", "eager_big_cta")
 # eager_big_cta: each kernel's one CTA holds as much shared memory as a CTA of the decode step's
@@ -42,21 +42,28 @@ def contention(device):
     return build(device)
 
 
-def _trace(priority, tile, storage):
-    """The scenario's Chrome trace and timeline PNG, made in a child process (priority.trace says why)."""
-    folder = Path(storage.removeprefix("file://")) / "traces"
-    done = subprocess.run([sys.executable, "-m", "suite.priority", "--priority", priority, "--tile", *map(str, tile),
-                           "--folder", str(folder)], capture_output=True, text=True, timeout=TRACE_TIMEOUT_S,
-                          cwd=Path(__file__).parent.parent)
+@pytest.fixture(scope="module")
+def traces(pytestconfig):
+    """{(priority, tile): (Chrome trace, timeline PNG)} of every scenario, made in one child
+    process (priority.trace says why)."""
+    folder = Path(pytestconfig.getoption("benchmark_storage").removeprefix("file://")) / "traces"
+    done = subprocess.run([sys.executable, "-m", "suite.priority", "--folder", str(folder)], capture_output=True,
+                          text=True, timeout=TRACE_TIMEOUT_S, cwd=Path(__file__).parent.parent)
     if done.returncode:
-        pytest.fail(f"tracing {priority} at tile {tile} failed:\n{done.stderr[-2000:]}")
-    trace, png = done.stdout.split()[-2:]
-    return trace, png
+        pytest.fail(f"tracing the stream_priority scenarios failed:\n{done.stderr[-2000:]}")
+    made = {}
+    for fields in (line.split("\t") for line in done.stdout.splitlines()):
+        if len(fields) == 5:
+            priority, block_m, block_n, trace, png = fields
+            made[priority, (int(block_m), int(block_n))] = trace, png
+    if set(made) != {(p, t) for p in PRIORITIES for t in TILES}:
+        pytest.fail(f"the trace command did not trace every scenario:\n{done.stdout[-2000:]}")
+    return made
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"tile{t[0]}x{t[1]}")
 @pytest.mark.parametrize("priority", PRIORITIES)
-def test_stream_priority(benchmark, priority, tile, contention, device, perf, rounds, pytestconfig):
+def test_stream_priority(benchmark, priority, tile, contention, device, perf, rounds, traces):
     steps, prefills, reset = contention
     step = steps[priority]
     gate_id = f"{WORKLOAD}/{priority}/tile{tile[0]}x{tile[1]}"
@@ -83,7 +90,7 @@ def test_stream_priority(benchmark, priority, tile, contention, device, perf, ro
     benchmark.extra_info.update(p50_us=1e3 * p50, p99_us=1e3 * p99, overlapped_steps=len(scenario.latencies_ms),
                                 prefill_ms=1e3 * prefill_s, prefill_tokens_per_s=PREFILL_TOKENS / prefill_s,
                                 tile=list(tile))
-    trace, png = _trace(priority, tile, pytestconfig.getoption("benchmark_storage"))
+    trace, png = traces[priority, tile]
     benchmark.extra_info.update(chrome_trace=trace, timeline_png=png)
     perf.artifacts += [(f"{gate_id} trace", trace), (f"{gate_id} timeline", png)]
     key = f"tile{tile}"
