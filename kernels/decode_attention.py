@@ -94,7 +94,9 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         # Past the end, read the last valid row again: every load stays in bounds unmasked, and
-        # those columns get zero weight below.
+        # those columns get zero weight below. It also keeps tl.gather's index inside the hoisted
+        # table: in a pipelined loop, an unmasked load through an index past the table faulted on
+        # the H100 though no step reached it (notes/decode_attention.md, ninth session).
         pos = tl.minimum(pos, end - 1)
         if PAGED:
             if PAGE_POW2:  # page_size == 2 ** page_shift: a shift and a mask, not a division by a runtime value
