@@ -1,7 +1,8 @@
 """The decode-attention anchor: what a user runs instead of a decode kernel.
 
 torch SDPA over the cache padded to the batch's longest sequence, with a boolean mask when the
-lengths differ. A paged cache is gathered into that padded layout once, before launch().
+lengths differ. A paged cache is gathered into that padded layout once, before launch(); with
+gather_in_launch, inside it: what a user of a paged cache runs with torch alone, every step.
 """
 
 import contextlib
@@ -21,23 +22,29 @@ BACKENDS = {
 
 
 def pad_paged(cache, block_table, length):
-    # cache: [pages, page_size, Hkv, D] -> [B, Hkv, length, D] (contiguous copy)
-    page_size = cache.shape[1]
-    pages = block_table[:, : (length + page_size - 1) // page_size].long()
-    rows = cache[pages].flatten(1, 2)[:, :length]
-    return rows.transpose(1, 2).contiguous()
+    # cache: [pages, page_size, Hkv, D] -> [B, Hkv, length, D], one gather into a new tensor
+    _, page_size, kv_heads, _ = cache.shape
+    pages = block_table[:, None, : (length + page_size - 1) // page_size, None].long()  # [B, 1, P, 1]
+    slots = torch.arange(page_size, device=cache.device)[None, None, None, :]  # [1, 1, 1, page_size]
+    heads = torch.arange(kv_heads, device=cache.device)[None, :, None, None]  # [1, Hkv, 1, 1]
+    return cache[pages, slots, heads].flatten(2, 3)[:, :, :length]  # [B, Hkv, P, page_size, D] gathered
 
 
-def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=None):
+def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=None, gather_in_launch=False):
     # q: [B, Hq, D]; k/v: [B, Hkv, L_max, D] or [pages, page_size, Hkv, D]; seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if gather_in_launch and block_table is None:
+        raise ValueError("gather_in_launch: block_table is None; a contiguous cache has no pages to gather")
     length = dims.max_len
-    if block_table is None:
-        k, v = k_cache[:, :, :length], v_cache[:, :, :length]
-    else:
-        k, v = pad_paged(k_cache, block_table, length), pad_paged(v_cache, block_table, length)
+
+    def padded():
+        if block_table is None:
+            return k_cache[:, :, :length], v_cache[:, :, :length]
+        return pad_paged(k_cache, block_table, length), pad_paged(v_cache, block_table, length)
+
+    kv = None if gather_in_launch else padded()
     mask = None
     if dims.min_len != dims.max_len:
         positions = torch.arange(length, device=q.device)
@@ -45,6 +52,7 @@ def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=N
     q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
 
     def launch():  # backend None: torch's own choice
+        k, v = padded() if gather_in_launch else kv
         with sdpa_kernel([BACKENDS[backend]]) if backend else contextlib.nullcontext():
             o = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
         return o if out is None else out.copy_(o)

@@ -23,9 +23,11 @@ from pathlib import Path
 
 # speedup_vs_<baseline>: anchor (what users run instead), baseline (the workload's baseline variant),
 # graphs (the CUDA-graph decode loop), bf16 (the same kernel on an unquantized cache), triton (the
-# Triton counterpart of a native CUDA variant), flash / cudnn (an SDPA backend by name)
+# Triton counterpart of a native CUDA variant), flash / cudnn (an SDPA backend by name), paged_read (a bare
+# read of the same pages), gathered_sdpa (SDPA with the pages gathered in every call)
 METRICS = ("speedup_vs_anchor", "speedup_vs_baseline", "speedup_vs_graphs", "speedup_vs_bf16", "speedup_vs_triton",
-           "speedup_vs_flash", "speedup_vs_cudnn", "speedup_vs_paged_read", "roofline_fraction", "overlap_fraction")
+           "speedup_vs_flash", "speedup_vs_cudnn", "speedup_vs_paged_read", "speedup_vs_gathered_sdpa",
+           "roofline_fraction", "overlap_fraction")
 ENTRY_KEYS = set(METRICS) | {"provenance", "hw_skip_reason"}
 KNOWN_GPUS = (("GB10", "gb10"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100"))
 DEFAULT_KEY = "default"

@@ -218,6 +218,23 @@ def test_sdpa_backend_must_be_known(device):
         VARIANTS["sdpa"](**inputs, backend="fastest")
 
 
+def test_sdpa_gathering_in_launch_reads_the_pages_at_each_call(device):
+    # The paged benchmarks' gathered_sdpa baseline: the gather is part of every call, so a cache
+    # written after binding is what the next call reads (the anchor gathers once, when bound).
+    inputs = make_inputs(DecodeCase((54, 97), 8, 2, 64, torch.bfloat16, "paged", page_size=16, spare=5), device)
+    launch = VARIANTS["sdpa"](**inputs, gather_in_launch=True)
+    check_output(launch(), inputs)
+    for name in ("k_cache", "v_cache"):
+        inputs[name].copy_(torch.randn_like(inputs[name]))
+    check_output(launch(), inputs)
+
+
+def test_sdpa_gathering_a_contiguous_cache_is_refused(device):
+    inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
+    with pytest.raises(ValueError, match="gather_in_launch: block_table is None"):
+        VARIANTS["sdpa"](**inputs, gather_in_launch=True)
+
+
 @pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
 @pytest.mark.parametrize("bound_lens, new_lens", [((300, 45), (300, 45)), ((300, 300), (299, 45)),
                                                   ((300, 300), (200, 200)), ((300, 45), (45, 45))], ids=str)

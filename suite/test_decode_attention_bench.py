@@ -4,7 +4,9 @@ Each benchmark first checks its own output against the float64 reference, then t
 (L2 flushed before every round). Speedups are against the SDPA anchor on the contiguous cache
 at the same shape, with the fastest SDPA backend that runs it. Paged variants also record
 speedup_vs_paged_read: the time of a bare read of the same pages (kernels/paged_read.py, the
-fastest of its tilings) over theirs, the fraction of what the pages' placement allows.
+fastest of its tilings) over theirs, the fraction of what the pages' placement allows; and
+speedup_vs_gathered_sdpa: against SDPA that gathers the pages in every call, what a user of a
+paged cache runs with torch alone.
 """
 
 from dataclasses import dataclass
@@ -84,9 +86,9 @@ def pytest_generate_tests(metafunc):
             for v, layout in pairs], indirect=["decode_variant"])
 
 
-def _fastest_sdpa(inputs, device, rounds):
+def _fastest_sdpa(inputs, device, rounds, **options):
     """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs correctly."""
-    timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend),
+    timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend, **options),
                           lambda out: check_output(out, inputs), device, rounds)
     timed = [(seconds, backend, launch) for backend, (launch, seconds) in timed.items()]
     seconds, backend, launch = min(timed, key=lambda t: t[0])
@@ -127,6 +129,8 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
     if layout == "paged" and device.type == "cuda":  # below 1: the fraction of the paged-read floor reached
         speedups["paged_read"] = perf.baseline(f"{WORKLOAD}/paged_read", str(shape),
                                                lambda: paged_read_floor(inputs, device, rounds))
+        speedups["gathered_sdpa"] = perf.baseline(f"{WORKLOAD}/gathered_sdpa", str(shape), lambda: _fastest_sdpa(
+            inputs, device, rounds, gather_in_launch=True)[2])
     perf.record(benchmark, gate_id, seconds, shape=dict(variant=name, layout=layout, case=str(shape),
                                                          seq_lens_sum=sum(case.seq_lens)),
                 bytes_moved=case.bytes_moved(), baseline_seconds=baseline, speedups=speedups or None)
