@@ -53,7 +53,7 @@ def main():
                           args.page_size)
         inputs = make_inputs(case, "cuda")
         contiguous = dict(inputs, block_table=None,
-                          **{name: sdpa_decode.pad_paged(inputs[name], inputs["block_table"], length)
+                          **{name: sdpa_decode.pad_paged(inputs[name], inputs["block_table"], length).contiguous()
                              for name in ("k_cache", "v_cache")})
         page_bytes = inputs["k_cache"][0].numel() * inputs["k_cache"].element_size()
         times = {"sdpa": measure(sdpa_decode.sdpa(**inputs), device="cuda", rounds=args.rounds),
