@@ -420,6 +420,15 @@ def test_expectations_from_a_saved_run(tmp_path, monkeypatch):
     assert exp.gates[gate]["provenance"]["gpu"] == "NVIDIA H100 80GB HBM3"
 
 
+def test_expectations_from_a_saved_run_for_named_metrics_only(tmp_path, monkeypatch):
+    from tools import expectations_from_run
+    run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]
+    monkeypatch.setattr("sys.argv", ["x", str(run), "--expectations-dir", str(tmp_path), "--metrics", SPEEDUP])
+    expectations_from_run.main()
+    gates = Expectations.load(tmp_path, "h100").gates
+    assert gates and all(set(entry) == {SPEEDUP, "provenance"} for entry in gates.values())
+
+
 def test_perf_flags_noisy_rounds(tmp_path):
     rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
     bench.extra_info["iqr_over_median"] = 0.3

@@ -1,11 +1,11 @@
 """Derive expectations/<gpu>.json from a saved run instead of rerunning it on the GPU.
 
     python -m tools.expectations_from_run .benchmarks/h100/Linux-CPython-3.12-64bit/0002_*.json \
-        --margin 0.15 [--allow-lower] [--commit HASH]
+        --margin 0.15 [--allow-lower] [--commit HASH] [--metrics speedup_vs_paged_read ...]
 
-Reads each benchmark's gate_id, speedup_vs_anchor and roofline_fraction from extra_info, and
-writes floors exactly as `pytest --expectations-update` would, with the run's machine info as
-provenance.
+Reads each benchmark's gate_id and gate metrics (expectations.METRICS, or only --metrics: a new
+metric gated without touching the others) from extra_info, and writes floors exactly as
+`pytest --expectations-update` would, with the run's machine info as provenance.
 """
 
 import argparse
@@ -22,10 +22,11 @@ def main():
     parser.add_argument("--allow-lower", action="store_true")
     parser.add_argument("--commit", help="commit of the code that ran (when the run had no git)")
     parser.add_argument("--expectations-dir", default="expectations")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     args = parser.parse_args()
     run = json.load(open(args.run))
     gpu = run["machine_info"]["gpu"]
-    measured = {b["extra_info"]["gate_id"]: {m: b["extra_info"][m] for m in METRICS if m in b["extra_info"]}
+    measured = {b["extra_info"]["gate_id"]: {m: b["extra_info"][m] for m in args.metrics if m in b["extra_info"]}
                 for b in run["benchmarks"] if "gate_id" in b["extra_info"]}
     provenance = {"commit": args.commit or run["commit_info"].get("id"),
                   "date": run["datetime"][:10] if "datetime" in run else datetime.date.today().isoformat(),
