@@ -1,5 +1,6 @@
-"""Tests of the suite's own plugin logic (SPEC 3, 5, 7): hardware keys, expectations files and their
-update, hardware markers, option validation, the perf recorder, and the hardware predicates."""
+"""Tests of the suite's own plugin logic (SPEC 3, 4, 7): hardware markers, option validation, the perf
+recorder and its end table, launch counting, the hardware predicates and the hypothesis profiles.
+The gates' files are tested in test_expectations.py."""
 
 import glob
 import json
@@ -12,166 +13,20 @@ import torch
 from hypothesis import settings
 
 from kernels import hw
-from suite.expectations import Expectations, ExpectationsError, hardware_key, update
+from suite.expectations import Expectations, hardware_key
 from suite.perf import PerfRecorder
 from suite.plugin import device_name
 from suite.roofline import Roofline
+from suite.test_expectations import GATE, SPEEDUP, write
 
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]
-GATE = "decode_attention/triton_split_kv/paged/B4"
-PROV_A, PROV_B = {"commit": "aaa", "gpu": "NVIDIA H100 80GB HBM3"}, {"commit": "bbb", "gpu": "NVIDIA H100 80GB HBM3"}
-SPEEDUP = "speedup_vs_anchor"
-
-
-def write(directory, key, gates):
-    path = directory / f"{key}.json"
-    path.write_text(json.dumps({"gates": gates}))
-    return path
-
-
-def entry_of(path, gate=GATE):
-    return json.loads(path.read_text())["gates"][gate]
 
 
 class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's fixture
     def __init__(self):
         self.extra_info = {}
-
-
-@pytest.mark.parametrize("name, key", [
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100"), ("NVIDIA H200", "h200"),
-    ("NVIDIA B200", "b200"), ("NVIDIA GB10", "gb10"), ("NVIDIA A100-SXM4-80GB", "nvidia_a100_sxm4_80gb"),
-    ("cpu", "cpu"), ("(Prototype) GPU-X!", "prototype_gpu_x")])
-def test_hardware_key(name, key):
-    assert hardware_key(name) == key
-
-
-def test_load_picks_key_file_then_default_then_nothing(tmp_path):
-    h100 = write(tmp_path, "h100", {GATE: {SPEEDUP: {"floor": 0.9}}})
-    default = write(tmp_path, "default", {GATE: {SPEEDUP: {"floor": 0.5}}})
-    exp = Expectations.load(tmp_path, "h100")
-    assert exp.path == h100 and [(v.floor, v.ok) for v in exp.check(GATE, {SPEEDUP: 0.7})] == [(0.9, False)]
-    exp = Expectations.load(tmp_path, "b200")
-    assert exp.path == default and [(v.floor, v.ok) for v in exp.check(GATE, {SPEEDUP: 0.7})] == [(0.5, True)]
-    assert Expectations.load(tmp_path / "missing", "h100").check(GATE, {SPEEDUP: 0.1}) == []
-
-
-def test_exact_key_beats_pattern_and_hw_skip_reason(tmp_path):
-    # The pattern comes first in the file: the exact key must still win.
-    write(tmp_path, "gb10", {"decode_attention/*/paged/*": {"hw_skip_reason": "no paged decode on GB10"},
-                             GATE: {SPEEDUP: {"floor": 1.2}}})
-    exp = Expectations.load(tmp_path, "gb10")
-    assert exp.hw_skip_reason(GATE) is None and [v.floor for v in exp.check(GATE, {SPEEDUP: 2})] == [1.2]
-    assert exp.hw_skip_reason("decode_attention/sdpa/paged/B8") == "no paged decode on GB10"
-    assert exp.hw_skip_reason("decode_attention/sdpa/contiguous/B8") is None
-
-
-def test_check_verdicts_and_their_message(tmp_path):
-    path = write(tmp_path, "h200", {GATE: {SPEEDUP: {"floor": 0.95, "measured": 1.07},
-                                           "roofline_fraction": {"floor": 0.8, "measured": 0.91}}})
-    exp = Expectations.load(tmp_path, "h200")
-    verdicts = {v.metric: v for v in exp.check(GATE, {SPEEDUP: 0.95, "roofline_fraction": 0.5})}
-    assert verdicts[SPEEDUP].ok is True and "FAILED" not in str(verdicts[SPEEDUP])  # at the floor passes
-    assert verdicts["roofline_fraction"].ok is False
-    for part in ("FAILED", GATE, "roofline_fraction", "0.500", "0.800", str(path)):
-        assert part in str(verdicts["roofline_fraction"])
-    # A metric not measured in this run (None or absent) is not gated.
-    assert [v.metric for v in exp.check(GATE, {SPEEDUP: None, "roofline_fraction": 1})] == ["roofline_fraction"]
-
-
-@pytest.mark.parametrize("text, names", [
-    ("{not json", ["not valid JSON"]),
-    (json.dumps({"gate": {}}), ["'gates'"]),
-    (json.dumps({"gates": {GATE: {SPEEDUP: {"floor": "0.9"}}}}), [f"'gates.{GATE}'", f"{SPEEDUP}.floor", "'0.9'"]),
-    (json.dumps({"gates": {GATE: {"speedup_vs_anchr": {"floor": 0.9}}}}), [f"'gates.{GATE}'", "speedup_vs_anchr"]),
-    (json.dumps({"gates": {GATE: {"roofline_fraction": {"floor": -0.1}}}}), [f"'gates.{GATE}'", "fraction.floor"]),
-    ('{"gates": {"%s": {"roofline_fraction": {"floor": NaN}}}}' % GATE, [f"'gates.{GATE}'"]),
-    (json.dumps({"gates": {GATE: {SPEEDUP: {"ungated": ""}}}}), [f"'gates.{GATE}'", f"{SPEEDUP}.ungated"]),
-    (json.dumps({"gates": {GATE: {SPEEDUP: {"ungated": "host", "floor": 1.0}}}}), [f"{SPEEDUP}.ungated", "no floor"]),
-], ids=["not-json", "no-gates", "string-floor", "unknown-field", "negative-floor", "nan-floor", "ungated-no-reason",
-        "ungated-with-floor"])
-def test_malformed_expectations_name_file_and_key(tmp_path, text, names):
-    path = tmp_path / "h100.json"
-    path.write_text(text)
-    with pytest.raises(ExpectationsError) as info:
-        Expectations.load(tmp_path, "h100")
-    assert [part for part in [str(path)] + names if part not in str(info.value)] == []
-
-
-def test_update_writes_floor_with_margin_and_provenance(tmp_path):
-    path = update(tmp_path, "b200", {GATE: {SPEEDUP: 1.2, "roofline_fraction": 0.9, "gpu_time_s": 3e-5}},
-                  margin=0.1, provenance=PROV_A)
-    entry = entry_of(path)
-    assert path == tmp_path / "b200.json" and entry["roofline_fraction"]["floor"] == pytest.approx(0.81)
-    assert (entry[SPEEDUP]["floor"], entry[SPEEDUP]["measured"]) == pytest.approx((1.08, 1.2))
-    assert entry["provenance"] == PROV_A and "gpu_time_s" not in entry
-    # What update writes, load reads back as a gate.
-    assert [v.ok for v in Expectations.load(tmp_path, "b200").check(GATE, {SPEEDUP: 1.07})] == [False]
-
-
-def test_update_never_lowers_a_floor_unless_asked(tmp_path):
-    def floor(value, **kw):
-        path = update(tmp_path, "gb10", {GATE: {SPEEDUP: value}}, margin=0.0, provenance=PROV_A, **kw)
-        return entry_of(path)[SPEEDUP]["floor"]
-    assert (floor(1.0), floor(0.5), floor(0.5, allow_lower=True), floor(2.0)) == (1.0, 1.0, 0.5, 2.0)
-
-
-def test_update_writes_no_floor_that_cannot_fail(tmp_path):
-    # An overlap measured as 0 would make a floor of 0, which every run passes: no gate.
-    entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0, "overlap_fraction": 0.0}}, margin=0.1,
-                            provenance=PROV_A))
-    assert SPEEDUP in entry and "overlap_fraction" not in entry
-    path = update(tmp_path, "h100", {"b/none": {"overlap_fraction": 0.0}}, margin=0.1, provenance=PROV_A)
-    assert "b/none" not in json.loads(path.read_text())["gates"]
-
-
-def test_update_keeps_the_measured_value_and_provenance_of_a_kept_floor(tmp_path):
-    update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0}}, margin=0.0, provenance=PROV_A)
-    entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 0.5}}, margin=0.0, provenance=PROV_B))
-    assert entry[SPEEDUP]["floor"] == 1.0
-    assert (entry[SPEEDUP]["measured"], entry["provenance"]) == (1.0, PROV_A)
-
-
-def test_update_gives_a_floor_kept_beside_a_new_one_its_own_provenance(tmp_path):
-    update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0}}, margin=0.0, provenance=PROV_A)
-    entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 0.5, "roofline_fraction": 0.9}}, margin=0.0,
-                            provenance=PROV_B))
-    assert entry["provenance"] == PROV_B and "provenance" not in entry["roofline_fraction"]
-    assert (entry[SPEEDUP]["floor"], entry[SPEEDUP]["provenance"]) == (1.0, PROV_A)
-    verdicts = Expectations.load(tmp_path, "h100").check(GATE, {SPEEDUP: 0.99, "roofline_fraction": 0.95})
-    assert [(v.metric, v.ok) for v in verdicts] == [(SPEEDUP, False), ("roofline_fraction", True)]
-
-
-def test_update_leaves_a_floor_set_by_hand(tmp_path):
-    path = tmp_path / "h100.json"
-    hand = {"floor": 4.0, "measured": 8.0, "margin": 0.15, "why": "the baseline is host-bound"}
-    path.write_text(json.dumps({"gates": {GATE: {SPEEDUP: hand}}}))
-    update(tmp_path, "h100", {GATE: {SPEEDUP: 9.0}}, margin=0.1, provenance=PROV_A)
-    assert entry_of(path)[SPEEDUP] == hand
-
-
-def test_an_ungated_metric_is_recorded_not_gated_and_kept_by_update(tmp_path):
-    ungated = {"ungated": "pageable H2D is host-bound"}
-    path = write(tmp_path, "h100", {GATE: {"roofline_fraction": ungated, SPEEDUP: {"floor": 2.0}}})
-    exp = Expectations.load(tmp_path, "h100")
-    assert [v.metric for v in exp.check(GATE, {"roofline_fraction": 0.01, SPEEDUP: 3.0})] == [SPEEDUP]
-    assert exp.ungated(GATE) == ["roofline_fraction"] and exp.ungated("other/gate") == []
-    update(tmp_path, "h100", {GATE: {"roofline_fraction": 0.9, SPEEDUP: 3.0}}, margin=0.0, provenance=PROV_A)
-    assert entry_of(path)["roofline_fraction"] == ungated and entry_of(path)[SPEEDUP]["floor"] == 3.0
-
-
-@pytest.mark.parametrize("text", [
-    json.dumps({"gates": {GATE: {"floor": 1.0}}}),
-    "{not json",
-], ids=["unknown-field", "not-json"])
-def test_update_refuses_a_malformed_existing_file_naming_it(tmp_path, text):
-    path = tmp_path / "h100.json"
-    path.write_text(text)
-    with pytest.raises(ExpectationsError, match="h100.json"):
-        update(tmp_path, "h100", {GATE: {SPEEDUP: 2.0}}, margin=0.1, provenance=PROV_A)
-    assert path.read_text() == text
 
 
 # --- the plugin end to end, in an inner pytest run with the repository's own pytest.ini ---
@@ -393,40 +248,6 @@ def test_nvcc_found_on_path(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     assert hw.nvcc() == (True, f"nvcc at {fake}")
-
-
-def test_the_most_specific_pattern_wins(tmp_path):
-    general = {"roofline_fraction": {"floor": 0.5}}
-    specific = {"roofline_fraction": {"floor": 0.5}, SPEEDUP: {"floor": 1.0}}
-    (tmp_path / "default.json").write_text(json.dumps({"gates": {
-        "decode_attention/triton_*/*/B64-*": general, "decode_attention/triton_persistent/*/B64-*-var": specific}}))
-    exp = Expectations.load(tmp_path, "b200")
-    assert exp.entry("decode_attention/triton_persistent/paged/B64-L4096-var") == specific
-    assert exp.entry("decode_attention/triton_split_kv/paged/B64-L4096-var") == general
-    assert exp.entry("decode_attention/triton_split_kv/paged/B4-L4096-var") is None
-
-
-def test_expectations_from_a_saved_run(tmp_path, monkeypatch):
-    # The committed H100 calibration run turns into gates for h100, floors = measured * (1 - margin).
-    from tools import expectations_from_run
-    run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]
-    monkeypatch.setattr("sys.argv", ["x", str(run), "--margin", "0.2", "--expectations-dir", str(tmp_path)])
-    expectations_from_run.main()
-    exp = Expectations.load(tmp_path, "h100")
-    saved = {b["extra_info"]["gate_id"]: b["extra_info"] for b in json.loads(run.read_text())["benchmarks"]}
-    assert set(exp.gates) == set(saved)
-    gate = "decode_attention/triton_persistent/contiguous/B64-L4096-var"
-    assert exp.gates[gate][SPEEDUP]["floor"] == pytest.approx(0.8 * saved[gate][SPEEDUP], abs=1e-3)
-    assert exp.gates[gate]["provenance"]["gpu"] == "NVIDIA H100 80GB HBM3"
-
-
-def test_expectations_from_a_saved_run_for_named_metrics_only(tmp_path, monkeypatch):
-    from tools import expectations_from_run
-    run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]
-    monkeypatch.setattr("sys.argv", ["x", str(run), "--expectations-dir", str(tmp_path), "--metrics", SPEEDUP])
-    expectations_from_run.main()
-    gates = Expectations.load(tmp_path, "h100").gates
-    assert gates and all(set(entry) == {SPEEDUP, "provenance"} for entry in gates.values())
 
 
 def test_perf_flags_noisy_rounds(tmp_path):
