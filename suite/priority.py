@@ -200,7 +200,8 @@ def timeline_png(lanes, labels, path, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Trace stream_priority scenarios: a Chrome trace and a timeline "
-                                                 "PNG each; prints priority, BLOCK_M, BLOCK_N, trace, png per scenario, tab-separated")
+                                                 "PNG each; prints priority, BLOCK_M, BLOCK_N, trace and PNG per "
+                                                 "scenario, tab-separated")
     parser.add_argument("--priority", choices=PRIORITIES, nargs="+", default=list(PRIORITIES))
     parser.add_argument("--tile", type=int, nargs=2, action="append", metavar=("BLOCK_M", "BLOCK_N"),
                         help=f"repeat for several; default every tile of {TILES}")
