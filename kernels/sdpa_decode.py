@@ -37,14 +37,15 @@ def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=N
         raise ValueError("gather_in_launch: block_table is None; a contiguous cache has no pages to gather")
     length = dims.max_len
 
-    def padded():
-        if block_table is None:
-            return k_cache[:, :, :length], v_cache[:, :, :length]
+    def gather():
         return pad_paged(k_cache, block_table, length), pad_paged(v_cache, block_table, length)
 
     # Gathered in each call, SDPA reads the strided view (cuDNN takes it): 2.2x faster on an H100
     # than also copying it contiguous. Gathered once, the anchor reads a contiguous copy.
-    kv = None if gather_in_launch else tuple(t.contiguous() for t in padded())
+    if block_table is None:
+        kv = k_cache[:, :, :length], v_cache[:, :, :length]
+    elif not gather_in_launch:
+        kv = tuple(t.contiguous() for t in gather())
     mask = None
     if dims.min_len != dims.max_len:
         positions = torch.arange(length, device=q.device)
@@ -52,7 +53,7 @@ def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=N
     q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
 
     def launch():  # backend None: torch's own choice
-        k, v = padded() if gather_in_launch else kv
+        k, v = gather() if gather_in_launch else kv
         with sdpa_kernel([BACKENDS[backend]]) if backend else contextlib.nullcontext():
             o = F.scaled_dot_product_attention(q4, k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
         return o if out is None else out.copy_(o)
