@@ -378,7 +378,8 @@ def build_registers(kernel, grid, args, meta):
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
-          out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None, num_warps=None, merge_rows=None):
+          out, chunk, dims, fused_merge, block_k, one_wave, resident_per_sm=None, num_warps=None, merge_rows=None,
+          deep_pipeline=False):
     batch, num_q_heads, num_kv_heads, head_dim, capacity = dims[:5]
     num_warps = plan.NUM_WARPS if num_warps is None else num_warps
     merge_rows = plan.MERGE_ROWS_PER_WARP if merge_rows is None else merge_rows
@@ -394,7 +395,10 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     # the kernel reads the rows as units: the strides below are K's view's, V's follow in-kernel
     k_cache, v_cache = unit_view(k_cache, k_unit), unit_view(v_cache, v_unit)
     hoisted = plan.table_pages(chunk, k_cache.shape[1]) if paged and (k_unit, v_unit) == (1, 1) else 0
-    num_stages = plan.PAGED_ONE_WAVE_STAGES if paged and one_wave and not hoisted else plan.NUM_STAGES
+    if deep_pipeline:
+        num_stages = plan.LONG_PAGED_TILE_STAGES
+    else:
+        num_stages = plan.PAGED_ONE_WAVE_STAGES if paged and one_wave and not hoisted else plan.NUM_STAGES
     if paged:
         strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                    *((k_scale.stride(0), k_scale.stride(1), k_scale.stride(2)) if quantized else (0, 0, 0)),
@@ -459,4 +463,5 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
                  dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, launch.chunk, dims,
                  fused_merge=True, block_k=launch.block_k, one_wave=launch.one_wave,
-                 resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps, merge_rows=launch.merge_rows)
+                 resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps, merge_rows=launch.merge_rows,
+                 deep_pipeline=launch.deep_pipeline)

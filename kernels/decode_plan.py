@@ -49,6 +49,16 @@ MAX_TABLE_PAGES = 256
 # 107 us, B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were as fast or faster
 # (B64-L4096 376 vs 387 us).
 PAGED_ONE_WAVE_STAGES = 5
+# Equal paged tiles of LONG_PAGED_TILE positions or more, hoisted tables, one program per SM and one
+# tile per program: a third K/V buffer (4 stages, 128 KB of shared memory at 64-position steps) keeps
+# more of the randomly placed rows in flight. H100, 16-position pages, five interleaved medians
+# (.dbg/s10/bench_stages2.py), 3 vs 4 stages: B16-L4096 96.7 vs 95.0 us, B4-L16384 98.3 vs 96.5 (SDPA
+# on the contiguous copy 91.9 and 96.8). Level or slower elsewhere: tiles of 256-1024 positions
+# (B4-L1024 14.0 vs 14.3, B16-L1024 29.2 vs 29.1), contiguous caches (B16-L4096 94.4 vs 94.8,
+# B16-L16384 349.0 vs 352.9), 2 to 4 programs per SM (B16-L16384, B64; 4 stages at 32-position steps
+# or 3 at 64 on 2 per SM: 0.99-1.01x), variable lengths on 3 per SM (B16-L4096 var 65.2 vs 71.0).
+LONG_PAGED_TILE = 4096
+LONG_PAGED_TILE_STAGES = 4
 # Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
 # registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
 # (uniform lengths, contiguous cache) choose_programs may take 2 per SM, when that fills the last
@@ -91,6 +101,8 @@ ONE_WARP_MAX_TILE = 1024
 # uncapped, 80.4 capped).
 SM_REGISTERS = 65536
 MAX_THREAD_REGISTERS = 255
+SM_SHARED = 228 * 1024  # H100 shared memory per SM: each resident program takes its own bytes and
+BLOCK_RESERVED_SHARED = 1024  # these, which the CUDA runtime reserves per block
 
 
 def choose_chunk(dims, sms, tiles_per_sm=1, max_chunk=MAX_CHUNK):
@@ -189,6 +201,7 @@ class PersistentLaunch(NamedTuple):
     one_wave: bool  # every tile on a program of its own
     programs_per_sm: int  # what the register cap must let share an SM
     merge_rows: int  # partials per warp in each step of the merge
+    deep_pipeline: bool  # LONG_PAGED_TILE_STAGES, not the cache format's default
 
 
 def plan_persistent(dims, sms, page_size=None, *, chunk=None, block_k=None, num_programs=None, num_warps=None):
@@ -228,5 +241,8 @@ def plan_persistent(dims, sms, page_size=None, *, chunk=None, block_k=None, num_
     grid = min(num_programs, max_tiles)
     per_sm = triton.cdiv(grid, sms)
     merge_rows = SINGLE_MERGE_ROWS_PER_WARP if dims.batch == 1 and per_sm == 1 else MERGE_ROWS_PER_WARP
-    return PersistentLaunch(chunk, resolve_block_k(block_k, chunk, dims.quant), grid,
-                            NUM_WARPS if num_warps is None else num_warps, tiles <= grid, per_sm, merge_rows)
+    block_k = resolve_block_k(block_k, chunk, dims.quant)
+    deep = (paged and uniform and dims.quant == "none" and table_pages(chunk, page_size) > 0 and tiles <= grid
+            and per_sm == 1 and min(chunk, dims.max_len) >= LONG_PAGED_TILE and block_k <= BLOCK_N)
+    return PersistentLaunch(chunk, block_k, grid, NUM_WARPS if num_warps is None else num_warps, tiles <= grid,
+                            per_sm, merge_rows, deep)

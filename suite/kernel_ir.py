@@ -105,16 +105,17 @@ def buffered_tiles(ttgir, rows, cols, dtype="bf16"):
 
 
 def decode_attention_builds():
-    """{case: {stages, table_pages, block_n, warps, kv_buffers, registers, programs_per_sm}} of
+    """{case: {stages, table_pages, block_n, warps, kv_buffers, registers, programs_per_sm, shared}} of
     triton_persistent's builds for small bf16 cases: the stages, hoisted table entries, K/V step and
     warps per program the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile buffers,
-    registers per thread, and programs per SM in its grid. Cases: contiguous and paged as the
+    registers per thread, programs per SM in its grid and shared memory bytes per program. Cases: contiguous and paged as the
     launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM); short steps:
     contiguous with four equal tiles per program, contiguous with short equal tiles twice the
     programs (a one-warp program each, 4 per SM), contiguous with more unequal tiles than 3
     programs per SM hold (4 per SM), paged with more equal tiles than one wave of 3 per SM (4 per
-    SM); paged on one program (many tiles per program); and paged with one-position pages, whose
-    tiles have too many pages to hoist their block-table entries (one table load per step)."""
+    SM); paged on one program (many tiles per program); paged with one-position pages, whose
+    tiles have too many pages to hoist their block-table entries (one table load per step); and
+    paged with equal tiles of LONG_PAGED_TILE positions, one per SM (a deeper pipeline)."""
     from kernels import decode_attention, hw
     from suite.decode_cases import DecodeCase, make_inputs
 
@@ -131,7 +132,9 @@ def decode_attention_builds():
                                                ("paged, equal tiles, short steps", (640,) * 8, "paged", None, 16),
                                                ("contiguous, unequal tiles, short steps",
                                                 (900, 700, 500, 300, 850, 650, 450, 250), "contiguous", None, 16),
-                                               ("paged, table per step, one wave", three, "paged", None, 1)):
+                                               ("paged, table per step, one wave", three, "paged", None, 1),
+                                               ("paged, long equal tiles, one per SM", (4096,) * 2, "paged", None,
+                                                16)):
         case = DecodeCase(lens, 8, 2, 128, torch.bfloat16, layout, page_size=page)
         inputs = make_inputs(case, "cpu")
         grids = []
@@ -143,7 +146,7 @@ def decode_attention_builds():
                             warps=meta["num_warps"],
                             registers=registers(compiled),
                             kv_buffers=buffered_tiles(compiled.asm["ttgir"], meta["BLOCK_N"], case.head_dim),
-                            programs_per_sm=-(-grids[0][0] // hw.num_sms("cpu")))
+                            programs_per_sm=-(-grids[0][0] // hw.num_sms("cpu")), shared=compiled.metadata.shared)
     return result
 
 

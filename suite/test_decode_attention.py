@@ -117,6 +117,18 @@ def test_one_sequence_merges_many_partials(layout, device):
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_programs=sms)
 
 
+def test_long_paged_tiles_take_a_deeper_pipeline(device):
+    # Equal paged tiles of LONG_PAGED_TILE positions, one per SM: LONG_PAGED_TILE_STAGES (on a GPU,
+    # three K/V buffers), each sequence split in two and merged.
+    chunk = decode_plan.LONG_PAGED_TILE
+    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout="paged")
+    inputs = make_inputs(case, device)
+    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
+                                              inputs["block_table"], None)
+    assert decode_plan.plan_persistent(dims, hw.num_sms(device), case.page_size, chunk=chunk).deep_pipeline
+    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
+
+
 @pytest.mark.parametrize("variant", variant_params(FUSED_DEQUANT))
 @pytest.mark.parametrize("page_size,chunk,hoisted", [(1, 512, 0), (3, 64, 32), (5, 128, 32), (16, 128, 128)])
 def test_block_table_hoisted_or_loaded_per_step(variant, page_size, chunk, hoisted, device):
@@ -133,20 +145,22 @@ def test_persistent_builds_prefetch_and_fit():
     # The K and V tiles need two buffers (a prefetch). Paged tiles hoist their block-table entries,
     # so 3 stages give two, as for a contiguous cache. A tile with too many pages to hoist loads its
     # table every step, and the pipeliner gives that load a stage of its own: one-wave launches of
-    # those use 5 stages. Every program of the grid must be resident: its registers fit its share of an SM.
+    # those use 5 stages. Long equal paged tiles alone on their SM take a third buffer (4 stages).
+    # Every program of the grid must be resident: its registers and shared memory fit its share of an SM.
     env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
     run = subprocess.run([sys.executable, "-m", "suite.kernel_ir"], env=env, capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr
     builds = json.loads(run.stdout.splitlines()[-1])
     da = decode_plan
-    per_step = "paged, table per step, one wave"
+    per_step, deep = "paged, table per step, one wave", "paged, long equal tiles, one per SM"
     assert {c: b["table_pages"] > 0 for c, b in builds.items()} == {c: c.startswith("paged") and c != per_step
                                                                     for c in builds}
-    assert {c: b["stages"] for c, b in builds.items()} == {
-        c: da.PAGED_ONE_WAVE_STAGES if c == per_step else da.NUM_STAGES for c in builds}
+    stages = {per_step: da.PAGED_ONE_WAVE_STAGES, deep: da.LONG_PAGED_TILE_STAGES}
+    assert {c: b["stages"] for c, b in builds.items()} == {c: stages.get(c, da.NUM_STAGES) for c in builds}
     for case, build in builds.items():
-        assert build["kv_buffers"] == [2, 2], f"{case}: K and V tiles are not double-buffered: {build}"
+        buffers = 3 if case == deep else 2
+        assert build["kv_buffers"] == [buffers] * 2, f"{case}: K and V tiles have not {buffers} buffers: {build}"
     assert builds["paged, one wave, 3 per SM"]["programs_per_sm"] == 3
     # more equal tiles than programs: short steps, paged on up to SHORT_PROGRAMS_PER_SM programs per SM
     short = builds["paged, equal tiles, short steps"]
@@ -158,9 +172,12 @@ def test_persistent_builds_prefetch_and_fit():
     one_warp = builds["contiguous, equal tiles, short steps, one warp"]  # short tiles, one wave of 4 per SM
     assert (one_warp["block_n"], one_warp["warps"], one_warp["programs_per_sm"]) == (da.SHORT_BLOCK_N, 1, 4), one_warp
     assert {b["warps"] for c, b in builds.items() if not c.endswith("one warp")} == {da.NUM_WARPS}
+    assert builds[deep]["programs_per_sm"] == 1
     for case, build in builds.items():
         threads = build["programs_per_sm"] * build["warps"] * 32
         assert build["registers"] * threads <= da.SM_REGISTERS, f"{case}: not every program is resident: {build}"
+        shared = build["programs_per_sm"] * (build["shared"] + da.BLOCK_RESERVED_SHARED)
+        assert shared <= da.SM_SHARED, f"{case}: not every program is resident: {build}"
 
 
 def _bad(inputs, **changes):

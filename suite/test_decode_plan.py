@@ -79,12 +79,28 @@ def test_minimal_launches_on_an_h100():
     assert launches["B64-L1024-var", "contiguous"][:2] == (512, da.SHORT_BLOCK_N)  # whole sequences, one wave
     assert launches["B16-L4096-uniform", "contiguous"][:2] == (128, da.BLOCK_N)  # one tile per program
     assert launches["B4-L16384-var", "contiguous"][1] == da.BLOCK_N  # split sequences keep BLOCK_N
+    # 4096-position paged tiles, one per SM: a third K/V buffer
+    assert {key for key, launch in launches.items() if launch[3] != da.NUM_STAGES} == {
+        ("B16-L4096-uniform", "paged"), ("B4-L16384-uniform", "paged")}
+    assert launches["B4-L16384-uniform", "paged"][:4] == (128, da.BLOCK_N, 4096, da.LONG_PAGED_TILE_STAGES)
+
+
+def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():
+    long_tiles = _dims(16, 8, [4096] * 16)  # 128 tiles, one per program on 132 SMs
+    assert plan_persistent(long_tiles, 132, page_size=16).deep_pipeline
+    assert not plan_persistent(long_tiles, 132).deep_pipeline  # contiguous
+    assert not plan_persistent(long_tiles, 132, page_size=16, block_k=128).deep_pipeline  # 3 x 64 KB buffers
+    assert not plan_persistent(long_tiles, 64, page_size=16).deep_pipeline  # 2 programs per SM
+    assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size=16).deep_pipeline  # short tiles
+    assert not plan_persistent(_dims(16, 8, [16384] * 16), 132, page_size=16).deep_pipeline  # 4 programs per SM
+    assert not plan_persistent(_dims(2, 8, [4096, 4000]), 132, page_size=16, chunk=4096).deep_pipeline  # unequal
+    assert not plan_persistent(long_tiles, 132, page_size=8, chunk=4096).deep_pipeline  # 512 pages: table per step
 
 
 def test_plan_of_one_sequence_splits_it_over_the_sms():
     # B1-L4096, Hkv 8: 16 chunks of 256 per KV head, a program each on 128 of 132 SMs, merged in-kernel
     assert plan_persistent(_dims(1, 8, [4096]), 132) == PersistentLaunch(
-        256, decode_plan.BLOCK_N, 128, decode_plan.NUM_WARPS, True, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP)
+        256, decode_plan.BLOCK_N, 128, decode_plan.NUM_WARPS, True, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP, False)
     paged = plan_persistent(_dims(1, 8, [4096]), 132, page_size=16)
     assert (paged.chunk, paged.grid, paged.one_wave) == (256, 128, True)
 
@@ -92,7 +108,7 @@ def test_plan_of_one_sequence_splits_it_over_the_sms():
 def test_plan_keeps_the_knobs_given():
     dims = _dims(1, 8, [4096])
     assert plan_persistent(dims, 132, chunk=512, block_k=32, num_programs=7, num_warps=2) == \
-        PersistentLaunch(512, 32, 7, 2, False, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP)  # 64 tiles on 7 programs
+        PersistentLaunch(512, 32, 7, 2, False, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP, False)  # 64 tiles, 7 programs
     assert plan_persistent(dims, 132, chunk=512, num_programs=10_000).grid == 64  # no more programs than tiles
 
 
