@@ -456,7 +456,8 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
     launch = plan.plan_persistent(dims, hw.num_sms(q.device), k_cache.shape[1] if block_table is not None else None,
-                                  chunk=chunk, block_k=block_k, num_programs=num_programs, num_warps=num_warps)
+                                  shared_per_sm=hw.shared_memory_per_sm(q.device), chunk=chunk, block_k=block_k,
+                                  num_programs=num_programs, num_warps=num_warps)
     counters = torch.zeros(batch * dims.num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
     return _bind(_persistent, lambda _: (launch.grid,),
                  lambda out: (counters, out, out.stride(0), out.stride(1), batch),

@@ -57,6 +57,8 @@ PAGED_ONE_WAVE_STAGES = 5
 # (B4-L1024 14.0 vs 14.3, B16-L1024 29.2 vs 29.1), contiguous caches (B16-L4096 94.4 vs 94.8,
 # B16-L16384 349.0 vs 352.9), 2 to 4 programs per SM (B16-L16384, B64; 4 stages at 32-position steps
 # or 3 at 64 on 2 per SM: 0.99-1.01x), variable lengths on 3 per SM (B16-L4096 var 65.2 vs 71.0).
+# Only where an SM has SM_SHARED bytes (H100, H200, B200): smaller ones (consumer Blackwell such as
+# GB10 has about 100 KB per SM) may not hold such a build.
 LONG_PAGED_TILE = 4096
 LONG_PAGED_TILE_STAGES = 4
 # Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
@@ -204,9 +206,10 @@ class PersistentLaunch(NamedTuple):
     deep_pipeline: bool  # LONG_PAGED_TILE_STAGES, not the cache format's default
 
 
-def plan_persistent(dims, sms, page_size=None, *, chunk=None, block_k=None, num_programs=None, num_warps=None):
-    """triton_persistent's launch for dims on sms SMs (page_size: a paged cache's); the knobs given
-    are checked and kept, the rest chosen."""
+def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, chunk=None, block_k=None,
+                    num_programs=None, num_warps=None):
+    """triton_persistent's launch for dims on sms SMs of shared_per_sm bytes of shared memory each
+    (page_size: a paged cache's); the knobs given are checked and kept, the rest chosen."""
     if num_warps is not None and num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
     paged = page_size is not None
@@ -243,6 +246,7 @@ def plan_persistent(dims, sms, page_size=None, *, chunk=None, block_k=None, num_
     merge_rows = SINGLE_MERGE_ROWS_PER_WARP if dims.batch == 1 and per_sm == 1 else MERGE_ROWS_PER_WARP
     block_k = resolve_block_k(block_k, chunk, dims.quant)
     deep = (paged and uniform and dims.quant == "none" and table_pages(chunk, page_size) > 0 and tiles <= grid
-            and per_sm == 1 and min(chunk, dims.max_len) >= LONG_PAGED_TILE and block_k <= BLOCK_N)
+            and per_sm == 1 and min(chunk, dims.max_len) >= LONG_PAGED_TILE and block_k <= BLOCK_N
+            and shared_per_sm >= SM_SHARED)
     return PersistentLaunch(chunk, block_k, grid, NUM_WARPS if num_warps is None else num_warps, tiles <= grid,
                             per_sm, merge_rows, deep)

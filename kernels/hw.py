@@ -15,6 +15,7 @@ import torch
 # Programs per "SM" when Triton runs in the interpreter on the CPU: small, so that persistent
 # loops really iterate over several tiles per program on tiny test shapes.
 INTERPRETER_SMS = 4
+INTERPRETER_SHARED_MEMORY = 228 * 1024  # the interpreter has none: launches are planned as for an H100's SM
 
 
 def interpreting() -> bool:
@@ -36,6 +37,13 @@ def num_sms(device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def shared_memory_per_sm(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRETER_SHARED_MEMORY
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
 
 
 def l2_bytes(device) -> int:

@@ -118,14 +118,16 @@ def test_one_sequence_merges_many_partials(layout, device):
 
 
 def test_long_paged_tiles_take_a_deeper_pipeline(device):
-    # Equal paged tiles of LONG_PAGED_TILE positions, one per SM: LONG_PAGED_TILE_STAGES (on a GPU,
-    # three K/V buffers), each sequence split in two and merged.
+    # Equal paged tiles of LONG_PAGED_TILE positions, one per SM: LONG_PAGED_TILE_STAGES (on an
+    # H100-class GPU, three K/V buffers), each sequence split in two and merged.
     chunk = decode_plan.LONG_PAGED_TILE
     case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout="paged")
     inputs = make_inputs(case, device)
     dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
                                               inputs["block_table"], None)
-    assert decode_plan.plan_persistent(dims, hw.num_sms(device), case.page_size, chunk=chunk).deep_pipeline
+    shared = hw.shared_memory_per_sm(device)  # an SM smaller than an H100's keeps NUM_STAGES
+    launch = decode_plan.plan_persistent(dims, hw.num_sms(device), case.page_size, shared_per_sm=shared, chunk=chunk)
+    assert launch.deep_pipeline == (shared >= decode_plan.SM_SHARED)
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
 
 

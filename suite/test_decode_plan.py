@@ -90,6 +90,7 @@ def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():
     assert plan_persistent(long_tiles, 132, page_size=16).deep_pipeline
     assert not plan_persistent(long_tiles, 132).deep_pipeline  # contiguous
     assert not plan_persistent(long_tiles, 132, page_size=16, block_k=128).deep_pipeline  # 3 x 64 KB buffers
+    assert not plan_persistent(long_tiles, 132, page_size=16, shared_per_sm=100 * 1024).deep_pipeline  # smaller SMs
     assert not plan_persistent(long_tiles, 64, page_size=16).deep_pipeline  # 2 programs per SM
     assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size=16).deep_pipeline  # short tiles
     assert not plan_persistent(_dims(16, 8, [16384] * 16), 132, page_size=16).deep_pipeline  # 4 programs per SM
