@@ -50,13 +50,14 @@ MAX_TABLE_PAGES = 256
 # (B64-L4096 376 vs 387 us).
 PAGED_ONE_WAVE_STAGES = 5
 # Equal paged tiles of LONG_PAGED_TILE positions or more, hoisted tables, one program per SM and one
-# tile per program: a third K/V buffer (4 stages, 128 KB of shared memory at 64-position steps) keeps
-# more of the randomly placed rows in flight. H100, 16-position pages, five interleaved medians
-# (.dbg/s10/bench_stages2.py), 3 vs 4 stages: B16-L4096 96.7 vs 95.0 us, B4-L16384 98.3 vs 96.5 (SDPA
-# on the contiguous copy 91.9 and 96.8). Level or slower elsewhere: tiles of 256-1024 positions
-# (B4-L1024 14.0 vs 14.3, B16-L1024 29.2 vs 29.1), contiguous caches (B16-L4096 94.4 vs 94.8,
-# B16-L16384 349.0 vs 352.9), 2 to 4 programs per SM (B16-L16384, B64; 4 stages at 32-position steps
-# or 3 at 64 on 2 per SM: 0.99-1.01x), variable lengths on 3 per SM (B16-L4096 var 65.2 vs 71.0).
+# tile per program: a third K/V buffer (4 stages; three 32 KB buffers at 64-position steps, 104 KB a
+# build) keeps more of the randomly placed rows in flight. H100, 16-position pages, five interleaved
+# medians (.dbg/s10/bench_stages2.py), 3 vs 4 stages: B16-L4096 96.7 vs 95.0 us, B4-L16384 98.3 vs
+# 96.5 (SDPA on the contiguous copy 91.9 and 96.8). Level or slower elsewhere: tiles of 256-1024
+# positions (B4-L1024 14.0 vs 14.3, B16-L1024 29.2 vs 29.1), contiguous caches (B16-L4096 94.4 vs
+# 94.8, B16-L16384 349.0 vs 352.9), 1-2 programs per SM at 3-5 stages where the plan takes 4 (paged
+# B16-L16384 and B64: level or slower), variable lengths on 3 per SM (B16-L4096 var 65.2 vs 71.0),
+# other steps x stages (32 x 4-8, 64 x 3-6, 128 x 2-3: 95.2-103.9 us at B16-L4096 against 95.0).
 # Only where an SM has SM_SHARED bytes (H100, H200, B200): smaller ones (consumer Blackwell such as
 # GB10 has about 100 KB per SM) may not hold such a build.
 LONG_PAGED_TILE = 4096
