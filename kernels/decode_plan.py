@@ -104,8 +104,10 @@ ONE_WARP_MAX_TILE = 1024
 # uncapped, 80.4 capped).
 SM_REGISTERS = 65536
 MAX_THREAD_REGISTERS = 255
-SM_SHARED = 228 * 1024  # H100 shared memory per SM: each resident program takes its own bytes and
-BLOCK_RESERVED_SHARED = 1024  # these, which the CUDA runtime reserves per block
+# Shared memory per SM (H100, H200, B200); each resident program takes its build's bytes plus the
+# CUDA runtime's per-block reserve.
+SM_SHARED = 228 * 1024
+BLOCK_RESERVED_SHARED = 1024
 
 
 def choose_chunk(dims, sms, tiles_per_sm=1, max_chunk=MAX_CHUNK):

@@ -108,14 +108,14 @@ def decode_attention_builds():
     """{case: {stages, table_pages, block_n, warps, kv_buffers, registers, programs_per_sm, shared}} of
     triton_persistent's builds for small bf16 cases: the stages, hoisted table entries, K/V step and
     warps per program the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile buffers,
-    registers per thread, programs per SM in its grid and shared memory bytes per program. Cases: contiguous and paged as the
-    launcher sizes them (every tile in one wave; paged with 2 and 3 programs per SM); short steps:
-    contiguous with four equal tiles per program, contiguous with short equal tiles twice the
-    programs (a one-warp program each, 4 per SM), contiguous with more unequal tiles than 3
-    programs per SM hold (4 per SM), paged with more equal tiles than one wave of 3 per SM (4 per
-    SM); paged on one program (many tiles per program); paged with one-position pages, whose
-    tiles have too many pages to hoist their block-table entries (one table load per step); and
-    paged with equal tiles of LONG_PAGED_TILE positions, one per SM (a deeper pipeline)."""
+    registers per thread, programs per SM in its grid and shared memory bytes per program. Cases:
+    contiguous and paged as the launcher sizes them (every tile in one wave; paged with 2 and 3
+    programs per SM); short steps: contiguous with four equal tiles per program, contiguous with
+    short equal tiles twice the programs (a one-warp program each, 4 per SM), contiguous with more
+    unequal tiles than 3 programs per SM hold (4 per SM), paged with more equal tiles than one wave
+    of 3 per SM (4 per SM); paged on one program (many tiles per program); paged with one-position
+    pages, whose tiles have too many pages to hoist their block-table entries (one table load per
+    step); and paged with equal tiles of LONG_PAGED_TILE positions, one per SM (a deeper pipeline)."""
     from kernels import decode_attention, hw
     from suite.decode_cases import DecodeCase, make_inputs
 
