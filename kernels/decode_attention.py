@@ -370,11 +370,12 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
     return DecodeDims(batch, num_q_heads, num_kv_heads, head_dim, capacity, stats[0], stats[1], fmt, stats[2])
 
 
-def build_registers(kernel, grid, args, meta):
-    """Registers per thread of the build that kernel[grid](*args, **meta) launches (compiled, not run)."""
+def build_resources(kernel, grid, args, meta):
+    """(registers per thread, shared memory bytes) of the build that kernel[grid](*args, **meta)
+    launches (compiled, not run)."""
     compiled = kernel.warmup(*args, grid=grid, **meta)
     compiled._init_handles()  # loading the module reads its register count
-    return compiled.n_regs
+    return compiled.n_regs, compiled.metadata.shared
 
 
 def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table,
@@ -420,10 +421,13 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
                 K_UNIT=k_unit, V_UNIT=v_unit,
                 PAGE_POW2=paged and page_size & (page_size - 1) == 0, TABLE_PAGES=hoisted,
                 num_warps=num_warps, num_stages=num_stages, **extra_meta, **(merge if fused_merge else {}))
+    fits_per_sm = resident_per_sm
     if resident_per_sm is not None and not hw.interpreting():  # the interpreter has no registers
         cap = plan.resident_registers(resident_per_sm, num_warps)
-        if build_registers(kernel, grid(max_chunks), args, meta) > cap:
+        registers, shared = build_resources(kernel, grid(max_chunks), args, meta)
+        if registers > cap:
             meta["maxnreg"] = cap
+        fits_per_sm = hw.shared_memory_per_sm(q.device) // (shared + plan.BLOCK_RESERVED_SHARED)
     merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
                   num_q_heads, num_kv_heads, max_chunks, chunk)
 
@@ -433,6 +437,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
             _split_kv_merge[(batch, num_kv_heads)](*merge_args, GROUP=group, HEAD_DIM=head_dim, **merge)
         return out
 
+    launch.fits_per_sm = fits_per_sm  # programs of this build that the SM's shared memory holds
     return launch
 
 
@@ -455,14 +460,21 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     batch = dims.batch
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
-    launch = plan.plan_persistent(dims, hw.num_sms(q.device), k_cache.shape[1] if block_table is not None else None,
-                                  shared_per_sm=hw.shared_memory_per_sm(q.device), chunk=chunk, block_k=block_k,
-                                  num_programs=num_programs, num_warps=num_warps)
     counters = torch.zeros(batch * dims.num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
-    return _bind(_persistent, lambda _: (launch.grid,),
-                 lambda out: (counters, out, out.stride(0), out.stride(1), batch),
-                 dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
-                 q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, launch.chunk, dims,
-                 fused_merge=True, block_k=launch.block_k, one_wave=launch.one_wave,
-                 resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps, merge_rows=launch.merge_rows,
-                 deep_pipeline=launch.deep_pipeline)
+    fits_per_sm = None
+    while True:
+        launch = plan.plan_persistent(dims, hw.num_sms(q.device), k_cache.shape[1] if block_table is not None else None,
+                                      shared_per_sm=hw.shared_memory_per_sm(q.device), chunk=chunk, block_k=block_k,
+                                      num_programs=num_programs, num_warps=num_warps, max_programs_per_sm=fits_per_sm)
+        bound = _bind(_persistent, lambda _: (launch.grid,),
+                      lambda out: (counters, out, out.stride(0), out.stride(1), batch),
+                      dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
+                      q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, launch.chunk, dims,
+                      fused_merge=True, block_k=launch.block_k, one_wave=launch.one_wave,
+                      resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps,
+                      merge_rows=launch.merge_rows, deep_pipeline=launch.deep_pipeline)
+        # a persistent grid is one wave: plan again for fewer programs per SM where this GPU's
+        # shared memory holds fewer of the build than planned (100 KB SMs: consumer Blackwell)
+        if num_programs is not None or bound.fits_per_sm >= launch.programs_per_sm:
+            return bound
+        fits_per_sm = bound.fits_per_sm  # >= 1: Triton refuses a build larger than a block may be

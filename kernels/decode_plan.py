@@ -63,7 +63,9 @@ PAGED_ONE_WAVE_STAGES = 5
 LONG_PAGED_TILE = 4096
 LONG_PAGED_TILE_STAGES = 4
 # Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
-# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
+# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). Where an SM's shared
+# memory holds fewer of the build (consumer Blackwell: 100 KB, one 72 KB build), triton_persistent
+# plans again with max_programs_per_sm, so the grid stays one wave; untuned there: no such GPU was run. With equal tiles
 # (uniform lengths, contiguous cache) choose_programs may take 2 per SM, when that fills the last
 # wave better (B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on 396), and then no more
 # programs than share the tiles equally.
@@ -210,11 +212,16 @@ class PersistentLaunch(NamedTuple):
 
 
 def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, chunk=None, block_k=None,
-                    num_programs=None, num_warps=None):
+                    num_programs=None, num_warps=None, max_programs_per_sm=None):
     """triton_persistent's launch for dims on sms SMs of shared_per_sm bytes of shared memory each
-    (page_size: a paged cache's); the knobs given are checked and kept, the rest chosen."""
+    (page_size: a paged cache's); the knobs given are checked and kept, the rest chosen, with at most
+    max_programs_per_sm programs per SM (the launcher's, where an SM holds fewer of its build)."""
     if num_warps is not None and num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
+
+    def at_most(per_sm):
+        return per_sm if max_programs_per_sm is None else min(per_sm, max_programs_per_sm)
+
     paged = page_size is not None
     uniform = dims.min_len == dims.max_len
     if chunk is None and uniform:
@@ -225,7 +232,8 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, chunk
     max_tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.capacity, chunk)
     tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths
     if num_programs is None:
-        per_sm = PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM
+        per_sm = at_most(PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM)
+        short_per_sm = at_most(SHORT_PROGRAMS_PER_SM)
         # Paged tiles count as equal only with their table hoisted: per-row table loads make a tile
         # latency-bound, and it gained from every program (H100, B16-L16384: 384 us on 396 programs
         # vs 402 on 264).
@@ -234,13 +242,13 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, chunk
         num_programs = choose_programs(tiles, sms, per_sm, equal)
         if block_k is None and dims.quant == "none" and (not paged or hoisted) and tiles > num_programs:
             if equal and paged:
-                block_k, num_programs = SHORT_BLOCK_N, choose_programs(tiles, sms, SHORT_PROGRAMS_PER_SM, True)
+                block_k, num_programs = SHORT_BLOCK_N, choose_programs(tiles, sms, short_per_sm, True)
             elif equal and tiles >= 2 * num_programs:
                 block_k = SHORT_BLOCK_N
                 if (num_warps is None and not paged and min(chunk, dims.max_len) <= ONE_WARP_MAX_TILE
-                        and tiles <= SHORT_PROGRAMS_PER_SM * sms):
+                        and tiles <= short_per_sm * sms):
                     num_warps, num_programs = 1, tiles
-            elif not equal and chunk >= dims.max_len and tiles <= SHORT_PROGRAMS_PER_SM * sms:
+            elif not equal and chunk >= dims.max_len and tiles <= short_per_sm * sms:
                 block_k, num_programs = SHORT_BLOCK_N, tiles
     elif not isinstance(num_programs, int) or num_programs < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")

@@ -11,11 +11,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import triton
 
 # Programs per "SM" when Triton runs in the interpreter on the CPU: small, so that persistent
 # loops really iterate over several tiles per program on tiny test shapes.
 INTERPRETER_SMS = 4
-INTERPRETER_SHARED_MEMORY = 228 * 1024  # the interpreter has none: launches are planned as for an H100's SM
+# The interpreter has no shared memory: launches are planned as for an H100 (228 KB an SM, 227 KB a block).
+INTERPRETER_SHARED_MEMORY = 228 * 1024
+INTERPRETER_SHARED_MEMORY_PER_BLOCK = 227 * 1024
 
 
 def interpreting() -> bool:
@@ -44,6 +47,15 @@ def shared_memory_per_sm(device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SHARED_MEMORY
     return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+
+
+def shared_memory_per_block(device) -> int:
+    """The most shared memory a block may opt in to: what Triton checks a build against at launch."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRETER_SHARED_MEMORY_PER_BLOCK
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def l2_bytes(device) -> int:

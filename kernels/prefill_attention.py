@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels import hw
 from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_power_of_two, check_shape,
                             check_tensor)
 from kernels.sdpa_decode import BACKENDS  # one table of SDPA backends for the suite
@@ -32,6 +33,7 @@ from kernels.sdpa_decode import BACKENDS  # one table of SDPA backends for the s
 # an H100 (bf16, Hq 32, Hkv 8, P 4096-8192); a warp per 16 query rows (the mma's M) at every tile.
 TILE = {"triton_cp_async": {64: (128, 64), 128: (128, 128)}, "triton_tma": {64: (128, 64), 128: (64, 64)}}
 ROWS_PER_WARP = 16
+MIN_TILE = 16  # tl.dot's dims are >= 16
 NUM_STAGES = 3  # >= 2: the loads of block i + 1 overlap block i's math
 
 
@@ -146,32 +148,50 @@ def _bind(q, k, v, cu_seqlens, out, tile, use_tma, num_stages):
     block_m, block_n = tile or TILE["triton_tma" if use_tma else "triton_cp_async"][head_dim]
     for name, size in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
         check_power_of_two(f"tile {name}", size)
-        if size < 16:
-            raise ValueError(f"tile {name} {size} must be >= 16 (tl.dot)")
+        if size < MIN_TILE:
+            raise ValueError(f"tile {name} {size} must be >= {MIN_TILE} (tl.dot)")
     if block_m % block_n:
         raise ValueError(f"tile: BLOCK_M {block_m} must be a multiple of BLOCK_N {block_n} (unmasked blocks "
                          "end where a query block starts)")
+    if use_tma:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16:
+                raise ValueError(f"{name}: tensor descriptors need 16-byte aligned rows, got stride {t.stride(0)}")
     # query blocks, longest first: the last blocks of the longest prompts see the most keys
     blocks = sorted(((m0, b) for b, n in enumerate(lengths) for m0 in range(0, n, block_m)), reverse=True)
     block_m_of = torch.tensor([m0 for m0, _ in blocks], dtype=torch.int32, device=q.device)
     block_seq = torch.tensor([b for _, b in blocks], dtype=torch.int32, device=q.device)
     out = torch.empty_like(q) if out is None else out
-    descs = (None, None, None)
-    if use_tma:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16:
-                raise ValueError(f"{name}: tensor descriptors need 16-byte aligned rows, got stride {t.stride(0)}")
-        descs = tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * head_dim], [t.stride(0), 1], [rows, head_dim])
-                      for t, rows in ((q, block_m), (k, block_n), (v, block_n)))
-    args = (q, k, v, out, *descs, cu_seqlens, block_seq, block_m_of, math.log2(math.e) / math.sqrt(head_dim),
-            q.stride(0), k.stride(0), v.stride(0), out.stride(0))
-    meta = dict(GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
-                NUM_STAGES=num_stages, num_warps=block_m // ROWS_PER_WARP)
+    grid = (len(blocks), q_heads)
+
+    def build(block_n):
+        descs = (None, None, None)
+        if use_tma:
+            descs = tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * head_dim], [t.stride(0), 1], [rows, head_dim])
+                          for t, rows in ((q, block_m), (k, block_n), (v, block_n)))
+        args = (q, k, v, out, *descs, cu_seqlens, block_seq, block_m_of, math.log2(math.e) / math.sqrt(head_dim),
+                q.stride(0), k.stride(0), v.stride(0), out.stride(0))
+        meta = dict(GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                    USE_TMA=use_tma, NUM_STAGES=num_stages, num_warps=block_m // ROWS_PER_WARP)
+        return args, meta
+
+    args, meta = build(block_n)
+    if not hw.interpreting():  # the interpreter builds nothing
+        # Triton refuses a launch whose build needs more shared memory than a block may have: a
+        # default tile that does not fit this GPU (consumer Blackwell: 99 KB a block) halves BLOCK_N
+        limit = hw.shared_memory_per_block(q.device)
+        while (shared := _prefill.warmup(*args, grid=grid, **meta).metadata.shared) > limit:
+            if tile is not None or block_n == MIN_TILE:
+                raise ValueError(f"tile ({block_m}, {block_n}) at {num_stages} stages needs {shared} bytes of "
+                                 f"shared memory, more than the {limit} a block may have on this GPU")
+            block_n //= 2
+            args, meta = build(block_n)
 
     def launch():
-        _prefill[(len(blocks), q_heads)](*args, **meta)
+        _prefill[grid](*args, **meta)
         return out
 
+    launch.tile = (block_m, block_n)
     return launch
 
 

@@ -1,12 +1,15 @@
 """What the compiler makes of a launcher's choices, on any machine: capture the arguments a launcher
-passes to its Triton kernel, compile that kernel for sm_90 (no GPU needed) and read its TTGIR and
-registers.
+passes to its Triton kernel, compile that kernel for a GPU (no GPU needed) and read its TTGIR,
+registers and shared memory.
 
-    python -m suite.kernel_ir    # decode attention's stages, K/V tile buffers, registers and grid, as JSON
+    python -m suite.kernel_ir [--gpu sm_120]   # decode and prefill attention's builds, as JSON
 
 Run it without TRITON_INTERPRET: the interpreter replaces the kernels that this compiles.
 """
 
+import argparse
+import contextlib
+import itertools
 import json
 import re
 import subprocess
@@ -16,20 +19,26 @@ from types import SimpleNamespace
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-TARGET = GPUTarget("cuda", 90, 32)
+# name -> (target, shared memory per SM, the most a block may opt in to): an H100, and consumer Blackwell
+# (sm_120 and sm_121: RTX 50, GB10), whose SMs hold 100 KB and a block 99 KB, as an sm_86's.
+GPUS = {"sm_90": (GPUTarget("cuda", 90, 32), 228 * 1024, 227 * 1024),
+        "sm_120": (GPUTarget("cuda", 120, 32), 100 * 1024, 99 * 1024)}
+SM90 = GPUS["sm_90"][0]
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int16: "i16",
           torch.int8: "i8", torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
 OPTIONS = ("num_warps", "num_stages", "maxnreg")
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # ships with Triton
 
 
-def capture_launch(module, kernel_name, run, grids=None):
+def capture_launch(module, kernel_name, run, grids=None, target=SM90):
     """(kernel, args, meta) of the one `kernel[grid](*args, **meta)` that run() makes (binding the
     launcher included: launchers hold on to the kernel), without running it; its grid is appended
-    to `grids` if given. A launcher's `kernel.warmup(...)` compiles for sm_90 instead of the device."""
+    to `grids` if given. A launcher's `kernel.warmup(...)` compiles for target instead of the device."""
     kernel, calls = getattr(module, kernel_name), []
 
     class Recorder:
@@ -39,8 +48,8 @@ def capture_launch(module, kernel_name, run, grids=None):
             return lambda *args, **meta: calls.append((args, meta))
 
         def warmup(self, *args, grid, **meta):
-            compiled = compile_sm90(kernel, args, meta)
-            return SimpleNamespace(n_regs=registers(compiled), _init_handles=lambda: None)
+            compiled = compile_for(kernel, args, meta, target)
+            return SimpleNamespace(n_regs=registers(compiled), metadata=compiled.metadata, _init_handles=lambda: None)
 
     setattr(module, kernel_name, Recorder())
     try:
@@ -55,9 +64,9 @@ def _names(kernel, listed):
     return {kernel.arg_names[i] if isinstance(i, int) else i for i in listed or ()}
 
 
-def compile_sm90(kernel, args, meta):
-    """Compile as Triton would for these arguments on an sm_90 GPU: 16-byte aligned pointers and
-    ints divisible by 16 get the divisibility attribute, ints equal to 1 become constants, except
+def compile_for(kernel, args, meta, target=SM90):
+    """Compile as Triton would for these arguments on a GPU of this target: 16-byte aligned pointers
+    and ints divisible by 16 get the divisibility attribute, ints equal to 1 become constants, except
     where the kernel says not to specialize. Returns the compiled kernel (asm: ttgir, ptx, cubin)."""
     no_spec = _names(kernel, kernel.do_not_specialize)
     no_align = no_spec | _names(kernel, kernel.do_not_specialize_on_alignment)
@@ -73,6 +82,8 @@ def compile_sm90(kernel, args, meta):
             signature[name] = "*" + DTYPES[value.dtype]
             if value.data_ptr() % 16 == 0 and name not in no_align:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, TensorDescriptor):
+            signature[name] = native_specialize_impl(BaseBackend, value, False, True, True)[0]
         elif isinstance(value, int):
             signature[name] = "i32"
             if value % 16 == 0 and name not in no_spec:
@@ -81,7 +92,7 @@ def compile_sm90(kernel, args, meta):
             signature[name] = "fp32"
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
     options = {k: meta[k] for k in OPTIONS if k in meta}
-    return triton.compile(source, target=TARGET, options=options)
+    return triton.compile(source, target=target, options=options)
 
 
 def resource_usage(cubin):
@@ -104,7 +115,21 @@ def buffered_tiles(ttgir, rows, cols, dtype="bf16"):
     return [int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x{rows}x{cols}x{dtype}", ttgir)]
 
 
-def decode_attention_builds():
+@contextlib.contextmanager
+def planned_for(gpu):
+    """Launchers plan for the named GPU's shared memory (GPUS) while this is open."""
+    from kernels import hw
+
+    real = hw.shared_memory_per_sm, hw.shared_memory_per_block
+    _, per_sm, per_block = GPUS[gpu]
+    hw.shared_memory_per_sm, hw.shared_memory_per_block = (lambda device: per_sm), (lambda device: per_block)
+    try:
+        yield GPUS[gpu][0]
+    finally:
+        hw.shared_memory_per_sm, hw.shared_memory_per_block = real
+
+
+def decode_attention_builds(gpu="sm_90"):
     """{case: {stages, table_pages, block_n, warps, kv_buffers, registers, programs_per_sm, shared}} of
     triton_persistent's builds for small bf16 cases: the stages, hoisted table entries, K/V step and
     warps per program the launcher chose, the leading dims of its [BLOCK_N, D] K and V tile buffers,
@@ -115,7 +140,8 @@ def decode_attention_builds():
     unequal tiles than 3 programs per SM hold (4 per SM), paged with more equal tiles than one wave
     of 3 per SM (4 per SM); paged on one program (many tiles per program); paged with one-position
     pages, whose tiles have too many pages to hoist their block-table entries (one table load per
-    step); and paged with equal tiles of LONG_PAGED_TILE positions, one per SM (a deeper pipeline)."""
+    step); and paged with equal tiles of LONG_PAGED_TILE positions, one per SM (a deeper pipeline).
+    Planned and compiled for the named GPU (GPUS), on hw.num_sms("cpu") SMs."""
     from kernels import decode_attention, hw
     from suite.decode_cases import DecodeCase, make_inputs
 
@@ -138,10 +164,11 @@ def decode_attention_builds():
         case = DecodeCase(lens, 8, 2, 128, torch.bfloat16, layout, page_size=page)
         inputs = make_inputs(case, "cpu")
         grids = []
-        kernel, args, meta = capture_launch(
-            decode_attention, "_persistent",
-            lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)(), grids)
-        compiled = compile_sm90(kernel, args, meta)
+        with planned_for(gpu) as target:
+            kernel, args, meta = capture_launch(
+                decode_attention, "_persistent",
+                lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)(), grids, target)
+            compiled = compile_for(kernel, args, meta, target)
         result[name] = dict(stages=meta["num_stages"], table_pages=meta["TABLE_PAGES"], block_n=meta["BLOCK_N"],
                             warps=meta["num_warps"],
                             registers=registers(compiled),
@@ -150,5 +177,27 @@ def decode_attention_builds():
     return result
 
 
+def prefill_attention_builds(gpu="sm_90"):
+    """{"variant, D": {tile, shared}} of the Triton prefill variants' default builds (bf16), planned and
+    compiled for the named GPU (GPUS): the (BLOCK_M, BLOCK_N) the launcher chose and shared memory bytes."""
+    from kernels import prefill_attention
+
+    result = {}
+    for variant, head_dim in itertools.product(("triton_cp_async", "triton_tma"), (64, 128)):
+        q = torch.randn(300, 8, head_dim, dtype=torch.bfloat16)
+        k, v = torch.randn(2, 300, 2, head_dim, dtype=torch.bfloat16)
+        cu_seqlens = torch.tensor([0, 200, 300], dtype=torch.int32)
+        with planned_for(gpu) as target:
+            kernel, args, meta = capture_launch(prefill_attention, "_prefill", lambda: getattr(
+                prefill_attention, variant)(q, k, v, cu_seqlens)(), target=target)
+            compiled = compile_for(kernel, args, meta, target)
+        result[f"{variant}, D{head_dim}"] = dict(tile=[meta["BLOCK_M"], meta["BLOCK_N"]],
+                                                 shared=compiled.metadata.shared)
+    return result
+
+
 if __name__ == "__main__":
-    print(json.dumps(decode_attention_builds()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="sm_90")
+    gpu = parser.parse_args().gpu
+    print(json.dumps(dict(decode_attention=decode_attention_builds(gpu), prefill_attention=prefill_attention_builds(gpu))))

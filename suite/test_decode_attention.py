@@ -1,11 +1,5 @@
 """Decode attention (SPEC 2.1): every variant against the float64 reference, and bad input."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given
@@ -14,7 +8,6 @@ from hypothesis import strategies as st
 from kernels import decode_attention, decode_plan, hw, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
-from suite.interpreter import INTERPRET_ENV
 from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
                                 quant_params, quantization_loss, variant_params)
 
@@ -140,46 +133,6 @@ def test_block_table_hoisted_or_loaded_per_step(variant, page_size, chunk, hoist
     case = DecodeCase((600, 37, 301), q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, layout="paged",
                       page_size=page_size, spare=5)
     _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
-
-
-def test_persistent_builds_prefetch_and_fit():
-    # Compiled for sm_90 on any machine (suite/kernel_ir.py, in a process without the interpreter).
-    # The K and V tiles need two buffers (a prefetch). Paged tiles hoist their block-table entries,
-    # so 3 stages give two, as for a contiguous cache. A tile with too many pages to hoist loads its
-    # table every step, and the pipeliner gives that load a stage of its own: one-wave launches of
-    # those use 5 stages. Long equal paged tiles alone on their SM take a third buffer (4 stages).
-    # Every program of the grid must be resident: its registers and shared memory fit its share of an SM.
-    env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
-    run = subprocess.run([sys.executable, "-m", "suite.kernel_ir"], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=Path(__file__).resolve().parent.parent)
-    assert run.returncode == 0, run.stderr
-    builds = json.loads(run.stdout.splitlines()[-1])
-    da = decode_plan
-    per_step, deep = "paged, table per step, one wave", "paged, long equal tiles, one per SM"
-    assert {c: b["table_pages"] > 0 for c, b in builds.items()} == {c: c.startswith("paged") and c != per_step
-                                                                    for c in builds}
-    stages = {per_step: da.PAGED_ONE_WAVE_STAGES, deep: da.LONG_PAGED_TILE_STAGES}
-    assert {c: b["stages"] for c, b in builds.items()} == {c: stages.get(c, da.NUM_STAGES) for c in builds}
-    for case, build in builds.items():
-        buffers = 3 if case == deep else 2
-        assert build["kv_buffers"] == [buffers] * 2, f"{case}: K and V tiles have not {buffers} buffers: {build}"
-    assert builds["paged, one wave, 3 per SM"]["programs_per_sm"] == 3
-    # more equal tiles than programs: short steps, paged on up to SHORT_PROGRAMS_PER_SM programs per SM
-    short = builds["paged, equal tiles, short steps"]
-    assert (short["block_n"], short["programs_per_sm"]) == (da.SHORT_BLOCK_N, da.SHORT_PROGRAMS_PER_SM), short
-    assert builds["contiguous, equal tiles, short steps"]["block_n"] == da.SHORT_BLOCK_N
-    unequal = builds["contiguous, unequal tiles, short steps"]  # a program per tile, one wave
-    assert (unequal["block_n"], unequal["programs_per_sm"]) == (da.SHORT_BLOCK_N, da.SHORT_PROGRAMS_PER_SM), unequal
-    assert {b["block_n"] for c, b in builds.items() if "short steps" not in c} == {da.BLOCK_N}
-    one_warp = builds["contiguous, equal tiles, short steps, one warp"]  # short tiles, one wave of 4 per SM
-    assert (one_warp["block_n"], one_warp["warps"], one_warp["programs_per_sm"]) == (da.SHORT_BLOCK_N, 1, 4), one_warp
-    assert {b["warps"] for c, b in builds.items() if not c.endswith("one warp")} == {da.NUM_WARPS}
-    assert builds[deep]["programs_per_sm"] == 1
-    for case, build in builds.items():
-        threads = build["programs_per_sm"] * build["warps"] * 32
-        assert build["registers"] * threads <= da.SM_REGISTERS, f"{case}: not every program is resident: {build}"
-        shared = build["programs_per_sm"] * (build["shared"] + da.BLOCK_RESERVED_SHARED)
-        assert shared <= da.SM_SHARED, f"{case}: not every program is resident: {build}"
 
 
 def _bad(inputs, **changes):

@@ -98,6 +98,22 @@ def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():
     assert not plan_persistent(long_tiles, 132, page_size=8, chunk=4096).deep_pipeline  # 512 pages: table per step
 
 
+def test_plan_keeps_to_the_programs_an_sm_holds():
+    # max_programs_per_sm: what the launcher found an SM's shared memory holds of the build
+    sms = 132
+    for dims, page_size in [(_dims(64, 8, [4096] * 64), None), (_dims(64, 8, [1024] * 64), None),
+                            (_dims(64, 8, [1024] * 64), 16), (_dims(16, 8, [16384] * 16), 16),
+                            (_dims(64, 8, [300 + 10 * b for b in range(64)]), None), (_dims(4, 8, [900, 1200, 60, 7]), 16)]:
+        for cap in (1, 2, 3):
+            launch = plan_persistent(dims, sms, page_size, max_programs_per_sm=cap)
+            assert launch.programs_per_sm <= cap and launch.grid <= cap * sms, (dims, cap, launch)
+        assert plan_persistent(dims, sms, page_size, max_programs_per_sm=4) == plan_persistent(dims, sms, page_size)
+    # 512 whole-sequence tiles of 1024: a one-warp program each, 4 per SM; where 2 fit, 4 warps on 256 programs
+    short = _dims(64, 8, [1024] * 64)
+    assert plan_persistent(short, sms)[2:4] == (512, 1)
+    assert plan_persistent(short, sms, max_programs_per_sm=2)[2:4] == (256, decode_plan.NUM_WARPS)
+
+
 def test_plan_of_one_sequence_splits_it_over_the_sms():
     # B1-L4096, Hkv 8: 16 chunks of 256 per KV head, a program each on 128 of 132 SMs, merged in-kernel
     assert plan_persistent(_dims(1, 8, [4096]), 132) == PersistentLaunch(

@@ -1,6 +1,7 @@
 """Prefill attention (SPEC 2.3): every variant against the float64 reference, and bad input."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels.checks import HEAD_DIMS
+from kernels import prefill_attention
 from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_async
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
 
@@ -111,6 +113,25 @@ def test_bad_input(bad):
 def test_bad_knobs(knobs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         triton_cp_async(**_bad_inputs(), **knobs)
+
+
+def test_tile_is_fitted_to_the_gpus_shared_memory(monkeypatch):
+    # The launcher compiles before it launches: a default tile whose build needs more shared memory
+    # than a block may have halves BLOCK_N until it fits; a tile the caller chose is refused. Real
+    # builds for an H100 and a 99 KB block: suite/test_builds.py. Here a stand-in build of 8 bytes
+    # per tile element, so the test runs where the interpreter builds nothing.
+    def warmup(*args, grid, **meta):
+        return SimpleNamespace(metadata=SimpleNamespace(shared=8 * meta["BLOCK_M"] * meta["BLOCK_N"]))
+
+    monkeypatch.setattr(prefill_attention.hw, "interpreting", lambda: False)
+    monkeypatch.setattr(prefill_attention.hw, "shared_memory_per_block", lambda device: 8 * 128 * 32)
+    monkeypatch.setattr(prefill_attention, "_prefill", SimpleNamespace(warmup=warmup))
+    inputs = make_inputs(PrefillCase((5, 40), 4, 2, 128, torch.bfloat16), "cpu")
+    assert prefill_attention.TILE["triton_cp_async"][128] == (128, 128)
+    assert triton_cp_async(**inputs).tile == (128, 32)
+    with pytest.raises(ValueError, match=re.escape("tile (128, 64) at 3 stages needs 65536 bytes of shared memory, "
+                                                   "more than the 32768 a block may have")):
+        triton_cp_async(**inputs, tile=(128, 64))
 
 
 def test_sdpa_anchor_times_sdpa_alone(device):

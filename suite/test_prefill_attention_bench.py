@@ -80,5 +80,6 @@ def test_prefill_attention(benchmark, variant, prefill_case, device, perf, round
         elif variant != ANCHOR:
             speedups["baseline"] = perf.baseline(WORKLOAD, str(case), lambda: measure(
                 VARIANTS[BASELINE](**inputs), device=device, rounds=rounds, cold=False))
-    perf.record(benchmark, gate_id, seconds, shape=dict(variant=variant, case=str(case), **knobs),
+    shape = dict(variant=variant, case=str(case), **({} if variant == ANCHOR else dict(tile=launch.tile)))
+    perf.record(benchmark, gate_id, seconds, shape=shape,
                 flops=case.flops(), roofline_kind="matmul", speedups=speedups)

@@ -16,7 +16,7 @@ import torch
 
 from kernels import decode_attention, hw
 from suite.decode_cases import seeded_lengths
-from suite.kernel_ir import capture_launch, compile_sm90, resource_usage
+from suite.kernel_ir import capture_launch, compile_for, resource_usage
 
 
 def _inputs(lens, layout, page_size):
@@ -39,10 +39,10 @@ def _inputs(lens, layout, page_size):
 def launches(sms, page_size, registers=False, shapes=None):
     """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps)} over the minimal profile's decode shapes
     (or those named in `shapes`); registers: each compiled for sm_90, with (cap, registers, stack bytes)."""
-    real_sms, real_registers = hw.num_sms, decode_attention.build_registers
+    real_sms, real_resources = hw.num_sms, decode_attention.build_resources
     hw.num_sms = lambda device: sms
     if not registers:
-        decode_attention.build_registers = lambda *args, **kwargs: 0  # no compile: no register cap is decided
+        decode_attention.build_resources = lambda *args, **kwargs: (0, 0)  # no compile: no register cap
     try:
         result, usage = {}, {}
         for variable, batch, length in itertools.product((False, True), (1, 4, 16, 64), (1024, 4096, 16384)):
@@ -60,12 +60,12 @@ def launches(sms, page_size, registers=False, shapes=None):
                 if registers:
                     build = tuple(sorted(meta.items()))  # one compile per distinct build
                     if build not in usage:
-                        usage[build] = resource_usage(compile_sm90(kernel, args, meta).asm["cubin"])
+                        usage[build] = resource_usage(compile_for(kernel, args, meta).asm["cubin"])
                     launch += (meta.get("maxnreg"), usage[build]["REG"], usage[build]["STACK"])
                 result[shape, layout] = launch
         return result
     finally:
-        hw.num_sms, decode_attention.build_registers = real_sms, real_registers
+        hw.num_sms, decode_attention.build_resources = real_sms, real_resources
 
 
 def main():

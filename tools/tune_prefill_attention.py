@@ -59,7 +59,8 @@ def _triton_rows(case, inputs, device):
         try:
             launch = launcher(**inputs, **kwargs)
             launch()
-        except triton.runtime.errors.OutOfResources:
+        except (triton.runtime.errors.OutOfResources, ValueError) as exc:  # a build too large for this GPU
+            print(f"  skipped {name} {tile[0]}x{tile[1]} w{warps} s{stages}: {exc}", flush=True)
             continue
         seconds = measure(launch, device=device, rounds=ROUNDS, cold=False)
         rows.append((case.flops() / seconds / 1e12, seconds, f"{name} {tile[0]}x{tile[1]} w{warps} s{stages}"))
