@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import hw
+
 SOURCE_DIR = Path(__file__).parent / "cuda"
 CACHE_DIR = Path(os.environ.get("KERNEL_SUITE_CACHE", Path.home() / ".cache" / "kernel-suite")) / "cubin"
 STD = "--std=c++17"
@@ -29,6 +31,10 @@ MAX_STATIC_SMEM = 48 * 1024  # beyond this a kernel must opt in to dynamic share
 
 class CudaError(RuntimeError):
     pass
+
+
+class SharedMemoryTooSmall(ValueError):
+    """A launch needs more shared memory per block than this GPU has (consumer Blackwell: 99 KB)."""
 
 
 def bindings():
@@ -129,13 +135,34 @@ class Kernel:
     def __init__(self, function, name):
         self.function, self.name, self.smem_limit = function, name, MAX_STATIC_SMEM
 
-    def __call__(self, grid, block, smem, *args):
+    def _allow(self, smem):
         driver, _ = bindings()
         if smem > self.smem_limit:
             check(driver.cuFuncSetAttribute(
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
                 f"cuFuncSetAttribute({self.name}, max dynamic smem {smem})")
             self.smem_limit = smem
+
+    def check_shared(self, smem, device):
+        """SharedMemoryTooSmall where `smem` bytes of dynamic shared memory exceed what a block may have."""
+        limit = hw.shared_memory_per_block(device)
+        if smem > limit:
+            raise SharedMemoryTooSmall(f"{self.name} needs {smem} bytes of dynamic shared memory per block, "
+                                       f"more than the {limit} a block may have on this GPU")
+
+    def blocks_per_sm(self, threads, smem, device):
+        """Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one SM holds at
+        once (the driver's occupancy calculator: registers, static and dynamic shared memory, the
+        per-block reserve); check_shared first."""
+        self.check_shared(smem, device)
+        self._allow(smem)
+        driver, _ = bindings()
+        return check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, smem),
+                     f"cuOccupancyMaxActiveBlocksPerMultiprocessor({self.name}, {threads}, {smem})")
+
+    def __call__(self, grid, block, smem, *args):
+        driver, _ = bindings()
+        self._allow(smem)
         grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
         stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
         values, ctypes_ = zip(*args)

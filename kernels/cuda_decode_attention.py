@@ -73,9 +73,7 @@ def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     if chunk is None:
         chunk = choose_chunk(dims, sms, PAGED_TILES_PER_SM if block_table is not None else 1)
     check_power_of_two("chunk", chunk)
-    if num_programs is None:
-        num_programs = sms * CTAS_PER_SM
-    elif not isinstance(num_programs, int) or num_programs < 1:
+    if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     if stages not in (2, 3, 4):
         raise ValueError(f"stages must be 2, 3 or 4, got {stages!r}")
@@ -98,8 +96,10 @@ def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     defines = (("ELEM_BF16", int(q.dtype == torch.bfloat16)), ("GROUP_MAX", group_max(group)),
                ("HEAD_DIM", head_dim), ("PAGED", int(paged)), ("STAGES", stages))
     kernel = cuda_build.kernel("decode_attention", "decode_persistent", q.device.index, defines)
-    grid = min(num_programs, batch * num_kv_heads * max_chunks)
     smem = smem_bytes(head_dim, group, stages, batch)
+    if num_programs is None:  # one wave: CTAS_PER_SM, or fewer where an SM holds fewer (100 KB SMs: one)
+        num_programs = sms * min(CTAS_PER_SM, kernel.blocks_per_sm(THREADS, smem, q.device))
+    grid = min(num_programs, batch * num_kv_heads * max_chunks)
 
     def launch():
         kernel((grid,), (THREADS,), smem, cuda_build.struct(args))

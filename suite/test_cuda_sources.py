@@ -13,7 +13,7 @@ from kernels import cuda_build, cuda_decode_attention, cuda_decode_loop, prefill
 from kernels.decode_plan import SM_REGISTERS
 from suite.kernel_ir import resource_usage
 
-ARCHS = ("sm_90a", "sm_100a")
+ARCHS = ("sm_90a", "sm_100a", "sm_121a")  # H100/H200, B200, GB10
 BUILDS = {"tma_probe": [{}], "smem_probe": [{}], "kv_write": prefill_kv_write.builds(),
           "decode_attention": cuda_decode_attention.builds(), "decode_loop": cuda_decode_loop.builds()}
 ELF_MAGIC = b"\x7fELF"

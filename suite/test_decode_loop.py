@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import decode_graphs, decode_loop, kv_quant, tiny_decoder
+from kernels import cuda_build, cuda_decode_loop, decode_graphs, decode_loop, kv_quant, tiny_decoder
 from suite import reference
 from suite.decode_cases import quant_params
 from suite.loop_cases import bind, check_loop, loop_variants, make_loop_inputs, needs_cuda
@@ -68,6 +68,24 @@ def test_cuda_persistent_refuses_quantized_caches(fmt, device):  # refused befor
     inputs = make_loop_inputs(weights, [20, 7], 2, device, fmt)
     with pytest.raises(ValueError, match="cuda_persistent reads fp16/bf16 caches"):
         bind(LOOP_VARIANTS["cuda_persistent"], weights, inputs, 2)
+
+
+def test_a_loop_larger_than_the_gpus_blocks_is_skipped(monkeypatch, device):
+    # The native loop keeps two 128-position K/V stages in shared memory: 128 KB at D128, more than
+    # consumer Blackwell's 99 KB blocks hold. Refused before anything runs, and a skip that says so.
+    monkeypatch.setattr(cuda_build.hw, "shared_memory_per_block", lambda device: 99 * 1024)
+    kernel = cuda_build.Kernel(None, "decode_loop.decode_loop_persistent")
+    weights = tiny_decoder.random_weights(8, 2, 128, torch.bfloat16, device)
+    smem = cuda_decode_loop.smem_bytes(128, 4, weights.d_model, 12 * 128)
+    with pytest.raises(cuda_build.SharedMemoryTooSmall, match=f"needs {smem} bytes of dynamic shared memory"):
+        kernel.check_shared(smem, device)
+
+    def decode(*args, **kwargs):
+        kernel.check_shared(smem, device)
+
+    inputs = make_loop_inputs(weights, [20, 7], 2, device)
+    with pytest.raises(pytest.skip.Exception, match=f"decode_loop_persistent needs {smem} bytes"):
+        bind(decode, weights, inputs, 2)
 
 
 # Quantized caches: one graph variant suffices (the step is eager's; full_and_piecewise with
