@@ -24,9 +24,10 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-# name -> (target, shared memory per SM, the most a block may opt in to): an H100, and consumer Blackwell
-# (sm_120 and sm_121: RTX 50, GB10), whose SMs hold 100 KB and a block 99 KB, as an sm_86's.
+# name -> (target, shared memory per SM, the most a block may opt in to): H100/H200, B200, and consumer
+# Blackwell (sm_120 and sm_121: RTX 50, GB10), whose SMs hold 100 KB and a block 99 KB, as an sm_86's.
 GPUS = {"sm_90": (GPUTarget("cuda", 90, 32), 228 * 1024, 227 * 1024),
+        "sm_100": (GPUTarget("cuda", 100, 32), 228 * 1024, 227 * 1024),
         "sm_120": (GPUTarget("cuda", 120, 32), 100 * 1024, 99 * 1024)}
 SM90 = GPUS["sm_90"][0]
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int16: "i16",
