@@ -6,6 +6,10 @@ ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
 
 
+class SharedMemoryTooSmall(ValueError):
+    """A launch needs more shared memory per block than this GPU has (consumer Blackwell: 99 KB)."""
+
+
 def check_tensor(name, t, *, dtypes=None, ndim=None, device=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

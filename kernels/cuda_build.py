@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kernels import hw
+from kernels.checks import SharedMemoryTooSmall
 
 SOURCE_DIR = Path(__file__).parent / "cuda"
 CACHE_DIR = Path(os.environ.get("KERNEL_SUITE_CACHE", Path.home() / ".cache" / "kernel-suite")) / "cubin"
@@ -31,10 +32,6 @@ MAX_STATIC_SMEM = 48 * 1024  # beyond this a kernel must opt in to dynamic share
 
 class CudaError(RuntimeError):
     pass
-
-
-class SharedMemoryTooSmall(ValueError):
-    """A launch needs more shared memory per block than this GPU has (consumer Blackwell: 99 KB)."""
 
 
 def bindings():
@@ -143,18 +140,23 @@ class Kernel:
                 f"cuFuncSetAttribute({self.name}, max dynamic smem {smem})")
             self.smem_limit = smem
 
-    def check_shared(self, smem, device):
-        """SharedMemoryTooSmall where `smem` bytes of dynamic shared memory exceed what a block may have."""
-        limit = hw.shared_memory_per_block(device)
-        if smem > limit:
-            raise SharedMemoryTooSmall(f"{self.name} needs {smem} bytes of dynamic shared memory per block, "
-                                       f"more than the {limit} a block may have on this GPU")
+    def static_smem(self):
+        driver, _ = bindings()
+        return check(driver.cuFuncGetAttribute(driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                                               self.function), f"cuFuncGetAttribute({self.name}, static smem)")
 
-    def blocks_per_sm(self, threads, smem, device):
+    def check_shared(self, smem, device):
+        """SharedMemoryTooSmall where `smem` bytes of dynamic shared memory and the function's static
+        ones exceed what a block may have."""
+        need, limit = smem + self.static_smem(), hw.shared_memory_per_block(device)
+        if need > limit:
+            raise SharedMemoryTooSmall(f"{self.name} needs {need} bytes of shared memory per block ({smem} "
+                                       f"dynamic), more than the {limit} a block may have on this GPU")
+
+    def blocks_per_sm(self, threads, smem):
         """Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one SM holds at
         once (the driver's occupancy calculator: registers, static and dynamic shared memory, the
         per-block reserve); check_shared first."""
-        self.check_shared(smem, device)
         self._allow(smem)
         driver, _ = bindings()
         return check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, smem),

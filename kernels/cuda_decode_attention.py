@@ -97,8 +97,9 @@ def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
                ("HEAD_DIM", head_dim), ("PAGED", int(paged)), ("STAGES", stages))
     kernel = cuda_build.kernel("decode_attention", "decode_persistent", q.device.index, defines)
     smem = smem_bytes(head_dim, group, stages, batch)
+    kernel.check_shared(smem, q.device)
     if num_programs is None:  # one wave: CTAS_PER_SM, or fewer where an SM holds fewer (100 KB SMs: one)
-        num_programs = sms * min(CTAS_PER_SM, kernel.blocks_per_sm(THREADS, smem, q.device))
+        num_programs = sms * min(CTAS_PER_SM, kernel.blocks_per_sm(THREADS, smem))
     grid = min(num_programs, batch * num_kv_heads * max_chunks)
 
     def launch():

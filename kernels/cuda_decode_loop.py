@@ -77,7 +77,7 @@ def cuda_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=No
                ("HEAD_DIM", w.head_dim), ("STAGES", STAGES))
     kernel = cuda_build.kernel("decode_loop", "decode_loop_persistent", h.device.index, defines)
     smem = smem_bytes(w.head_dim, group, w.d_model, width)
-    kernel.check_shared(smem, h.device)  # the large tier's 169 KB are more than consumer Blackwell's blocks hold
+    kernel.check_shared(smem, h.device)  # over 128 KB at D128: more than consumer Blackwell's blocks hold
 
     def launch():
         kernel((batch,), (THREADS,), smem, cuda_build.struct(args))

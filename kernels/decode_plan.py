@@ -63,12 +63,12 @@ PAGED_ONE_WAVE_STAGES = 5
 LONG_PAGED_TILE = 4096
 LONG_PAGED_TILE_STAGES = 4
 # Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
-# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). Where an SM's shared
-# memory holds fewer of the build (consumer Blackwell: 100 KB, one 72 KB build), triton_persistent
-# plans again with max_programs_per_sm, so the grid stays one wave; untuned there: no such GPU was run. With equal tiles
+# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
 # (uniform lengths, contiguous cache) choose_programs may take 2 per SM, when that fills the last
 # wave better (B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on 396), and then no more
-# programs than share the tiles equally.
+# programs than share the tiles equally. Where an SM's shared memory holds fewer of the build
+# (consumer Blackwell: 100 KB, one 72 KB build), triton_persistent plans again with
+# max_programs_per_sm, so the grid stays one wave; untuned there: no such GPU has run it.
 PROGRAMS_PER_SM = 3
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
 # Quantized tiles are instruction-bound: uniform lengths take longer tiles (longest_equal_tile) only
@@ -218,6 +218,8 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, chunk
     max_programs_per_sm programs per SM (the launcher's, where an SM holds fewer of its build)."""
     if num_warps is not None and num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
+    if max_programs_per_sm is not None and (not isinstance(max_programs_per_sm, int) or max_programs_per_sm < 1):
+        raise ValueError(f"max_programs_per_sm must be a positive int, got {max_programs_per_sm!r}")
 
     def at_most(per_sm):
         return per_sm if max_programs_per_sm is None else min(per_sm, max_programs_per_sm)

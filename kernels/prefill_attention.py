@@ -25,8 +25,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import hw
-from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_power_of_two, check_shape,
-                            check_tensor)
+from kernels.checks import (ATTENTION_DTYPES, SharedMemoryTooSmall, check_head_dim, check_power_of_two,
+                            check_shape, check_tensor)
 from kernels.sdpa_decode import BACKENDS  # one table of SDPA backends for the suite
 
 # head dim -> default (BLOCK_M, BLOCK_N) per variant: the fastest of tools/tune_prefill_attention on
@@ -182,8 +182,8 @@ def _bind(q, k, v, cu_seqlens, out, tile, use_tma, num_stages):
         limit = hw.shared_memory_per_block(q.device)
         while (shared := _prefill.warmup(*args, grid=grid, **meta).metadata.shared) > limit:
             if tile is not None or block_n == MIN_TILE:
-                raise ValueError(f"tile ({block_m}, {block_n}) at {num_stages} stages needs {shared} bytes of "
-                                 f"shared memory, more than the {limit} a block may have on this GPU")
+                raise SharedMemoryTooSmall(f"tile ({block_m}, {block_n}) at {num_stages} stages needs {shared} bytes "
+                                           f"of shared memory, more than the {limit} a block may have on this GPU")
             block_n //= 2
             args, meta = build(block_n)
 

@@ -121,7 +121,8 @@ def native_cp_async(k, v, cu_seqlens, block_table, k_cache, v_cache, *, k_scale=
     kernel = _kernel("kv_write_cp_async", k, head_dim, fmt)
     tokens = tile_tokens(page_size, kv_heads * head_dim * k.element_size())
     smem = CP_STAGES * tokens * kv_heads * head_dim * k.element_size()
-    grid = hw.num_sms(k.device) * min(CP_CTAS_PER_SM[fmt != "none"], kernel.blocks_per_sm(CP_THREADS, smem, k.device))
+    kernel.check_shared(smem, k.device)
+    grid = hw.num_sms(k.device) * min(CP_CTAS_PER_SM[fmt != "none"], kernel.blocks_per_sm(CP_THREADS, smem))
     scales = _scales(k_cache, k_scale, v_scale)
     p, i = cuda_build.pointer, cuda_build.int32
     args = (p(k), p(v), cuda_build.int64(k.stride(0)), p(cu_seqlens), p(block_table), i(batch),
@@ -152,7 +153,8 @@ def native_tma(k, v, cu_seqlens, block_table, k_cache, v_cache, *, k_scale=None,
     if quantized:  # two output buffers, each token's row padded to TMA_ALIGN bytes
         smem += 2 * tokens * -(-kv_heads * head_dim // TMA_ALIGN) * TMA_ALIGN
     threads = TMA_THREADS[quantized]
-    grid = hw.num_sms(k.device) * min(TMA_CTAS_PER_SM[quantized], kernel.blocks_per_sm(threads, smem, k.device))
+    kernel.check_shared(smem, k.device)
+    grid = hw.num_sms(k.device) * min(TMA_CTAS_PER_SM[quantized], kernel.blocks_per_sm(threads, smem))
     scales = _scales(k_cache, k_scale, v_scale)
     p, i, s = cuda_build.pointer, cuda_build.int32, cuda_build.struct
     args = (*map(s, src_maps + dst_maps), p(cu_seqlens), p(block_table), i(batch), i(block_table.shape[1]),

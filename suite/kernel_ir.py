@@ -19,10 +19,13 @@ from types import SimpleNamespace
 
 import torch
 import triton
-from triton._C.libtriton import native_specialize_impl
+from triton._C.libtriton import native_specialize_impl  # Triton's own argument types (tensor descriptors)
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels import hw
 
 # name -> (target, shared memory per SM, the most a block may opt in to): H100/H200, B200, and consumer
 # Blackwell (sm_120 and sm_121: RTX 50, GB10), whose SMs hold 100 KB and a block 99 KB, as an sm_86's.
@@ -50,7 +53,13 @@ def capture_launch(module, kernel_name, run, grids=None, target=SM90):
 
         def warmup(self, *args, grid, **meta):
             compiled = compile_for(kernel, args, meta, target)
-            return SimpleNamespace(n_regs=registers(compiled), metadata=compiled.metadata, _init_handles=lambda: None)
+
+            def init_handles():  # where Triton refuses a build larger than a block (planned_for's GPU)
+                limit = hw.shared_memory_per_block("cpu")
+                if compiled.metadata.shared > limit:
+                    raise OutOfResources(compiled.metadata.shared, limit, "shared memory")
+
+            return SimpleNamespace(n_regs=registers(compiled), metadata=compiled.metadata, _init_handles=init_handles)
 
     setattr(module, kernel_name, Recorder())
     try:
@@ -119,8 +128,6 @@ def buffered_tiles(ttgir, rows, cols, dtype="bf16"):
 @contextlib.contextmanager
 def planned_for(gpu):
     """Launchers plan for the named GPU's shared memory (GPUS) while this is open."""
-    from kernels import hw
-
     real = hw.shared_memory_per_sm, hw.shared_memory_per_block
     _, per_sm, per_block = GPUS[gpu]
     hw.shared_memory_per_sm, hw.shared_memory_per_block = (lambda device: per_sm), (lambda device: per_block)
@@ -142,8 +149,9 @@ def decode_attention_builds(gpu="sm_90"):
     of 3 per SM (4 per SM); paged on one program (many tiles per program); paged with one-position
     pages, whose tiles have too many pages to hoist their block-table entries (one table load per
     step); and paged with equal tiles of LONG_PAGED_TILE positions, one per SM (a deeper pipeline).
-    Planned and compiled for the named GPU (GPUS), on hw.num_sms("cpu") SMs."""
-    from kernels import decode_attention, hw
+    Planned and compiled for the named GPU (GPUS), on hw.num_sms("cpu") SMs; the case names say what
+    an H100 gets (a smaller SM may plan them differently)."""
+    from kernels import decode_attention
     from suite.decode_cases import DecodeCase, make_inputs
 
     result = {}

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import cuda_build, cuda_decode_loop, decode_graphs, decode_loop, kv_quant, tiny_decoder
+from kernels import cuda_decode_loop, decode_graphs, decode_loop, kv_quant, tiny_decoder
+from kernels.checks import SharedMemoryTooSmall
 from suite import reference
 from suite.timing import run_benchmark
 
@@ -109,7 +110,7 @@ def bind(decode, weights, inputs, steps):
     scales = {k: c[k] for k in ("k_scale", "v_scale") if k in c}
     try:
         return decode(weights, inputs.h, c["k_cache"], c["v_cache"], inputs.seq_lens, steps, **scales)
-    except cuda_build.SharedMemoryTooSmall as exc:
+    except SharedMemoryTooSmall as exc:
         pytest.skip(str(exc))
 
 

@@ -153,7 +153,8 @@ def test_launch_list_compiles_each_launch_and_reports_its_registers():
 
 
 @pytest.mark.parametrize("knob, value", [("num_warps", 3), ("num_programs", 0), ("num_programs", 2.0),
-                                         ("chunk", 48), ("chunk", 8), ("block_k", 8), ("block_k", 24)])
+                                         ("chunk", 48), ("chunk", 8), ("block_k", 8), ("block_k", 24),
+                                         ("max_programs_per_sm", 0), ("max_programs_per_sm", 1.5)])
 def test_plan_names_a_bad_knob(knob, value):
     with pytest.raises(ValueError, match=knob):
         plan_persistent(_dims(2, 2, [300, 40]), 132, **{knob: value})

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.checks import HEAD_DIMS
+from kernels.checks import HEAD_DIMS, SharedMemoryTooSmall
 from kernels import prefill_attention
 from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_async
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
@@ -129,8 +129,8 @@ def test_tile_is_fitted_to_the_gpus_shared_memory(monkeypatch):
     inputs = make_inputs(PrefillCase((5, 40), 4, 2, 128, torch.bfloat16), "cpu")
     assert prefill_attention.TILE["triton_cp_async"][128] == (128, 128)
     assert triton_cp_async(**inputs).tile == (128, 32)
-    with pytest.raises(ValueError, match=re.escape("tile (128, 64) at 3 stages needs 65536 bytes of shared memory, "
-                                                   "more than the 32768 a block may have")):
+    with pytest.raises(SharedMemoryTooSmall, match=re.escape("tile (128, 64) at 3 stages needs 65536 bytes of shared "
+                                                             "memory, more than the 32768 a block may have")):
         triton_cp_async(**inputs, tile=(128, 64))
 
 

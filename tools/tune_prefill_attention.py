@@ -14,6 +14,7 @@ import torch.nn.functional
 import triton
 
 from kernels import prefill_attention as pa
+from kernels.checks import SharedMemoryTooSmall
 from kernels.sdpa_decode import BACKENDS
 from suite.prefill_cases import PrefillCase, make_inputs
 from suite.timing import measure
@@ -59,7 +60,7 @@ def _triton_rows(case, inputs, device):
         try:
             launch = launcher(**inputs, **kwargs)
             launch()
-        except (triton.runtime.errors.OutOfResources, ValueError) as exc:  # a build too large for this GPU
+        except (triton.runtime.errors.OutOfResources, SharedMemoryTooSmall) as exc:  # too large for this GPU
             print(f"  skipped {name} {tile[0]}x{tile[1]} w{warps} s{stages}: {exc}", flush=True)
             continue
         seconds = measure(launch, device=device, rounds=ROUNDS, cold=False)
