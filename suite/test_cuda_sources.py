@@ -1,6 +1,7 @@
 """Every CUDA source compiles (SPEC 6): with nvcc and with NVRTC (the run-time path), for sm_90a
-(H100/H200) and sm_100a (B200). --profile full compiles every set of defines the launchers use;
-minimal a pairwise cover of them (every pair of define values in some build). No GPU needed."""
+(H100/H200), sm_100a (B200) and sm_121a (GB10). --profile full compiles every set of defines the
+launchers use; minimal a pairwise cover of them (every pair of define values in some build). No
+GPU needed."""
 
 import itertools
 import os
@@ -13,7 +14,7 @@ from kernels import cuda_build, cuda_decode_attention, cuda_decode_loop, prefill
 from kernels.decode_plan import SM_REGISTERS
 from suite.kernel_ir import resource_usage
 
-ARCHS = ("sm_90a", "sm_100a", "sm_121a")  # H100/H200, B200, GB10
+ARCHS = ("sm_90a", "sm_100a", "sm_121a")
 BUILDS = {"tma_probe": [{}], "smem_probe": [{}], "kv_write": prefill_kv_write.builds(),
           "decode_attention": cuda_decode_attention.builds(), "decode_loop": cuda_decode_loop.builds()}
 ELF_MAGIC = b"\x7fELF"
