@@ -4,6 +4,10 @@ import math
 
 import torch
 
+# float64 attention scores held at once by prefill_attention: one 16K-token prompt's [32, P, P]
+# would take 64 GiB (the full profile's B1-P16384 ran out of an H100's memory)
+SCORES_BYTES = 1 << 30
+
 
 def gather_kv(cache, seq_len, b, block_table=None):
     """The first seq_len positions of sequence b as [Hkv, seq_len, D], from either layout."""
@@ -55,15 +59,20 @@ def prompt_slots(cu_seqlens, block_table, page_size):
     return torch.cat(slots)
 
 
-def prefill_attention(q, k, v, cu_seqlens):
+def prefill_attention(q, k, v, cu_seqlens, scores_bytes=SCORES_BYTES):
     """Causal attention inside each packed prompt: q [T, Hq, D], k, v [T, Hkv, D] -> [T, Hq, D]
-    float64 (rows past cu_seqlens[-1] stay zero)."""
+    float64 (rows past cu_seqlens[-1] stay zero). Queries go in blocks whose [Hq, rows, P] float64
+    scores fit scores_bytes; each row's softmax is its own, so blocks change nothing."""
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     offsets = cu_seqlens.tolist()
     for s, e in zip(offsets, offsets[1:]):
-        hidden = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu(1)  # keys after the query
-        out[s:e] = attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                             hidden).transpose(0, 1)
+        keys = torch.arange(e - s, device=q.device)
+        rows = max(1, scores_bytes // (8 * q.shape[1] * (e - s)))
+        for r0 in range(0, e - s, rows):
+            r1 = min(e - s, r0 + rows)
+            hidden = keys[None, :] > keys[r0:r1, None]  # keys after the query
+            out[s + r0:s + r1] = attention(q[s + r0:s + r1].transpose(0, 1), k[s:e].transpose(0, 1),
+                                           v[s:e].transpose(0, 1), hidden).transpose(0, 1)
     return out
 
 

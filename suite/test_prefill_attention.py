@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kernels.checks import HEAD_DIMS, SharedMemoryTooSmall
 from kernels import prefill_attention
 from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_async
+from suite import reference
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
 
 pytestmark = pytest.mark.prefill
@@ -72,6 +73,19 @@ def test_tiles(tile, device):
         if name == "triton_tma" and device.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
             continue
         _run_case((name, VARIANTS[name]), case, device, tile=tile)
+
+
+def test_reference_takes_queries_in_blocks(device):
+    # The float64 reference bounds its scores' memory by taking a prompt's queries a block at a time
+    # (a 16K-token prompt's whole [32, P, P] is 64 GiB): blocks of 3 rows, the last one short, give
+    # each prompt's whole causal attention.
+    inputs = make_inputs(PrefillCase((37, 20), 4, 2, 64, torch.bfloat16), device)
+    q, k, v, cu = (inputs[name] for name in ("q", "k", "v", "cu_seqlens"))
+    blocked = reference.prefill_attention(q, k, v, cu, scores_bytes=8 * 4 * 37 * 3)
+    for s, e in ((0, 37), (37, 57)):
+        hidden = torch.ones(e - s, e - s, dtype=torch.bool, device=device).triu(1)
+        whole = reference.attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), hidden)
+        torch.testing.assert_close(blocked[s:e], whole.transpose(0, 1))
 
 
 # --- bad input (SPEC 7): refused before anything runs ---
