@@ -461,11 +461,11 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} exceeds the persistent kernel's MAX_BATCH {MAX_BATCH}")
     counters = torch.zeros(batch * dims.num_kv_heads, dtype=torch.int32, device=q.device)  # self-resetting
-    fits_per_sm = None
+    most_per_sm = None
     while True:
         launch = plan.plan_persistent(dims, hw.num_sms(q.device), k_cache.shape[1] if block_table is not None else None,
                                       shared_per_sm=hw.shared_memory_per_sm(q.device), chunk=chunk, block_k=block_k,
-                                      num_programs=num_programs, num_warps=num_warps, max_programs_per_sm=fits_per_sm)
+                                      num_programs=num_programs, num_warps=num_warps, max_programs_per_sm=most_per_sm)
         bound = _bind(_persistent, lambda _: (launch.grid,),
                       lambda out: (counters, out, out.stride(0), out.stride(1), batch),
                       dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch))),
@@ -473,8 +473,9 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
                       fused_merge=True, block_k=launch.block_k, one_wave=launch.one_wave,
                       resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps,
                       merge_rows=launch.merge_rows, deep_pipeline=launch.deep_pipeline)
-        # a persistent grid is one wave: plan again for fewer programs per SM where this GPU's
-        # shared memory holds fewer of the build than planned (100 KB SMs: consumer Blackwell)
+        # A persistent grid is one wave: where this GPU's SMs hold fewer of the build than planned
+        # (100 KB SMs: consumer Blackwell), plan for one program per SM fewer, whose build may be
+        # smaller (shorter steps). Ends by one per SM, which fits: Triton refuses a larger build.
         if num_programs is not None or bound.fits_per_sm >= launch.programs_per_sm:
             return bound
-        fits_per_sm = bound.fits_per_sm  # >= 1: Triton refuses a build larger than a block may be
+        most_per_sm = launch.programs_per_sm - 1

@@ -152,6 +152,22 @@ def test_launch_list_compiles_each_launch_and_reports_its_registers():
     assert all(int(row[8]) > 128 for row in rows), rows
 
 
+def test_launches_on_a_100kb_sm_are_one_wave():
+    # GB10 (48 SMs of 100 KB): B16-L1024's 128 whole-sequence tiles. The H100's plan, a program of
+    # 72 KB per tile (3 per SM), does not fit; planned for 2 per SM, two tiles per program take
+    # 32-position steps (38 KB), which fit: 64 programs. Compiled for sm_120 in a process without the
+    # interpreter. Untuned there.
+    env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
+    command = [sys.executable, "-m", "tools.decode_launches", "--sms", "48", "--gpu", "sm_120", "--shapes",
+               "B16-L1024-uniform"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    header, *rows = [line.split() for line in run.stdout.splitlines()]
+    assert [row[:4] for row in rows] == [["B16-L1024-uniform", layout, "64", str(decode_plan.SHORT_BLOCK_N)]
+                                         for layout in ("contiguous", "paged")]
+
+
 @pytest.mark.parametrize("knob, value", [("num_warps", 3), ("num_programs", 0), ("num_programs", 2.0),
                                          ("chunk", 48), ("chunk", 8), ("block_k", 8), ("block_k", 24),
                                          ("max_programs_per_sm", 0), ("max_programs_per_sm", 1.5)])

@@ -1,10 +1,11 @@
 """The launch triton_persistent picks for each minimal decode-attention shape on a GPU of N SMs:
-grid, K/V step (BLOCK_N), chunk, stages and warps per program, from the launcher alone (no GPU,
-nothing compiled). With --registers each launch is also compiled for sm_90 (suite/kernel_ir.py,
-no GPU either, a few minutes): its register cap (the launcher's, "-" for none), registers per
-thread and stack bytes (spills show as a stack).
+grid, K/V step (BLOCK_N), chunk, stages and warps per program, from the launcher alone (no GPU;
+for an H100-sized SM nothing compiled). With --registers each launch is also compiled
+(suite/kernel_ir.py, no GPU either, a few minutes): its register cap (the launcher's, "-" for
+none), registers per thread and stack bytes (spills show as a stack). --gpu sm_120 plans for a
+100 KB SM (GB10: --sms 48), which compiles the builds: how many share an SM decides the launch.
 
-    python -m tools.decode_launches [--sms 132] [--page-size 16] [--registers] [--shapes B1-L4096-uniform ...]
+    python -m tools.decode_launches [--sms 132] [--gpu sm_90] [--page-size 16] [--registers] [--shapes B1-L4096-uniform ...]
 
 Run it without TRITON_INTERPRET: the interpreter replaces the kernel whose launch this captures.
 """
@@ -16,7 +17,7 @@ import torch
 
 from kernels import decode_attention, hw
 from suite.decode_cases import seeded_lengths
-from suite.kernel_ir import capture_launch, compile_for, resource_usage
+from suite.kernel_ir import GPUS, capture_launch, compile_for, planned_for, resource_usage
 
 
 def _inputs(lens, layout, page_size):
@@ -36,12 +37,14 @@ def _inputs(lens, layout, page_size):
     return common | dict(k_cache=cache, v_cache=cache, block_table=table)
 
 
-def launches(sms, page_size, registers=False, shapes=None):
+def launches(sms, page_size, registers=False, shapes=None, gpu="sm_90"):
     """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps)} over the minimal profile's decode shapes
-    (or those named in `shapes`); registers: each compiled for sm_90, with (cap, registers, stack bytes)."""
+    (or those named in `shapes`) on the named GPU (suite.kernel_ir.GPUS); registers: each compiled for
+    it, with (cap, registers, stack bytes). Off an H100-sized SM the launcher's builds are compiled
+    anyway: how many share an SM decides the launch."""
     real_sms, real_resources = hw.num_sms, decode_attention.build_resources
     hw.num_sms = lambda device: sms
-    if not registers:
+    if not registers and GPUS[gpu][1:] == GPUS["sm_90"][1:]:
         decode_attention.build_resources = lambda *args, **kwargs: (0, 0)  # no compile: no register cap
     try:
         result, usage = {}, {}
@@ -53,14 +56,16 @@ def launches(sms, page_size, registers=False, shapes=None):
             for layout in ("contiguous", "paged"):
                 inputs = _inputs(lens, layout, page_size)
                 grids = []
-                kernel, args, meta = capture_launch(decode_attention, "_persistent",
-                                                    lambda: decode_attention.triton_persistent(**inputs)(), grids)
+                with planned_for(gpu) as target:
+                    kernel, args, meta = capture_launch(decode_attention, "_persistent",
+                                                        lambda: decode_attention.triton_persistent(**inputs)(), grids,
+                                                        target)
                 launch = (grids[0][0], meta["BLOCK_N"], args[kernel.arg_names.index("chunk_size")],
                           meta["num_stages"], meta["num_warps"])
                 if registers:
                     build = tuple(sorted(meta.items()))  # one compile per distinct build
                     if build not in usage:
-                        usage[build] = resource_usage(compile_for(kernel, args, meta).asm["cubin"])
+                        usage[build] = resource_usage(compile_for(kernel, args, meta, target).asm["cubin"])
                     launch += (meta.get("maxnreg"), usage[build]["REG"], usage[build]["STACK"])
                 result[shape, layout] = launch
         return result
@@ -72,7 +77,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sms", type=int, default=132, help="SM count (H100 SXM: 132, B200: 148)")
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--registers", action="store_true", help="compile each launch for sm_90: cap, registers, stack")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="sm_90",
+                        help="plan for this GPU's shared memory and compile for it (sm_120: GB10, with --sms 48)")
+    parser.add_argument("--registers", action="store_true", help="compile each launch for --gpu: cap, registers, stack")
     parser.add_argument("--shapes", nargs="+", help="only these, e.g. B1-L4096-uniform B64-L1024-var")
     args = parser.parse_args()
     if args.sms < 1 or args.page_size < 1:
@@ -83,7 +90,7 @@ def main():
                      f"L{{1024,4096,16384}}-{{uniform,var}}")
     columns = "shape               layout      grid  BLOCK_N  chunk  stages  warps"
     print(columns + ("  cap  regs  stack" if args.registers else ""))
-    for (shape, layout), launch in launches(args.sms, args.page_size, args.registers, args.shapes).items():
+    for (shape, layout), launch in launches(args.sms, args.page_size, args.registers, args.shapes, args.gpu).items():
         grid, block_n, chunk, stages, warps = launch[:5]
         line = f"{shape:19s} {layout:10s} {grid:5d} {block_n:8d} {chunk:6d} {stages:7d} {warps:6d}"
         if args.registers:
