@@ -63,7 +63,7 @@ class Option:
 
 
 SUITE_OPTIONS = (
-    Option("--profile", "minimal: the whole GPU suite in a few minutes; full: nightly sweeps",
+    Option("--profile", "minimal: the whole GPU suite in a few minutes; full: longer sweeps (well over half an hour)",
            default="minimal", choices=PROFILES),
     Option("--expectations-dir", "folder of expectations/<gpu>.json", default="expectations"),
     Option("--expectations-margin", "margin below the measured value for --expectations-update",
