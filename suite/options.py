@@ -63,7 +63,8 @@ class Option:
 
 
 SUITE_OPTIONS = (
-    Option("--profile", "minimal: the whole GPU suite in a few minutes; full: longer sweeps (well over half an hour)",
+    Option("--profile", "minimal: the whole GPU suite in a few minutes; full: more shapes, rounds and examples "
+           "(its correctness alone ~15 minutes on an H100)",
            default="minimal", choices=PROFILES),
     Option("--expectations-dir", "folder of expectations/<gpu>.json", default="expectations"),
     Option("--expectations-margin", "margin below the measured value for --expectations-update",
