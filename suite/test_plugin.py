@@ -266,6 +266,28 @@ def test_feature_probes_pass_where_the_hardware_has_the_feature():
     assert hw.fp8_fused_ready()[0] == (capability >= (8, 9)), hw.fp8_fused_ready()[1]
 
 
+class PedanticBenchmark(FakeBenchmark):  # what run_benchmark uses of pytest-benchmark's fixture
+    stats = SimpleNamespace(stats=SimpleNamespace(median=1.0, iqr=0.0))
+
+    def pedantic(self, target, setup, rounds, warmup_rounds):
+        for _ in range(rounds + warmup_rounds):
+            setup()
+            target()
+
+
+@pytest.mark.requires_cuda
+def test_host_time_in_a_measurement_is_recorded():
+    # 2000 eager launches take longer to enqueue than the round's slack: the GPU waits on the host.
+    from suite.timing import run_benchmark
+    x = torch.ones(16, device="cuda")
+    timed = {}
+    for name, launch in {"one": lambda: x.add_(1), "eager": lambda: [x.add_(1) for _ in range(2000)]}.items():
+        bench = PedanticBenchmark()
+        run_benchmark(bench, launch, device=x.device, rounds=2)
+        timed[name] = bench.extra_info["host_in_timing"]
+    assert timed == {"one": False, "eager": True}
+
+
 def test_runs_from_different_gpus_are_not_compared():
     from suite import plugin
     ours = {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}
@@ -274,8 +296,17 @@ def test_runs_from_different_gpus_are_not_compared():
         plugin.pytest_benchmark_compare_machine_info(None, None, ours, {"machine_info": {"gpu": {"name": "NVIDIA B200"}}})
 
 
-def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, tmp_path):
+def keep_count_launches(monkeypatch):
+    # An inner run imports this process's suite.perf and patches it at module level; put it back
+    # at teardown, or every later launch count of this process raises (a nightly run in one
+    # process lost every decode loop's count so on 2026-11-27).
+    import suite.perf
+    monkeypatch.setattr(suite.perf, "count_launches", suite.perf.count_launches)
+
+
+def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, tmp_path, monkeypatch):
     # the count happens at the session's end, yet reaches the JSON pytest-benchmark saves
+    keep_count_launches(monkeypatch)
     inner.makepyfile("""
         import suite.perf
 
@@ -294,8 +325,9 @@ def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, t
     assert (saved["extra_info"]["launch_calls_per_step"], saved["extra_info"]["gpu_work_items_per_step"]) == (5, 7)
 
 
-def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, tmp_path):
+def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, tmp_path, monkeypatch):
     # a failed test's launches are not counted; a count that raises reaches extra_info and the summary
+    keep_count_launches(monkeypatch)
     inner.makepyfile("""
         import suite.perf
 
@@ -321,6 +353,46 @@ def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, t
     saved = {b["name"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
     assert saved["test_counted"]["launch_count_error"] == "RuntimeError: the loop broke"
     assert "launch_count_error" not in saved["test_failed"]
+
+
+HOST_AND_GPU_TIMED = """
+    import os
+    import time
+
+    import pytest
+
+    @pytest.mark.parametrize("host", [False, True], ids=["gpu", "host"])
+    def test_timed(benchmark, host):
+        benchmark.extra_info["host_in_timing"] = host  # as suite.timing.run_benchmark sets it
+        benchmark.pedantic(time.sleep, args=(float(os.environ["SLEEP_S"]),), rounds=3)
+"""
+
+
+def test_compare_fail_holds_gpu_time_only(inner, tmp_path, monkeypatch):
+    # Both benchmarks get 20x slower than the saved run: the GPU-timed one fails the comparison,
+    # the host-timed one is listed at the end (suite/compare.py says why).
+    inner.makepyfile(HOST_AND_GPU_TIMED)
+    storage = f"--benchmark-storage=file://{tmp_path}"
+    monkeypatch.setenv("SLEEP_S", "0.001")
+    assert inner.runpytest_subprocess("-p", "suite.plugin", storage, "--benchmark-autosave").ret == 0
+    monkeypatch.setenv("SLEEP_S", "0.02")
+    result = inner.runpytest_subprocess("-p", "suite.plugin", storage, "--benchmark-compare",
+                                        "--benchmark-compare-fail=median:10%")
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret != 0, out
+    regressed = out.split("Performance has regressed")[1]  # pytest-benchmark's list: it fails the run
+    listed = out.split("host time in the measurement: listed, not failed")[1].split("Performance has regressed")[0]
+    assert "test_timed[gpu]" in regressed and "test_timed[host]" not in regressed
+    assert "::test_timed[host]: Field 'median' has failed" in listed and "test_timed[gpu]:" not in listed
+
+
+def test_compare_fail_without_a_saved_run_is_a_usage_error_at_the_start(inner, tmp_path):
+    inner.makepyfile("def test_x():\n    raise AssertionError('ran')\n")
+    result = inner.runpytest("-p", "suite.plugin", f"--benchmark-storage=file://{tmp_path}", "--benchmark-compare",
+                             "--benchmark-compare-fail=median:10%")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "no saved run of this GPU to compare with" in result.stderr.str()
+    assert "ran" not in result.stdout.str()
 
 
 def test_the_end_says_where_the_time_went(inner):
