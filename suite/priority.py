@@ -94,11 +94,12 @@ class Contention:
         lowest, _ = torch.cuda.Stream.priority_range()
         self.prefill, self.delay_cycles = prefill, delay_cycles
         self.prefill_stream = torch.cuda.Stream(priority=lowest)
+        self.slack_cycles = SLACK_CYCLES
 
     def __call__(self):
         torch.cuda.synchronize()
         decode = torch.cuda.current_stream()
-        torch.cuda._sleep(SLACK_CYCLES)  # the host enqueues everything below before the GPU starts
+        torch.cuda._sleep(self.slack_cycles)  # the host enqueues everything below before the GPU starts
         self.prefill_stream.wait_stream(decode)
         with torch.cuda.stream(self.prefill_stream):
             self.prefill()

@@ -111,14 +111,13 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, 
     benchmark._disable_gc = True  # as --benchmark-disable-gc: no collection between the events
     benchmark.extra_info["clock"] = "cuda_event"
     benchmark.extra_info["l2"] = "flushed before every round" if cold else "warm"
-    # The GPU waits for the host within the timed span: what is timed is partly the host's speed,
-    # which --benchmark-compare-fail does not hold to its threshold (suite/compare.py). A round_setup
-    # gives at least HOST_SLACK_CYCLES (suite/priority.py: SLACK_CYCLES).
-    benchmark.extra_info["host_enqueue_ms"] = 1e3 * enqueue_s
-    benchmark.extra_info["host_in_timing"] = enqueue_s * SLEEP_CYCLES_PER_S > slack
     if round_setup is None:
         benchmark.extra_info["host_slack_ms"] = 1e3 * slack / SLEEP_CYCLES_PER_S
         round_setup = RoundSetup(device, cold, before, slack)
+    # The GPU waits for the host within the timed span: what is timed is partly the host's speed,
+    # which --benchmark-compare-fail does not hold to its threshold (suite/compare.py).
+    benchmark.extra_info["host_enqueue_ms"] = 1e3 * enqueue_s
+    benchmark.extra_info["host_in_timing"] = enqueue_s * SLEEP_CYCLES_PER_S > round_setup.slack_cycles
     benchmark.pedantic(launch, setup=round_setup, rounds=rounds, warmup_rounds=1)
     stats = benchmark.stats.stats
     benchmark.extra_info["iqr_over_median"] = stats.iqr / stats.median
