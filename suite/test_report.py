@@ -63,9 +63,10 @@ def test_compare_flags_only_changes_beyond_noise():
     new = [dict(gate_id="a", seconds=1.03, iqr=0.05),  # 3% < 5% noise
            dict(gate_id="b", seconds=1.2, iqr=0.01),  # 20% > 5%: slower
            dict(gate_id="c", seconds=0.5, iqr=0.01),  # 50% faster
+           dict(gate_id="d", seconds=1.5, iqr=0.01, extra=dict(host_in_timing=True)),  # the host's change
            dict(gate_id="e", seconds=1.0, iqr=0.0)]  # not in the base run
     verdicts = {g: v for g, _, _, v in report.compare(base, new)}
-    assert verdicts == {"a": "within noise", "b": "slower", "c": "faster"}
+    assert verdicts == {"a": "within noise", "b": "slower", "c": "faster", "d (host-timed)": "slower"}
 
 
 def test_compare_chart_on_recorded_runs(built):

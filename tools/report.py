@@ -127,7 +127,8 @@ def tpot_chart(rows, path):
 def compare(base_rows, rows):
     """Every benchmark in both runs: (gate_id, change = new / base - 1, noise, verdict). noise is
     the larger relative IQR of the two, at least NOISE_FLOOR; a change beyond it is
-    'slower' or 'faster', else 'within noise'."""
+    'slower' or 'faster', else 'within noise'. A benchmark that times the host too
+    (extra_info host_in_timing, suite/compare.py) is labelled so: its changes are the host's."""
     base = {r["gate_id"]: r for r in base_rows}
     out = []
     for r in rows:
@@ -137,7 +138,8 @@ def compare(base_rows, rows):
         change = r["seconds"] / b["seconds"] - 1
         noise = max(r["iqr"] / r["seconds"], b["iqr"] / b["seconds"], NOISE_FLOOR)
         verdict = "within noise" if abs(change) <= noise else ("slower" if change > 0 else "faster")
-        out.append((r["gate_id"], change, noise, verdict))
+        label = r["gate_id"] + (" (host-timed)" if r.get("extra", {}).get("host_in_timing") else "")
+        out.append((label, change, noise, verdict))
     return out
 
 
