@@ -386,6 +386,7 @@ def test_compare_fail_holds_gpu_time_only(inner, tmp_path, monkeypatch):
     assert "::test_timed[host]: Field 'median' has failed" in listed and "test_timed[gpu]:" not in listed
 
 
+@pytest.mark.filterwarnings("ignore:Can't compare")  # pytest-benchmark's own warning, before the usage error
 def test_compare_fail_without_a_saved_run_is_a_usage_error_at_the_start(inner, tmp_path):
     inner.makepyfile("def test_x():\n    raise AssertionError('ran')\n")
     result = inner.runpytest("-p", "suite.plugin", f"--benchmark-storage=file://{tmp_path}", "--benchmark-compare",
