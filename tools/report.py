@@ -125,10 +125,11 @@ def tpot_chart(rows, path):
 
 
 def compare(base_rows, rows):
-    """Every benchmark in both runs: (gate_id, change = new / base - 1, noise, verdict). noise is
+    """Every benchmark in both runs: (label, change = new / base - 1, noise, verdict). noise is
     the larger relative IQR of the two, at least NOISE_FLOOR; a change beyond it is
     'slower' or 'faster', else 'within noise'. A benchmark that times the host too
-    (extra_info host_in_timing, suite/compare.py) is labelled so: its changes are the host's."""
+    (extra_info host_in_timing, suite/compare.py) is labelled so after its gate_id: its changes
+    are the host's."""
     base = {r["gate_id"]: r for r in base_rows}
     out = []
     for r in rows:
