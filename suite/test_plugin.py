@@ -32,7 +32,12 @@ class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's 
 # --- the plugin end to end, in an inner pytest run with the repository's own pytest.ini ---
 
 @pytest.fixture
-def inner(pytester):
+def inner(pytester, monkeypatch):
+    # An inner run shares this process's modules, and its test files may stub suite.perf's launch
+    # counter at module level: put it back at teardown, or every later launch count of this process
+    # raises (a nightly run in one process lost every decode loop's count so on 2026-11-27).
+    import suite.perf
+    monkeypatch.setattr(suite.perf, "count_launches", suite.perf.count_launches)
     pytester.syspathinsert(REPO)
     pytester.makefile(".ini", pytest=(REPO / "pytest.ini").read_text())
     return pytester
@@ -296,17 +301,8 @@ def test_runs_from_different_gpus_are_not_compared():
         plugin.pytest_benchmark_compare_machine_info(None, None, ours, {"machine_info": {"gpu": {"name": "NVIDIA B200"}}})
 
 
-def keep_count_launches(monkeypatch):
-    # An inner run imports this process's suite.perf and patches it at module level; put it back
-    # at teardown, or every later launch count of this process raises (a nightly run in one
-    # process lost every decode loop's count so on 2026-11-27).
-    import suite.perf
-    monkeypatch.setattr(suite.perf, "count_launches", suite.perf.count_launches)
-
-
-def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, tmp_path, monkeypatch):
+def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, tmp_path):
     # the count happens at the session's end, yet reaches the JSON pytest-benchmark saves
-    keep_count_launches(monkeypatch)
     inner.makepyfile("""
         import suite.perf
 
@@ -325,9 +321,8 @@ def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, t
     assert (saved["extra_info"]["launch_calls_per_step"], saved["extra_info"]["gpu_work_items_per_step"]) == (5, 7)
 
 
-def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, tmp_path, monkeypatch):
+def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, tmp_path):
     # a failed test's launches are not counted; a count that raises reaches extra_info and the summary
-    keep_count_launches(monkeypatch)
     inner.makepyfile("""
         import suite.perf
 

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.checks import HEAD_DIMS, SharedMemoryTooSmall
 from kernels import prefill_attention
+from kernels.checks import HEAD_DIMS, SharedMemoryTooSmall
 from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_async
 from suite import reference
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
