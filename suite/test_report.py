@@ -65,7 +65,7 @@ def test_compare_flags_only_changes_beyond_noise():
            dict(gate_id="c", seconds=0.5, iqr=0.01),  # 50% faster
            dict(gate_id="d", seconds=1.5, iqr=0.01, extra=dict(host_in_timing=True)),  # the host's change
            dict(gate_id="e", seconds=1.0, iqr=0.0)]  # not in the base run
-    verdicts = {g: v for g, _, _, v in report.compare(base, new)}
+    verdicts = {c.label: c.verdict for c in report.compare(base, new)}
     assert verdicts == {"a": "within noise", "b": "slower", "c": "faster", "d (host-timed)": "slower"}
 
 
@@ -73,7 +73,7 @@ def test_compare_chart_on_recorded_runs(built):
     _, drawn = built
     changes = drawn["compare.png"]
     gates = [{b["extra_info"]["gate_id"] for b in json.loads(p.read_text())["benchmarks"]} for p in (BASE, RUN)]
-    assert sorted(g for g, _, _, _ in changes) == sorted(gates[0] & gates[1])  # every benchmark both runs have
+    assert sorted(c.label for c in changes) == sorted(gates[0] & gates[1])  # every benchmark both runs have
 
 
 def test_cli_latest_compares_with_the_previous_run_of_the_same_gpu(tmp_path, monkeypatch):
@@ -108,6 +108,23 @@ def test_side_by_side_table_lists_both_runs_times(built):
     out, drawn = built
     page = (out / "index.html").read_text()
     base = {b["extra_info"]["gate_id"]: b["stats"]["median"] for b in json.loads(BASE.read_text())["benchmarks"]}
-    gate, change, _, _ = drawn["compare.png"][0]
-    assert f"<td>{gate}</td><td>{1e6 * base[gate]:,.1f}</td>" in page
+    first = drawn["compare.png"][0]
+    assert f"<td>{first.label}</td><td>{1e6 * base[first.label]:,.1f}</td>" in page
     assert page.count("<tr><td>") == len(drawn["compare.png"])
+
+
+def test_side_by_side_table_lists_a_host_timed_benchmark(tmp_path):
+    # The nightly run of 2026-11-27 at fae0d1e had host-timed benchmarks, which the report keyed
+    # by their label: it raised a KeyError after the suite had passed.
+    run = json.loads(RUN.read_text())
+    timed = run["benchmarks"][0]
+    timed["extra_info"]["host_in_timing"] = True
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    drawn = report.build(path, tmp_path / "out", BASE)
+    page = (tmp_path / "out" / "index.html").read_text()
+    gate = timed["extra_info"]["gate_id"]
+    base = {b["extra_info"]["gate_id"]: b["stats"]["median"] for b in json.loads(BASE.read_text())["benchmarks"]}
+    assert f"{gate} (host-timed)" in [c.label for c in drawn["compare.png"]]
+    assert (f"<td>{gate} (host-timed)</td><td>{1e6 * base[gate]:,.1f}</td>"
+            f"<td>{1e6 * timed['stats']['median']:,.1f}</td>") in page

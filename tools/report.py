@@ -15,6 +15,7 @@ import base64
 import html
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -124,12 +125,20 @@ def tpot_chart(rows, path):
     return tiers
 
 
+class Change(NamedTuple):
+    label: str  # gate_id, with " (host-timed)" where the benchmark times the host too
+    base_seconds: float
+    seconds: float
+    change: float  # seconds / base_seconds - 1
+    noise: float
+    verdict: str
+
+
 def compare(base_rows, rows):
-    """Every benchmark in both runs: (label, change = new / base - 1, noise, verdict). noise is
-    the larger relative IQR of the two, at least NOISE_FLOOR; a change beyond it is
-    'slower' or 'faster', else 'within noise'. A benchmark that times the host too
-    (extra_info host_in_timing, suite/compare.py) is labelled so after its gate_id: its changes
-    are the host's."""
+    """A Change for every benchmark in both runs. noise is the larger relative IQR of the two, at
+    least NOISE_FLOOR; a change beyond it is 'slower' or 'faster', else 'within noise'. A benchmark
+    that times the host too (extra_info host_in_timing, suite/compare.py) is labelled so after its
+    gate_id: its changes are the host's."""
     base = {r["gate_id"]: r for r in base_rows}
     out = []
     for r in rows:
@@ -140,7 +149,7 @@ def compare(base_rows, rows):
         noise = max(r["iqr"] / r["seconds"], b["iqr"] / b["seconds"], NOISE_FLOOR)
         verdict = "within noise" if abs(change) <= noise else ("slower" if change > 0 else "faster")
         label = r["gate_id"] + (" (host-timed)" if r.get("extra", {}).get("host_in_timing") else "")
-        out.append((label, change, noise, verdict))
+        out.append(Change(label, b["seconds"], r["seconds"], change, noise, verdict))
     return out
 
 
@@ -148,10 +157,10 @@ def compare_chart(changes, path):
     colors = {"slower": "tab:red", "faster": "tab:green", "within noise": "lightgray"}
     fig, ax = plt.subplots(figsize=(10, 1.5 + ROW_INCHES * len(changes)))
     y = range(len(changes))
-    ax.barh(y, [100 * c for _, c, _, _ in changes], color=[colors[v] for _, _, _, v in changes])
-    ax.errorbar([0] * len(changes), y, xerr=[100 * n for _, _, n, _ in changes], fmt="none", ecolor="gray",
+    ax.barh(y, [100 * c.change for c in changes], color=[colors[c.verdict] for c in changes])
+    ax.errorbar([0] * len(changes), y, xerr=[100 * c.noise for c in changes], fmt="none", ecolor="gray",
                 linewidth=0.6)
-    ax.set_yticks(y, [g for g, _, _, _ in changes], fontsize=6)
+    ax.set_yticks(y, [c.label for c in changes], fontsize=6)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("GPU time change, % (gray whiskers: the run-to-run noise)")
@@ -196,15 +205,14 @@ def build(run_path, out_dir, base_path=None):
     for title, png in sections:
         body.append(f"<h2>{html.escape(title)}</h2>{_img(png if Path(png).is_absolute() else out / png)}")
     if changes:
-        seconds = {r["gate_id"]: r["seconds"] for r in rows}
-        flagged = sum(v != "within noise" for _, _, _, v in changes)
-        ordered = sorted(changes, key=lambda c: (c[3] == "within noise", -abs(c[1])))  # flagged first
+        flagged = sum(c.verdict != "within noise" for c in changes)
+        ordered = sorted(changes, key=lambda c: (c.verdict == "within noise", -abs(c.change)))  # flagged first
         body.append(f"<h2>Side by side: {flagged} of {len(changes)} changed beyond noise</h2><table>"
                     "<tr><th>benchmark</th><th>base, us</th><th>this run, us</th><th>change</th><th>noise</th>"
                     "<th>verdict</th></tr>" +
-                    "".join(f"<tr><td>{html.escape(g)}</td><td>{1e6 * seconds[g] / (1 + c):,.1f}</td>"
-                            f"<td>{1e6 * seconds[g]:,.1f}</td><td>{100 * c:+.1f}%</td><td>{100 * n:.1f}%</td>"
-                            f"<td>{v}</td></tr>" for g, c, n, v in ordered) + "</table>")
+                    "".join(f"<tr><td>{html.escape(c.label)}</td><td>{1e6 * c.base_seconds:,.1f}</td>"
+                            f"<td>{1e6 * c.seconds:,.1f}</td><td>{100 * c.change:+.1f}%</td><td>{100 * c.noise:.1f}%</td>"
+                            f"<td>{c.verdict}</td></tr>" for c in ordered) + "</table>")
     (out / "index.html").write_text("<!doctype html><meta charset='utf-8'><title>kernel suite report</title>"
                                     "<style>img{max-width:100%}td,th{padding:2px 8px}</style>" + "".join(body))
     return drawn
