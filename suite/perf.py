@@ -140,6 +140,8 @@ class PerfRecorder:
         spread = extra.get("iqr_over_median", 0.0)
         if spread > NOISY:
             verdict += f" (noisy: IQR {100 * spread:.0f}% of median)"
+        if extra.get("host_in_timing"):  # suite.timing: its time, and its ratios, move with the host
+            verdict += " (host-timed)"
         extra["gate"] = verdict
         self.rows.append(Row(gate_id, seconds, throughput, pct, speedup, verdict))
         if failed and not self.updating:

@@ -190,3 +190,38 @@ def test_expectations_from_a_saved_run_for_named_metrics_only(tmp_path, monkeypa
     expectations_from_run.main()
     gates = Expectations.load(tmp_path, "h100").gates
     assert gates and all(set(entry) == {SPEEDUP, "provenance"} for entry in gates.values())
+
+
+def test_expectations_from_several_runs_take_each_metrics_lowest(tmp_path, monkeypatch):
+    # Several nights of one GPU: each floor sits below the lowest value any of them measured.
+    from tools import expectations_from_run
+    run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]
+    second = json.loads(run.read_text())
+    gates = {b["extra_info"]["gate_id"]: b["extra_info"] for b in second["benchmarks"]}
+    slower, faster = "decode_attention/triton_persistent/contiguous/B64-L4096-var", \
+        "decode_attention/triton_persistent/paged/B64-L4096-var"
+    first = {g: gates[g][SPEEDUP] for g in (slower, faster)}
+    gates[slower][SPEEDUP] *= 0.5
+    gates[faster][SPEEDUP] *= 2.0
+    path = tmp_path / "second.json"
+    path.write_text(json.dumps(second))
+    monkeypatch.setattr("sys.argv", ["x", str(run), str(path), "--margin", "0.2", "--expectations-dir", str(tmp_path)])
+    expectations_from_run.main()
+    derived = Expectations.load(tmp_path, "h100").gates
+    assert derived[slower][SPEEDUP]["floor"] == pytest.approx(0.8 * 0.5 * first[slower], abs=1e-3)
+    assert derived[faster][SPEEDUP]["floor"] == pytest.approx(0.8 * first[faster], abs=1e-3)
+    assert "the lowest of 2" in derived[slower]["provenance"]["runs"]
+
+
+def test_expectations_from_runs_of_two_gpus_are_refused(tmp_path, monkeypatch, capsys):
+    from tools import expectations_from_run
+    run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]
+    other = json.loads(run.read_text())
+    other["machine_info"]["gpu"]["name"] = "NVIDIA B200"
+    path = tmp_path / "b200.json"
+    path.write_text(json.dumps(other))
+    monkeypatch.setattr("sys.argv", ["x", str(run), str(path), "--expectations-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        expectations_from_run.main()
+    assert exit_info.value.code == 2
+    assert "from different GPUs" in capsys.readouterr().err and not list(tmp_path.glob("h100.json"))

@@ -263,6 +263,18 @@ def test_perf_flags_noisy_rounds(tmp_path):
     assert "noisy: IQR 30% of median" in bench.extra_info["gate"]
 
 
+def test_perf_marks_host_timed_benchmarks(tmp_path):
+    # The end table says which times (and ratios) are partly the host's: what a calibration from one
+    # run cannot hold to a floor (README, "Calibrating a new GPU").
+    rec = gpu_recorder(tmp_path, updating=True)
+    for host_in_timing in (False, True):
+        bench = FakeBenchmark()
+        bench.extra_info["host_in_timing"] = host_in_timing
+        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1e-4)
+        assert bench.extra_info["gate"] == "recorded" + (" (host-timed)" if host_in_timing else "")
+    assert rec.table()[-1].endswith("recorded (host-timed)")
+
+
 @pytest.mark.requires_cuda
 def test_feature_probes_pass_where_the_hardware_has_the_feature():
     # On sm_90+ the TMA probe kernel must compile and run; on sm_89+ the fused FP8 decode kernel.
