@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import pytest
 
 PROFILES = ("minimal", "full")
+EXPECTATIONS_DIR = "expectations"  # relative to the rootdir (pytest.ini's folder)
 
 
 def positive(value):
@@ -66,7 +67,7 @@ SUITE_OPTIONS = (
     Option("--profile", "minimal: the whole GPU suite in a few minutes; full: more shapes, rounds and examples "
            "(its correctness alone ~15 minutes on an H100)",
            default="minimal", choices=PROFILES),
-    Option("--expectations-dir", "folder of expectations/<gpu>.json", default="expectations"),
+    Option("--expectations-dir", "folder of expectations/<gpu>.json", default=EXPECTATIONS_DIR),
     Option("--expectations-margin", "margin below the measured value for --expectations-update",
            default=0.10, type=float, check=fraction),
 )

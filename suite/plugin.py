@@ -66,6 +66,10 @@ def pytest_configure(config):
         config.option.benchmark_storage = f"{DEFAULT_STORAGE}/{key}"
     on_gpu = torch.cuda.is_available()
     settings.load_profile(config.getoption("profile") if on_gpu else "cpu")
+    given = config.getoption("expectations_dir")
+    if given != options.EXPECTATIONS_DIR and not expectations_dir(config).is_dir():
+        # else every gate would silently fall away (no file: no gates), or an update would fail at the end
+        raise pytest.UsageError(f"--expectations-dir {given!r}: no such folder ({expectations_dir(config)})")
     try:
         expectations = Expectations.load(expectations_dir(config), key)
     except ExpectationsError as exc:

@@ -151,6 +151,14 @@ def test_malformed_expectations_dir_is_a_usage_error(inner, tmp_path):
     assert str(path) in err and f"'gates.{GATE}'.{SPEEDUP}.floor" in err and "'fast'" in err
 
 
+def test_missing_expectations_dir_is_a_usage_error(inner, tmp_path):
+    # A misspelt folder would otherwise gate nothing, or fail an --expectations-update run at its end.
+    inner.makepyfile("def test_x():\n    pass\n")
+    result = inner.runpytest("-p", "suite.plugin", "--expectations-dir", str(tmp_path / "expectatons"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"--expectations-dir '{tmp_path / 'expectatons'}': no such folder" in result.stderr.str()
+
+
 # --- the perf recorder ---
 
 def gated(tmp_path):
