@@ -29,6 +29,7 @@ class PerfRecorder:
         self.updating = updating
         self.rows = []
         self.measured = {}  # gate_id -> metrics, for --expectations-update
+        self.host_dependent = {}  # gate_id -> its metrics that are partly the host's speed
         self.baselines = {}  # (workload, case) -> seconds
         self._roofline = None
         self.update_path = None  # set when --expectations-update wrote a file
@@ -123,10 +124,16 @@ class PerfRecorder:
         speedup = " ".join(f"{base / seconds:.2f}x" + ("" if name == "anchor" else f" vs {name}")
                            for name, base in speedups.items())
 
+        # Partly the host's speed: every metric of a host-timed benchmark, and a speedup over a baseline
+        # whose own measurement was host-timed (suite.timing.Seconds)
+        host_timed = bool(extra.get("host_in_timing"))
+        extra["host_dependent_metrics"] = host_dependent = sorted(
+            m for m in metrics if host_timed or getattr(speedups.get(m.removeprefix("speedup_vs_")), "host_in_timing", False))
         verdicts = self.expectations.check(gate_id, metrics) if self.on_gpu else []
         failed = [v for v in verdicts if not v.ok]
         if self.updating and self.on_gpu:
             self.measured[gate_id] = metrics
+            self.host_dependent[gate_id] = set(host_dependent)
             verdict = "recorded"
         elif not self.on_gpu:
             verdict = "smoke (no GPU)"
@@ -140,8 +147,10 @@ class PerfRecorder:
         spread = extra.get("iqr_over_median", 0.0)
         if spread > NOISY:
             verdict += f" (noisy: IQR {100 * spread:.0f}% of median)"
-        if extra.get("host_in_timing"):  # suite.timing: its time, and its ratios, move with the host
+        if host_timed:
             verdict += " (host-timed)"
+        elif host_dependent:
+            verdict += " (host-timed baseline)"
         extra["gate"] = verdict
         self.rows.append(Row(gate_id, seconds, throughput, pct, speedup, verdict))
         if failed and not self.updating:

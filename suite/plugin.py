@@ -222,7 +222,8 @@ def pytest_sessionfinish(session):
     if recorder is not None and recorder.measured:
         recorder.update_path = update(expectations_dir(config), hardware_key(device_name()), recorder.measured,
                                       margin=config.getoption("expectations_margin"), provenance=provenance(config),
-                                      allow_lower=config.getoption("expectations_allow_lower"))
+                                      allow_lower=config.getoption("expectations_allow_lower"),
+                                      host_dependent=recorder.host_dependent)
     yield
 
 

@@ -225,3 +225,27 @@ def test_expectations_from_runs_of_two_gpus_are_refused(tmp_path, monkeypatch, c
         expectations_from_run.main()
     assert exit_info.value.code == 2
     assert "from different GPUs" in capsys.readouterr().err and not list(tmp_path.glob("h100.json"))
+
+
+def test_host_dependent_metrics_get_the_wider_margin(tmp_path):
+    # Partly the host's speed: at least HOST_MARGIN below what was measured, and marked so.
+    from suite.expectations import HOST_MARGIN
+    measured = {"w/a/c": {SPEEDUP: 4.0, "roofline_fraction": 0.9}}
+    update(tmp_path, "h100", measured, margin=0.15, provenance={"commit": "x"}, host_dependent={"w/a/c": {SPEEDUP}})
+    entry = Expectations.load(tmp_path, "h100").gates["w/a/c"]
+    assert entry[SPEEDUP] == {"floor": 4.0 * (1 - HOST_MARGIN), "measured": 4.0, "margin": HOST_MARGIN,
+                              "host_timed": True}
+    assert entry["roofline_fraction"] == {"floor": 0.765, "measured": 0.9, "margin": 0.15}
+
+
+def test_expectations_from_a_run_with_host_timed_benchmarks(tmp_path, monkeypatch):
+    # Run 0016 (saved before host_dependent_metrics) marks its host-timed benchmarks host_in_timing:
+    # the pageable copy's rate is one; SDPA's decode time is not.
+    from suite.expectations import HOST_MARGIN
+    from tools import expectations_from_run
+    run = next((REPO / ".benchmarks" / "h100" / "Linux-CPython-3.12-64bit").glob("0016_*.json"))
+    monkeypatch.setattr("sys.argv", ["x", str(run), "--margin", "0.15", "--expectations-dir", str(tmp_path)])
+    expectations_from_run.main()
+    gates = Expectations.load(tmp_path, "h100").gates
+    assert gates["kv_locality/pageable/256x4096"]["roofline_fraction"]["margin"] == HOST_MARGIN
+    assert gates["decode_attention/triton_persistent/contiguous/B64-L4096-uniform"][SPEEDUP]["margin"] == 0.15

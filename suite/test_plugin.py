@@ -271,16 +271,22 @@ def test_perf_flags_noisy_rounds(tmp_path):
     assert "noisy: IQR 30% of median" in bench.extra_info["gate"]
 
 
-def test_perf_marks_host_timed_benchmarks(tmp_path):
-    # The end table says which times (and ratios) are partly the host's: what a calibration from one
-    # run cannot hold to a floor (README, "Calibrating a new GPU").
+def test_perf_marks_what_the_host_is_in(tmp_path):
+    # The end table says which times and ratios are partly the host's, and an update hands those
+    # metrics on for a wider margin: a host-timed benchmark's every metric, and a speedup over a
+    # baseline whose measurement was host-timed (suite.timing.Seconds).
+    from suite.timing import Seconds
     rec = gpu_recorder(tmp_path, updating=True)
-    for host_in_timing in (False, True):
+    cases = {"gpu": (False, 1e-4, [], "recorded"),
+             "host-timed": (True, 1e-4, ["roofline_fraction", SPEEDUP], "recorded (host-timed)"),
+             "host-timed baseline": (False, Seconds(1e-4, True), [SPEEDUP], "recorded (host-timed baseline)")}
+    for name, (host_in_timing, baseline, dependent, verdict) in cases.items():
         bench = FakeBenchmark()
         bench.extra_info["host_in_timing"] = host_in_timing
-        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1e-4)
-        assert bench.extra_info["gate"] == "recorded" + (" (host-timed)" if host_in_timing else "")
-    assert rec.table()[-1].endswith("recorded (host-timed)")
+        rec.record(bench, f"{GATE}-{name}", 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=baseline)
+        assert (bench.extra_info["host_dependent_metrics"], bench.extra_info["gate"]) == (dependent, verdict), name
+        assert rec.host_dependent[f"{GATE}-{name}"] == set(dependent)
+    assert rec.table()[-1].endswith("recorded (host-timed baseline)")
 
 
 @pytest.mark.requires_cuda
@@ -305,12 +311,15 @@ def test_host_time_in_a_measurement_is_recorded():
     # 2000 eager launches take longer to enqueue than the round's slack: the GPU waits on the host.
     from suite.timing import run_benchmark
     x = torch.ones(16, device="cuda")
+    from suite.timing import measure, run_benchmark
+    x = torch.ones(16, device="cuda")
     timed = {}
     for name, launch in {"one": lambda: x.add_(1), "eager": lambda: [x.add_(1) for _ in range(2000)]}.items():
         bench = PedanticBenchmark()
-        run_benchmark(bench, launch, device=x.device, rounds=2)
-        timed[name] = bench.extra_info["host_in_timing"]
-    assert timed == {"one": False, "eager": True}
+        seconds = run_benchmark(bench, launch, device=x.device, rounds=2)
+        timed[name] = (bench.extra_info["host_in_timing"], seconds.host_in_timing,
+                       measure(launch, device=x.device, rounds=2).host_in_timing)
+    assert timed == {"one": (False, False, False), "eager": (True, True, True)}
 
 
 def test_runs_from_different_gpus_are_not_compared():

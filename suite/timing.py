@@ -28,6 +28,16 @@ ENQUEUE_MARGIN = 2.0
 SLEEP_CYCLES_PER_S = 2e9
 
 
+class Seconds(float):
+    """A median in seconds that remembers whether the host was in its timed span (the host's enqueue
+    outlasted the slack before the start event): a ratio against it is partly the host's speed."""
+
+    def __new__(cls, value, host_in_timing):
+        seconds = super().__new__(cls, value)
+        seconds.host_in_timing = host_in_timing
+        return seconds
+
+
 class CudaEventClock:
     def __init__(self):
         self.now = 0.0
@@ -116,17 +126,17 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, 
         round_setup = RoundSetup(device, cold, before, slack)
     # The GPU waits for the host within the timed span: what is timed is partly the host's speed,
     # which --benchmark-compare-fail does not hold to its threshold (suite/compare.py).
-    benchmark.extra_info["host_enqueue_ms"] = 1e3 * enqueue_s
-    benchmark.extra_info["host_in_timing"] = enqueue_s * SLEEP_CYCLES_PER_S > round_setup.slack_cycles
+    host_in_timing = enqueue_s * SLEEP_CYCLES_PER_S > round_setup.slack_cycles
+    benchmark.extra_info.update(host_enqueue_ms=1e3 * enqueue_s, host_in_timing=host_in_timing)
     benchmark.pedantic(launch, setup=round_setup, rounds=rounds, warmup_rounds=1)
     stats = benchmark.stats.stats
     benchmark.extra_info["iqr_over_median"] = stats.iqr / stats.median
-    return stats.median
+    return Seconds(stats.median, host_in_timing)
 
 
-def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=False, host_bound=False) -> float:
+def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=False, host_bound=False) -> Seconds:
     """Median GPU seconds of launch() outside pytest-benchmark (baselines, roofline), same clock."""
-    slack, _ = _warm_up(launch, before, cover_enqueue, host_bound)
+    slack, enqueue_s = _warm_up(launch, before, cover_enqueue, host_bound)
     clock, setup = CudaEventClock(), RoundSetup(device, cold, before, slack)
     times = []
     gc.disable()
@@ -138,7 +148,7 @@ def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=Fal
             times.append(clock() - start)
     finally:
         gc.enable()
-    return statistics.median(times)
+    return Seconds(statistics.median(times), enqueue_s * SLEEP_CYCLES_PER_S > slack)
 
 
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",

@@ -5,7 +5,8 @@
 
 Reads each benchmark's gate_id and gate metrics (expectations.METRICS, or only --metrics: a new
 metric gated without touching the others) from extra_info, and writes floors exactly as
-`pytest --expectations-update` would, with the run's machine info as provenance. Given several runs
+`pytest --expectations-update` would (host-dependent metrics, as the runs recorded them, with at least
+expectations.HOST_MARGIN), with the run's machine info as provenance. Given several runs
 of one GPU (several nights, say), each metric's floor is set below the lowest value any of them
 measured: ratios that involve the host's speed (an eager loop, a pageable copy) moved by up to 1.8x
 between processes on one H100 host, so one run's value is not a floor for them.
@@ -19,8 +20,9 @@ from suite.expectations import METRICS, hardware_key, update
 
 
 def lowest(runs, metrics):
-    """{gate_id: {metric: the lowest value the runs measured}} over every benchmark with a gate_id."""
-    measured = {}
+    """({gate_id: {metric: the lowest value the runs measured}}, {gate_id: metrics any run recorded as
+    partly the host's speed}) over every benchmark with a gate_id."""
+    measured, host_dependent = {}, {}
     for run in runs:
         for b in run["benchmarks"]:
             extra = b["extra_info"]
@@ -30,7 +32,10 @@ def lowest(runs, metrics):
             for m in metrics:
                 if extra.get(m) is not None:
                     entry[m] = min(entry.get(m, extra[m]), extra[m])
-    return measured
+            # runs saved before host_dependent_metrics existed carry host_in_timing only
+            host = extra.get("host_dependent_metrics", [m for m in metrics if extra.get("host_in_timing")])
+            host_dependent.setdefault(extra["gate_id"], set()).update(host)
+    return measured, host_dependent
 
 
 def main():
@@ -50,7 +55,7 @@ def main():
                      "derive each GPU's file from its own runs")
     newest = max(range(len(runs)), key=lambda i: runs[i].get("datetime", ""))
     run, gpu = runs[newest], runs[newest]["machine_info"]["gpu"]
-    measured = lowest(runs, args.metrics)
+    measured, host_dependent = lowest(runs, args.metrics)
     provenance = {"commit": args.commit or run["commit_info"].get("id"),
                   "date": run["datetime"][:10] if "datetime" in run else datetime.date.today().isoformat(),
                   "gpu": gpu["name"], "driver": gpu.get("driver"), "torch": gpu["torch"],
@@ -58,7 +63,7 @@ def main():
     if len(runs) > 1:
         provenance["runs"] = f"the lowest of {len(runs)}: {', '.join(args.runs)}"
     path = update(args.expectations_dir, keys[args.runs[0]], measured, margin=args.margin,
-                  provenance=provenance, allow_lower=args.allow_lower)
+                  provenance=provenance, allow_lower=args.allow_lower, host_dependent=host_dependent)
     print(f"{len(measured)} gates from {len(runs)} run(s) -> {path}")
 
 
