@@ -127,8 +127,10 @@ class PerfRecorder:
         # Partly the host's speed: every metric of a host-timed benchmark, and a speedup over a baseline
         # whose own measurement was host-timed (suite.timing.Seconds)
         host_timed = bool(extra.get("host_in_timing"))
-        extra["host_dependent_metrics"] = host_dependent = sorted(
-            m for m in metrics if host_timed or getattr(speedups.get(m.removeprefix("speedup_vs_")), "host_in_timing", False))
+        host_baselines = {f"speedup_vs_{name}" for name, base in speedups.items()
+                          if getattr(base, "host_in_timing", False)}
+        host_dependent = sorted(m for m in metrics if host_timed or m in host_baselines)
+        extra["host_dependent_metrics"] = host_dependent
         verdicts = self.expectations.check(gate_id, metrics) if self.on_gpu else []
         failed = [v for v in verdicts if not v.ok]
         if self.updating and self.on_gpu:
