@@ -297,6 +297,16 @@ def test_feature_probes_pass_where_the_hardware_has_the_feature():
     assert hw.fp8_fused_ready()[0] == (capability >= (8, 9)), hw.fp8_fused_ready()[1]
 
 
+def test_seconds_carry_the_host_flag_through_copies_and_save_as_numbers():
+    import copy
+    import pickle
+    from suite.timing import Seconds
+    seconds = Seconds(1.5e-3, True)
+    assert copy.deepcopy(seconds).host_in_timing and pickle.loads(pickle.dumps(seconds)).host_in_timing
+    assert json.loads(json.dumps({"gpu_time_s": seconds})) == {"gpu_time_s": 1.5e-3}
+    assert not hasattr(seconds / 2, "host_in_timing")  # a derived value is a plain float
+
+
 class PedanticBenchmark(FakeBenchmark):  # what run_benchmark uses of pytest-benchmark's fixture
     stats = SimpleNamespace(stats=SimpleNamespace(median=1.0, iqr=0.0))
 

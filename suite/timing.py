@@ -37,6 +37,9 @@ class Seconds(float):
         seconds.host_in_timing = host_in_timing
         return seconds
 
+    def __getnewargs__(self):  # copies and pickles keep the flag
+        return float(self), self.host_in_timing
+
 
 class CudaEventClock:
     def __init__(self):
