@@ -1,0 +1,146 @@
+"""The perf recorder (SPEC 4, 5): metrics into extra_info, gates and their failures, the end-of-run
+table, and which of a benchmark's times and ratios are partly the host's (suite.timing)."""
+
+import copy
+import json
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from suite.expectations import Expectations
+from suite.perf import PerfRecorder
+from suite.roofline import Roofline
+from suite.test_expectations import GATE, SPEEDUP, write
+from suite.timing import Seconds, measure, run_benchmark
+
+
+class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's fixture
+    def __init__(self):
+        self.extra_info = {}
+
+
+def gated(tmp_path):
+    write(tmp_path, "h100", {GATE: {SPEEDUP: {"floor": 1.5}},
+                             "decode_attention/*/contiguous/*": {"hw_skip_reason": "no contiguous here"}})
+    return Expectations.load(tmp_path, "h100")
+
+
+def test_perf_record_on_cpu_is_a_smoke_run_with_a_table(tmp_path):
+    rec = PerfRecorder("cpu", gated(tmp_path), updating=False)
+    assert rec.table() == []
+    try:  # hw_skip_reason is about GPUs: without one, nothing is N/A
+        rec.skip_if_not_applicable("decode_attention/sdpa/contiguous/B4")
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"skipped without a GPU: {exc}")
+    bench = FakeBenchmark()
+    rec.record(bench, GATE, 2e-3, shape={"B": 4}, bytes_moved=4e6, baseline_seconds=2.4e-3)  # 1.2x < floor 1.5
+    extra = bench.extra_info
+    assert (extra["bytes_moved"], extra["gate"], extra["shape"]) == (4e6, "smoke (no GPU)", {"B": 4})
+    assert extra["achieved_gbps"] == pytest.approx(2.0) and "roofline_fraction" not in extra and rec.measured == {}
+    header, row = rec.table()
+    assert header.split()[:2] == ["workload/variant/layout/case", "host"] and len(header) == len(row)
+    assert header.index("gate") == row.index("smoke (no GPU)")
+    assert row.startswith(GATE) and "2,000.0" in row and "2 GB/s" in row and "1.20x" in row
+
+
+def test_staged_h2d_is_bound_by_the_slower_stage():
+    roof = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0, h2d_gbps=50.0,
+                    h2d_pageable_gbps=15.0, host_copy_gbps=20.0)
+    assert roof.ceiling("staged_h2d") == 20.0 and roof.ceiling("h2d_pageable") == 15.0
+    assert Roofline(**{**roof.__dict__, "host_copy_gbps": 80.0}).ceiling("staged_h2d") == 50.0
+
+
+def gpu_recorder(tmp_path, updating):
+    # The GPU path without a GPU: a cuda device object and a roofline given instead of calibrated.
+    rec = PerfRecorder("cuda", gated(tmp_path), updating=updating)
+    rec._roofline = Roofline(copy_gbps=2000.0, read_gbps=1000.0, matmul_tflops=500.0, h2d_gbps=50.0,
+                             h2d_pageable_gbps=15.0, host_copy_gbps=20.0)
+    return rec
+
+
+def test_perf_gate_failure_names_gate_measured_floor_and_file_unless_updating(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
+    with pytest.raises(pytest.fail.Exception) as info:
+        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1.2e-3)
+    for part in (GATE, SPEEDUP, "1.200", "1.500", str(tmp_path / "h100.json")):
+        assert part in str(info.value)
+    assert bench.extra_info["gate"] == "FAIL" and bench.extra_info["roofline_fraction"] == pytest.approx(0.5)
+    with pytest.raises(pytest.skip.Exception, match="no contiguous here"):
+        rec.skip_if_not_applicable("decode_attention/sdpa/contiguous/B4")
+    assert [r.verdict for r in rec.rows] == ["FAIL", "N/A: no contiguous here"]
+    assert "50%" in rec.table()[1] and "GPU us" in rec.table()[0]
+    # With --expectations-update the same run is recorded for the file instead of failing.
+    rec, bench = gpu_recorder(tmp_path, updating=True), FakeBenchmark()
+    rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1.2e-3)
+    assert bench.extra_info["gate"] == "recorded"
+    assert rec.measured[GATE] == pytest.approx({"roofline_fraction": 0.5, SPEEDUP: 1.2})
+
+
+def test_perf_table_names_an_ungated_metric(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
+    write(tmp_path, "h100", {GATE: {"roofline_fraction": {"ungated": "host-bound"}}})
+    rec.expectations = Expectations.load(tmp_path, "h100")
+    rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=1e3)  # 1 MB/s: far below any roofline, and no failure
+    assert bench.extra_info["gate"] == "no gate (roofline_fraction ungated: h100.json)"
+
+
+def test_perf_record_speedup_only_on_gpu(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=True), FakeBenchmark()
+    rec.record(bench, GATE, 1e-3, shape={}, baseline_seconds=2e-3)
+    assert bench.extra_info[SPEEDUP] == pytest.approx(2.0)
+
+
+def test_perf_flags_noisy_rounds(tmp_path):
+    rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
+    bench.extra_info["iqr_over_median"] = 0.3
+    with pytest.raises(pytest.fail.Exception, match="noisy"):
+        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1e-4)
+    assert "noisy: IQR 30% of median" in bench.extra_info["gate"]
+
+
+def test_perf_marks_what_the_host_is_in(tmp_path):
+    # The end table says which times and ratios are partly the host's, and an update hands those
+    # metrics on for a wider margin: a host-timed benchmark's every metric, and a speedup over a
+    # baseline whose measurement was host-timed (suite.timing.Seconds).
+    rec = gpu_recorder(tmp_path, updating=True)
+    cases = {"gpu": (False, 1e-4, [], "recorded"),
+             "host-timed": (True, 1e-4, ["roofline_fraction", SPEEDUP], "recorded (host-timed)"),
+             "host-timed baseline": (False, Seconds(1e-4, True), [SPEEDUP], "recorded (host-timed baseline)")}
+    for name, (host_in_timing, baseline, dependent, verdict) in cases.items():
+        bench = FakeBenchmark()
+        bench.extra_info["host_in_timing"] = host_in_timing
+        rec.record(bench, f"{GATE}-{name}", 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=baseline)
+        assert (bench.extra_info["host_dependent_metrics"], bench.extra_info["gate"]) == (dependent, verdict), name
+        assert rec.host_dependent[f"{GATE}-{name}"] == set(dependent)
+    assert rec.table()[-1].endswith("recorded (host-timed baseline)")
+
+
+def test_seconds_carry_the_host_flag_through_copies_and_save_as_numbers():
+    seconds = Seconds(1.5e-3, True)
+    assert copy.deepcopy(seconds).host_in_timing and pickle.loads(pickle.dumps(seconds)).host_in_timing
+    assert json.loads(json.dumps({"gpu_time_s": seconds})) == {"gpu_time_s": 1.5e-3}
+    assert not hasattr(seconds / 2, "host_in_timing")  # a derived value is a plain float
+
+
+class PedanticBenchmark(FakeBenchmark):  # what run_benchmark uses of pytest-benchmark's fixture
+    stats = SimpleNamespace(stats=SimpleNamespace(median=1.0, iqr=0.0))
+
+    def pedantic(self, target, setup, rounds, warmup_rounds):
+        for _ in range(rounds + warmup_rounds):
+            setup()
+            target()
+
+
+@pytest.mark.requires_cuda
+def test_host_time_in_a_measurement_is_recorded():
+    # 2000 eager launches take longer to enqueue than the round's slack: the GPU waits on the host.
+    x = torch.ones(16, device="cuda")
+    timed = {}
+    for name, launch in {"one": lambda: x.add_(1), "eager": lambda: [x.add_(1) for _ in range(2000)]}.items():
+        bench = PedanticBenchmark()
+        seconds = run_benchmark(bench, launch, device=x.device, rounds=2)
+        timed[name] = (bench.extra_info["host_in_timing"], seconds.host_in_timing,
+                       measure(launch, device=x.device, rounds=2).host_in_timing)
+    assert timed == {"one": (False, False, False), "eager": (True, True, True)}
