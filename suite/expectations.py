@@ -29,7 +29,13 @@ METRICS = ("speedup_vs_anchor", "speedup_vs_baseline", "speedup_vs_graphs", "spe
            "speedup_vs_flash", "speedup_vs_cudnn", "speedup_vs_paged_read", "speedup_vs_gathered_sdpa",
            "roofline_fraction", "overlap_fraction")
 ENTRY_KEYS = set(METRICS) | {"provenance", "hw_skip_reason"}
-KNOWN_GPUS = (("GB10", "gb10"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100"))
+# (part of the device name, key), the more specific first. A board with another memory system or SM
+# count is another key: its times differ (an H100 PCIe has 114 SMs and about 2 TB/s against the SXM's
+# 132 and 3.35), and runs are saved and compared per key, so sharing one would compare a PCIe runner
+# with SXM runs (refused: the names differ) instead of telling it to calibrate. GH200 and GB200 name
+# their superchips' GPUs, which "H200" and "B200" would otherwise match.
+KNOWN_GPUS = (("GB10", "gb10"), ("GB200", "gb200"), ("B200", "b200"), ("GH200", "gh200"), ("H200 NVL", "h200_nvl"),
+              ("H200", "h200"), ("H100 NVL", "h100_nvl"), ("H100 PCIe", "h100_pcie"), ("H100", "h100"))
 DEFAULT_KEY = "default"
 
 

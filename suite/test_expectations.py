@@ -25,9 +25,10 @@ def entry_of(path, gate=GATE):
 
 
 @pytest.mark.parametrize("name, key", [
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100"), ("NVIDIA H200", "h200"),
-    ("NVIDIA B200", "b200"), ("NVIDIA GB10", "gb10"), ("NVIDIA A100-SXM4-80GB", "nvidia_a100_sxm4_80gb"),
-    ("cpu", "cpu"), ("(Prototype) GPU-X!", "prototype_gpu_x")])
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100_pcie"), ("NVIDIA H100 NVL", "h100_nvl"),
+    ("NVIDIA H200", "h200"), ("NVIDIA H200 NVL", "h200_nvl"), ("NVIDIA GH200 480GB", "gh200"),
+    ("NVIDIA B200", "b200"), ("NVIDIA GB200", "gb200"), ("NVIDIA GB10", "gb10"),
+    ("NVIDIA A100-SXM4-80GB", "nvidia_a100_sxm4_80gb"), ("cpu", "cpu"), ("(Prototype) GPU-X!", "prototype_gpu_x")])
 def test_hardware_key(name, key):
     assert hardware_key(name) == key
 
