@@ -68,7 +68,8 @@ def pytest_configure(config):
     settings.load_profile(config.getoption("profile") if on_gpu else "cpu")
     given = config.getoption("expectations_dir")
     if given != options.EXPECTATIONS_DIR and not expectations_dir(config).is_dir():
-        # else every gate would silently fall away (no file: no gates), or an update would fail at the end
+        # else every gate would silently fall away (no file: no gates), or an update would fail at the end;
+        # the default is the repository's own folder (absent only in the plugin's inner test runs)
         raise pytest.UsageError(f"--expectations-dir {given!r}: no such folder ({expectations_dir(config)})")
     try:
         expectations = Expectations.load(expectations_dir(config), key)

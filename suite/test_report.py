@@ -15,6 +15,10 @@ BASE = RUNS / "0004_0c468d9_20261126_193812.json"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def _medians(path):
+    return {b["extra_info"]["gate_id"]: b["stats"]["median"] for b in json.loads(path.read_text())["benchmarks"]}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
@@ -107,7 +111,7 @@ def test_stream_priority_timelines_are_embedded(tmp_path):
 def test_side_by_side_table_lists_both_runs_times(built):
     out, drawn = built
     page = (out / "index.html").read_text()
-    base = {b["extra_info"]["gate_id"]: b["stats"]["median"] for b in json.loads(BASE.read_text())["benchmarks"]}
+    base = _medians(BASE)
     first = drawn["compare.png"][0]
     assert f"<td>{first.label}</td><td>{1e6 * base[first.label]:,.1f}</td>" in page
     assert page.count("<tr><td>") == len(drawn["compare.png"])
@@ -124,7 +128,7 @@ def test_side_by_side_table_lists_a_host_timed_benchmark(tmp_path):
     drawn = report.build(path, tmp_path / "out", BASE)
     page = (tmp_path / "out" / "index.html").read_text()
     gate = timed["extra_info"]["gate_id"]
-    base = {b["extra_info"]["gate_id"]: b["stats"]["median"] for b in json.loads(BASE.read_text())["benchmarks"]}
+    base = _medians(BASE)
     assert f"{gate} (host-timed)" in [c.label for c in drawn["compare.png"]]
     assert (f"<td>{gate} (host-timed)</td><td>{1e6 * base[gate]:,.1f}</td>"
             f"<td>{1e6 * timed['stats']['median']:,.1f}</td>") in page
