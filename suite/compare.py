@@ -33,6 +33,9 @@ def hold_gpu_time_only(config):
     exempted = []
     if session is None or not session.compare_fail:
         return exempted
+    if not session.compare:
+        raise pytest.UsageError("--benchmark-compare-fail needs --benchmark-compare: it fails on the "
+                                "comparison, which only --benchmark-compare makes")
     if not session.compared_mapping:
         raise pytest.UsageError(
             f"--benchmark-compare-fail: no saved run of this GPU to compare with in {session.storage}; "

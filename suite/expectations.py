@@ -14,6 +14,7 @@ measured and reported, never gated, and left alone by an update (for a value the
 the code under test: a pageable copy's rate, say).
 """
 
+import copy
 import fnmatch
 import json
 import math
@@ -54,18 +55,18 @@ def hardware_key(gpu_name: str) -> str:
 class Verdict:
     gate_id: str
     metric: str
-    measured: float
+    measured: float | None  # None: the benchmark no longer reports a metric its entry gates
     floor: float
     path: Path
 
     @property
     def ok(self):
-        return self.measured >= self.floor
+        return self.measured is not None and self.measured >= self.floor
 
     def __str__(self):
         word = "ok" if self.ok else "FAILED"
-        return (f"gate {word}: {self.gate_id} {self.metric} measured {self.measured:.3f}, "
-                f"floor {self.floor:.3f} ({self.path})")
+        value = "not measured" if self.measured is None else f"measured {self.measured:.3f}"
+        return f"gate {word}: {self.gate_id} {self.metric} {value}, floor {self.floor:.3f} ({self.path})"
 
 
 def _read(path):
@@ -131,8 +132,8 @@ class Expectations:
 
     def check(self, gate_id, measured: dict) -> list:
         entry = self.entry(gate_id) or {}
-        return [Verdict(gate_id, m, measured[m], entry[m]["floor"], self.path)
-                for m in METRICS if m in entry and not _is_ungated(entry[m]) and measured.get(m) is not None]
+        return [Verdict(gate_id, m, measured.get(m), entry[m]["floor"], self.path)
+                for m in METRICS if m in entry and not _is_ungated(entry[m])]
 
     def ungated(self, gate_id) -> list:
         """The metrics of gate_id's entry marked {"ungated": why}."""
@@ -156,16 +157,20 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
 
     An existing floor is never lowered unless allow_lower, a floor set by hand (its entry has a
     "why") and an ungated metric are left as they are, and a measurement of zero writes no floor.
+    A gate that only a pattern covers gets its own entry (an exact key wins over the pattern) that
+    starts as a copy of the pattern's, so the same rules hold for what the pattern set.
     The entry's provenance becomes this run's when any floor is written; a floor kept beside it
     then carries its own run's provenance.
     Returns the path written.
     """
     path = Path(directory) / f"{key}.json"
     data = _read(path) if path.exists() else {"gates": {}}
+    gates = data["gates"]
     for gate_id, metrics in sorted(measured.items()):
         if not any(m in METRICS and v is not None for m, v in metrics.items()):
             continue  # nothing to gate (e.g. a baseline variant)
-        entry = data["gates"].setdefault(gate_id, {})
+        created = gate_id not in gates
+        entry = gates.setdefault(gate_id, copy.deepcopy(Expectations(path, key, gates).entry(gate_id) or {}))
         written = set()
         for metric, value in metrics.items():
             if metric not in METRICS or value is None:
@@ -190,7 +195,7 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
                 if old not in (None, provenance) and isinstance(kept, dict) and "floor" in kept:
                     kept.setdefault("provenance", old)
             entry["provenance"] = provenance
-        if not entry:
-            del data["gates"][gate_id]  # every metric measured zero: no gate
+        if not entry or (created and not written):
+            del gates[gate_id]  # no gate, or nothing beyond what the pattern already says
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path

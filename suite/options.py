@@ -57,6 +57,7 @@ class Option:
     type: Callable = str
     choices: Optional[tuple] = None
     check: Optional[Callable] = None  # value -> error text, or None when valid
+    env: Optional[str] = None  # an environment variable that, when set, replaces the default
 
     @property
     def dest(self):
@@ -89,8 +90,8 @@ WORKLOAD_OPTIONS = {
     ),
     "prefill_attention": (
         # the env var is the default, so a bad TMA_TILE_SIZE is refused at start like a bad flag
-        Option("--tma-tile-size", "triton_tma's tile BLOCK_MxBLOCK_N, e.g. 128x64 (env TMA_TILE_SIZE; default: "
-               "the kernel's per head dim)", default=os.environ.get("TMA_TILE_SIZE"), check=tile_size),
+        Option("--tma-tile-size", "triton_tma's tile BLOCK_MxBLOCK_N, e.g. 128x64; unset: the kernel's per head "
+               "dim", check=tile_size, env="TMA_TILE_SIZE"),
     ),
     "decode_attention": (
         Option("--kv-layout", "KV cache layouts to benchmark", default="both",
@@ -126,9 +127,16 @@ WORKLOAD_FLAGS = {
 }
 
 
+def _default(option):
+    return os.environ.get(option.env, option.default) if option.env else option.default
+
+
 def _add(group, option):
-    group.addoption(option.flag, dest=option.dest, default=option.default, type=option.type,
-                    choices=option.choices, help=f"{option.help} (default: {option.default})")
+    source = option.default
+    if option.env:
+        source = f"env {option.env}" + ("" if option.default is None else f", else {option.default}")
+    group.addoption(option.flag, dest=option.dest, default=_default(option), type=option.type,
+                    choices=option.choices, help=f"{option.help} (default: {source})")
 
 
 def add_options(parser):
@@ -151,4 +159,7 @@ def validate(config):
         value = config.getoption(option.dest)
         error = option.check(value) if option.check else None
         if error:
-            raise pytest.UsageError(f"{option.flag} {value!r}: {error}")
+            given = option.flag
+            if option.env and option.env in os.environ and value == _default(option):
+                given = f"{option.env} (the default of {option.flag})"
+            raise pytest.UsageError(f"{given} {value!r}: {error}")

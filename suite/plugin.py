@@ -42,9 +42,12 @@ def device_name():
 
 
 def nvidia_smi(field):
+    """field of the GPU torch benchmarks (its device 0), named by UUID: nvidia-smi's own numbering
+    ignores CUDA_VISIBLE_DEVICES and torch's order."""
     if shutil.which("nvidia-smi") is None:
         return "unavailable (no nvidia-smi)"
-    result = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
+    gpu = f"GPU-{torch.cuda.get_device_properties(0).uuid}"
+    result = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", gpu],
                             capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else f"unavailable ({result.stderr.strip()})"
 

@@ -62,8 +62,6 @@ def test_check_verdicts_and_their_message(tmp_path):
     assert verdicts["roofline_fraction"].ok is False
     for part in ("FAILED", GATE, "roofline_fraction", "0.500", "0.800", str(path)):
         assert part in str(verdicts["roofline_fraction"])
-    # A metric not measured in this run (None or absent) is not gated.
-    assert [v.metric for v in exp.check(GATE, {SPEEDUP: None, "roofline_fraction": 1})] == ["roofline_fraction"]
 
 
 @pytest.mark.parametrize("text, names", [
@@ -93,7 +91,8 @@ def test_update_writes_floor_with_margin_and_provenance(tmp_path):
     assert (entry[SPEEDUP]["floor"], entry[SPEEDUP]["measured"]) == pytest.approx((1.08, 1.2))
     assert entry["provenance"] == PROV_A and "gpu_time_s" not in entry
     # What update writes, load reads back as a gate.
-    assert [v.ok for v in Expectations.load(tmp_path, "b200").check(GATE, {SPEEDUP: 1.07})] == [False]
+    verdicts = Expectations.load(tmp_path, "b200").check(GATE, {SPEEDUP: 1.07, "roofline_fraction": 0.9})
+    assert [(v.metric, v.ok) for v in verdicts] == [(SPEEDUP, False), ("roofline_fraction", True)]
 
 
 def test_update_never_lowers_a_floor_unless_asked(tmp_path):
@@ -145,6 +144,36 @@ def test_an_ungated_metric_is_recorded_not_gated_and_kept_by_update(tmp_path):
     assert exp.ungated(GATE) == ["roofline_fraction"] and exp.ungated("other/gate") == []
     update(tmp_path, "h100", {GATE: {"roofline_fraction": 0.9, SPEEDUP: 3.0}}, margin=0.0, provenance=PROV_A)
     assert entry_of(path)["roofline_fraction"] == ungated and entry_of(path)[SPEEDUP]["floor"] == 3.0
+
+
+def test_a_gated_metric_that_was_not_measured_fails(tmp_path):
+    # A benchmark that stops reporting a metric its entry gates must not pass by saying nothing.
+    write(tmp_path, "h100", {GATE: {SPEEDUP: {"floor": 1.0}, "roofline_fraction": {"floor": 0.5}}})
+    verdicts = Expectations.load(tmp_path, "h100").check(GATE, {"roofline_fraction": 0.9})
+    assert [(v.metric, v.ok) for v in verdicts] == [(SPEEDUP, False), ("roofline_fraction", True)]
+    assert f"{SPEEDUP} not measured, floor 1.000" in str(verdicts[0])
+
+
+def test_update_keeps_what_a_matching_pattern_set(tmp_path):
+    # The exact entry an update writes wins over the pattern, so it must keep the pattern's higher
+    # floor, its hand-set floor and its ungated metric, and a gate the update does not change stays
+    # the pattern's alone.
+    hand = {"floor": 0.5, "why": "set by hand"}
+    ungated = {"ungated": "host-bound"}
+    path = write(tmp_path, "h100", {"decode_attention/*": {SPEEDUP: {"floor": 0.95}, "speedup_vs_baseline": hand,
+                                                          "overlap_fraction": ungated}})
+    update(tmp_path, "h100", {GATE: {SPEEDUP: 0.5, "speedup_vs_baseline": 9.0, "overlap_fraction": 0.2},
+                              "decode_attention/sdpa/paged/B4": {SPEEDUP: 0.5}},
+           margin=0.1, provenance=PROV_A)
+    gates = json.loads(path.read_text())["gates"]
+    assert set(gates) == {"decode_attention/*"}
+    update(tmp_path, "h100", {GATE: {SPEEDUP: 2.0, "speedup_vs_baseline": 9.0, "overlap_fraction": 0.2}},
+           margin=0.1, provenance=PROV_A)
+    entry = entry_of(path)
+    assert (entry[SPEEDUP]["floor"], entry["speedup_vs_baseline"], entry["overlap_fraction"]) == (1.8, hand, ungated)
+    exp = Expectations.load(tmp_path, "h100")
+    assert [(v.metric, v.floor) for v in exp.check(GATE, {SPEEDUP: 2.0, "speedup_vs_baseline": 9.0})] == [
+        (SPEEDUP, 1.8), ("speedup_vs_baseline", 0.5)]
 
 
 @pytest.mark.parametrize("text", [
@@ -226,6 +255,18 @@ def test_expectations_from_runs_of_two_gpus_are_refused(tmp_path, monkeypatch, c
         expectations_from_run.main()
     assert exit_info.value.code == 2
     assert "from different GPUs" in capsys.readouterr().err and not list(tmp_path.glob("h100.json"))
+
+
+@pytest.mark.parametrize("margin", ["-0.5", "1.2"])
+def test_expectations_from_run_refuses_a_margin_outside_0_1(tmp_path, monkeypatch, capsys, margin):
+    # -0.5 would put every floor above what was measured; 1.2 would write no floor at all
+    from tools import expectations_from_run
+    run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]
+    monkeypatch.setattr("sys.argv", ["x", str(run), "--margin", margin, "--expectations-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        expectations_from_run.main()
+    assert exit_info.value.code == 2
+    assert f"--margin {float(margin)}: must be in [0, 1)" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_host_dependent_metrics_get_the_wider_margin(tmp_path):

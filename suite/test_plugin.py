@@ -132,7 +132,7 @@ def test_a_bad_tma_tile_size_env_var_is_a_usage_error(inner, monkeypatch):
     inner.makepyfile("def test_x():\n    pass\n")
     result = inner.runpytest_subprocess("-p", "suite.plugin")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--tma-tile-size '100': needs powers of two" in result.stderr.str()
+    assert "TMA_TILE_SIZE (the default of --tma-tile-size) '100': needs powers of two" in result.stderr.str()
 
 
 def test_malformed_expectations_dir_is_a_usage_error(inner, tmp_path):
@@ -219,6 +219,25 @@ def test_launches_are_counted_after_every_timing_and_saved_with_the_run(inner, t
     assert (saved["extra_info"]["launch_calls_per_step"], saved["extra_info"]["gpu_work_items_per_step"]) == (5, 7)
 
 
+def test_benchmark_disable_runs_a_benchmark_once_and_skips_it(inner):
+    # pytest-benchmark's --benchmark-disable keeps no stats: the launch runs once, then a skip says why.
+    inner.makepyfile("""
+        from suite.timing import run_benchmark
+
+        CALLS = []
+
+        def test_timed(benchmark):
+            run_benchmark(benchmark, lambda: CALLS.append(1), device="cpu", rounds=5)
+
+        def test_called_once():
+            assert CALLS == [1]
+    """)
+    result = inner.runpytest("-p", "suite.plugin", "--benchmark-disable", "-rs")
+    assert result.ret == 0, result.stdout.str()
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*--benchmark-disable: launched once after its correctness check*"])
+
+
 def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, tmp_path):
     # a failed test's launches are not counted; a count that raises reaches extra_info and the summary
     inner.makepyfile("""
@@ -286,6 +305,15 @@ def test_compare_fail_without_a_saved_run_is_a_usage_error_at_the_start(inner, t
                              "--benchmark-compare-fail=median:10%")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "no saved run of this GPU to compare with" in result.stderr.str()
+    assert "ran" not in result.stdout.str()
+
+
+def test_compare_fail_without_compare_is_a_usage_error_naming_it(inner, tmp_path):
+    inner.makepyfile("def test_x():\n    raise AssertionError('ran')\n")
+    result = inner.runpytest("-p", "suite.plugin", f"--benchmark-storage=file://{tmp_path}",
+                             "--benchmark-compare-fail=median:10%")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--benchmark-compare-fail needs --benchmark-compare" in result.stderr.str()
     assert "ran" not in result.stdout.str()
 
 

@@ -132,3 +132,49 @@ def test_side_by_side_table_lists_a_host_timed_benchmark(tmp_path):
     assert f"{gate} (host-timed)" in [c.label for c in drawn["compare.png"]]
     assert (f"<td>{gate} (host-timed)</td><td>{1e6 * base[gate]:,.1f}</td>"
             f"<td>{1e6 * timed['stats']['median']:,.1f}</td>") in page
+
+
+def test_runs_of_different_gpus_are_not_compared(tmp_path, monkeypatch):
+    h200 = RUNS.parents[1] / "h200" / "Linux-CPython-3.12-64bit" / "0001_6daf42d_20261126_184310.json"
+    with pytest.raises(report.ReportError, match="NVIDIA H200.*NVIDIA H100 80GB HBM3.*different GPUs"):
+        report.build(h200, tmp_path / "out", RUN)
+    monkeypatch.setattr("sys.argv", ["report", str(RUN), "--compare", str(h200), "--out", str(tmp_path / "cli")])
+    with pytest.raises(SystemExit) as exit_info:
+        report.main()
+    assert exit_info.value.code == 2 and not (tmp_path / "cli" / "index.html").exists()
+
+
+def test_a_benchmark_saved_without_a_gate_id_is_drawn_by_its_name(tmp_path):
+    # pytest-benchmark saves a benchmark whose test failed after timing, before perf.record named it.
+    run = json.loads(RUN.read_text())
+    del run["benchmarks"][0]["extra_info"]["gate_id"]
+    name = run["benchmarks"][0]["name"]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    drawn = report.build(path, tmp_path / "out")
+    assert drawn[f"workload_{name}.png"] == [(name, run["benchmarks"][0]["stats"]["median"], None)]
+
+
+def test_cli_latest_leaves_out_trials_and_says_when_nothing_is_compared(tmp_path, monkeypatch, capsys):
+    gpu = tmp_path / ".benchmarks" / "h100"
+    (gpu / "Linux-CPython-3.12-64bit").mkdir(parents=True)
+    (gpu / report.TRIALS).mkdir()
+    shutil.copy(BASE, gpu / "Linux-CPython-3.12-64bit" / "0001_a.json")
+    trial = json.loads(RUN.read_text())
+    trial["datetime"] = "2999-01-01T00:00:00"  # newer than any run: still not the latest night's
+    (gpu / report.TRIALS / "0002_trial.json").write_text(json.dumps(trial))
+    monkeypatch.chdir(tmp_path)
+    assert report.saved_runs() == [Path(".benchmarks/h100/Linux-CPython-3.12-64bit/0001_a.json")]
+    monkeypatch.setattr("sys.argv", ["report", "--latest", "--compare-previous", "--out", "out"])
+    report.main()
+    assert "no run of this GPU saved before" in capsys.readouterr().out
+    assert "0001_a.json" in (tmp_path / "out" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("argv", [[], [str(RUN), "--latest"], [str(RUN), "--compare-previous"],
+                                  ["--latest", "--compare-previous", "--compare", str(BASE)]])
+def test_cli_usage_errors(argv, monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["report", *argv, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        report.main()
+    assert exit_info.value.code == 2

@@ -17,6 +17,7 @@ import datetime
 import json
 
 from suite.expectations import METRICS, hardware_key, update
+from suite.options import fraction
 
 
 def lowest(runs, metrics):
@@ -48,6 +49,8 @@ def main():
     parser.add_argument("--expectations-dir", default="expectations")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS))
     args = parser.parse_args()
+    if fraction(args.margin):
+        parser.error(f"--margin {args.margin}: {fraction(args.margin)}")
     runs = [json.load(open(path)) for path in args.runs]
     keys = {path: hardware_key(run["machine_info"]["gpu"]["name"]) for path, run in zip(args.runs, runs)}
     if len(set(keys.values())) > 1:

@@ -25,11 +25,16 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first: no 
 ROW_INCHES = 0.16  # height per benchmark row
 NOISE_FLOOR = 0.02  # changes under 2% are never called, however quiet the rounds
 SPEEDUP_PREFERENCE = ("speedup_vs_baseline", "speedup_vs_anchor", "speedup_vs_bf16", "speedup_vs_graphs")
+TRIALS = "partial"  # .benchmarks/<gpu>/partial/: single-workload runs and trials, never a night's run
+
+
+class ReportError(Exception):
+    pass
 
 
 def load(path):
     """(machine info, [benchmark rows]) of a saved run; a row: gate_id, workload, seconds, iqr,
-    extra_info."""
+    extra_info. A benchmark saved without a gate_id (its test failed after timing) goes by its name."""
     run = json.loads(Path(path).read_text())
     rows = []
     for b in run["benchmarks"]:
@@ -54,7 +59,7 @@ def workload_chart(rows, workload, path):
     for r in mine:
         name = next((m for m in SPEEDUP_PREFERENCE if m in r["extra"]), None)
         drawn.append((r["gate_id"], r["seconds"], r["extra"][name] if name else None))
-    labels = [g.split("/", 1)[1] for g, _, _ in drawn]
+    labels = [g.split("/", 1)[-1] for g, _, _ in drawn]
     fig, (left, right) = plt.subplots(1, 2, sharey=True, figsize=(13, 1.5 + ROW_INCHES * len(drawn)))
     y = range(len(drawn))
     left.barh(y, [1e6 * s for _, s, _ in drawn])
@@ -195,7 +200,12 @@ def build(run_path, out_dir, base_path=None):
             sections.append((f"Timeline: {r['gate_id']}", str(Path(timeline).resolve())))
     changes = []
     if base_path:
-        changes = compare(load(base_path)[1], rows)
+        base_machine, base_rows = load(base_path)
+        base_gpu = base_machine.get("gpu", {}).get("name")
+        if base_gpu != gpu.get("name"):
+            raise ReportError(f"{run_path} ran on {gpu.get('name')!r}, {base_path} on {base_gpu!r}: runs of "
+                              f"different GPUs are not compared")
+        changes = compare(base_rows, rows)
         drawn["compare.png"] = compare_chart(changes, out / "compare.png")
         sections.append((f"Compared with {Path(base_path).name}", "compare.png"))
     body = [f"<h1>Kernel suite run: {html.escape(Path(run_path).name)}</h1>",
@@ -219,9 +229,9 @@ def build(run_path, out_dir, base_path=None):
 
 
 def saved_runs(root=".benchmarks"):
-    """Saved runs under root (autosave's <gpu>/<machine>/NNNN_*.json), oldest first by the time
-    each run recorded (a fresh checkout gives every file the same mtime)."""
-    return sorted(Path(root).glob("*/*/[0-9][0-9][0-9][0-9]_*.json"),
+    """Saved runs under root (autosave's <gpu>/<machine>/NNNN_*.json, trials left out), oldest first
+    by the time each run recorded (a fresh checkout gives every file the same mtime)."""
+    return sorted((p for p in Path(root).glob("*/*/[0-9][0-9][0-9][0-9]_*.json") if p.parent.name != TRIALS),
                   key=lambda p: (json.loads(p.read_text()).get("datetime", ""), p.name))
 
 
@@ -234,7 +244,9 @@ def main():
     parser.add_argument("--out", default="report")
     args = parser.parse_args()
     if args.latest == bool(args.run):
-        parser.error("give a run or --latest, not both")
+        parser.error("give either a run or --latest")
+    if args.compare_previous and (not args.latest or args.compare):
+        parser.error("--compare-previous goes with --latest and without --compare")
     base = args.compare
     if args.latest:
         runs = saved_runs()
@@ -242,9 +254,15 @@ def main():
             parser.error("--latest: no saved run under .benchmarks/")
         args.run = runs[-1]
         same_gpu = [r for r in runs[:-1] if r.parent == args.run.parent]
-        if args.compare_previous and same_gpu:
-            base = same_gpu[-1]
-    build(args.run, args.out, base)
+        if args.compare_previous:
+            if same_gpu:
+                base = same_gpu[-1]
+            else:
+                print(f"--compare-previous: no run of this GPU saved before {args.run}: nothing to compare")
+    try:
+        build(args.run, args.out, base)
+    except ReportError as exc:
+        parser.error(str(exc))
     print(f"report: {Path(args.out) / 'index.html'}")
 
 
