@@ -39,3 +39,13 @@ def check_head_dim(name, head_dim, supported=HEAD_DIMS):
 def check_power_of_two(name, value):
     if not isinstance(value, int) or value < 1 or value & (value - 1):
         raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+
+
+def check_out(out, shape, dtype, device):
+    """A caller's output buffer: a contiguous tensor of this shape, dtype and device."""
+    check_tensor("out", out, dtypes=(dtype,))
+    check_shape("out", out, shape)
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, expected {device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")

@@ -12,8 +12,7 @@ import torch
 from kernels import cuda_build
 from kernels.checks import HEAD_DIMS
 from kernels.cuda_decode_attention import GROUP_CLASSES, group_max
-from kernels.decode_loop import _check_caches
-from kernels.tiny_decoder import RMS_EPS, check_decode
+from kernels.tiny_decoder import RMS_EPS, check_decode, decode_out
 
 ATT_WARPS = 8  # as decode_loop.cu (it traps when given less shared memory than it uses)
 THREADS = ATT_WARPS * 32
@@ -27,7 +26,7 @@ class _LoopArgs(ctypes.Structure):  # decode_loop.cu's LoopArgs, field for field
                 ("h_in", "w_qkv", "w_o", "gamma", "k", "v", "seq_lens", "out")] + \
         [("eps", ctypes.c_float), ("qk_scale", ctypes.c_float)] + \
         [(name, ctypes.c_int64) for name in ("stride_kb", "stride_kh", "stride_kl")] + \
-        [(name, ctypes.c_int32) for name in ("steps", "q_heads", "kv_heads", "group", "d_model", "width")]
+        [(name, ctypes.c_int32) for name in ("steps", "kv_heads", "group", "d_model", "width")]
 
 
 def smem_bytes(head_dim, group, d_model, width):
@@ -37,42 +36,37 @@ def smem_bytes(head_dim, group, d_model, width):
     return union + (merge + 3 * d_model + width) * 4 + d_model * 2
 
 
-def _check_native(weights, h, k_cache, v_cache, seq_lens, fmt):
+def _check_native(weights, h, k_cache, v_cache, fmt):
+    # after tiny_decoder.check_decode: what the native loop needs beyond every loop's checks
     w = weights
     if fmt != "none":
         raise ValueError(f"k_cache: cuda_persistent reads fp16/bf16 caches, got {fmt} "
                          "(the Triton and graph loops read the quantized formats)")
     if h.device.type != "cuda":
         raise ValueError(f"h is on {h.device}: cuda_persistent needs a CUDA tensor")
-    for name, t in (("h", h), ("seq_lens", seq_lens)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    if w.head_dim not in HEAD_DIMS:
-        raise ValueError(f"weights: head dim {w.head_dim} is not supported by cuda_persistent; supported: {HEAD_DIMS}")
     if w.q_heads // w.kv_heads > GROUP_CLASSES[-1]:
         raise ValueError(f"weights: {w.q_heads // w.kv_heads} query heads per KV head exceed {GROUP_CLASSES[-1]}")
     for name, t in (("w_qkv", w.w_qkv), ("w_o", w.w_o), ("gamma", w.gamma)):
-        if not t.is_contiguous() or t.data_ptr() % ROW_ALIGN:
-            raise ValueError(f"weights.{name} must be contiguous and {ROW_ALIGN}-byte aligned")
+        if t.data_ptr() % ROW_ALIGN:
+            raise ValueError(f"weights.{name} must be {ROW_ALIGN}-byte aligned")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.data_ptr() % ROW_ALIGN or any(s * t.element_size() % ROW_ALIGN for s in t.stride()[:-1]):
             raise ValueError(f"{name}: rows must be {ROW_ALIGN}-byte aligned (strides {t.stride()})")
 
 
-def cuda_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None):
-    """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model].
-    h: [B, d_model]; k/v: [B, Hkv, L_max, D]; seq_lens: [B] int32, advanced by `steps`."""
+def cuda_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):
+    """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model] (out
+    when given). h: [B, d_model]; k/v: [B, Hkv, L_max, D]; seq_lens: [B] int32, advanced by `steps`."""
     w = weights
-    fmt = _check_caches(w, h, k_cache, v_cache, k_scale, v_scale)
-    check_decode(w, h, k_cache, seq_lens, steps)
-    _check_native(w, h, k_cache, v_cache, seq_lens, fmt)
+    fmt = check_decode(w, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
+    _check_native(w, h, k_cache, v_cache, fmt)
     batch, group = h.shape[0], w.q_heads // w.kv_heads
     width = (w.q_heads + 2 * w.kv_heads) * w.head_dim
-    out = torch.empty(batch, steps, w.d_model, device=h.device, dtype=h.dtype)
+    out = decode_out(w, h, steps, out)
     args = _LoopArgs(h.data_ptr(), w.w_qkv.data_ptr(), w.w_o.data_ptr(), w.gamma.data_ptr(), k_cache.data_ptr(),
                      v_cache.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), RMS_EPS,
                      math.log2(math.e) / math.sqrt(w.head_dim), k_cache.stride(0), k_cache.stride(1),
-                     k_cache.stride(2), steps, w.q_heads, w.kv_heads, group, w.d_model, width)
+                     k_cache.stride(2), steps, w.kv_heads, group, w.d_model, width)
     defines = (("ELEM_BF16", int(h.dtype == torch.bfloat16)), ("GROUP_MAX", group_max(group)),
                ("HEAD_DIM", w.head_dim), ("STAGES", STAGES))
     kernel = cuda_build.kernel("decode_loop", "decode_loop_persistent", h.device.index, defines)

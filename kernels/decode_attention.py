@@ -8,11 +8,13 @@ all g = Hq // Hkv query heads of its KV head at once (K and V are read once per 
 chunks of a sequence are merged by their log-sum-exp.
 - triton_split_kv: flash-decoding, grid (B * Hkv, max_chunks), tiles past a sequence's end exit;
   partials go to a workspace and a second kernel merges them.
-- triton_persistent: one launch, grid = SM count x 2 to 4, all resident at once (registers are
-  capped where a build needs more); each program walks a work list of (sequence, KV head, chunk)
-  tiles built in-kernel from seq_lens, so every program gets the same number of equal-sized tiles
-  however unequal the lengths are. A single-chunk tile writes the output directly; otherwise the
-  last tile of a (sequence, KV head) to finish merges its partials.
+- triton_persistent: one launch of up to 4 programs per SM, fewer where the work has fewer tiles
+  (kernels/decode_plan.py chooses unless num_programs is given; `python -m tools.decode_launches`
+  lists the grids), all resident at once (registers are capped where a build needs more); each program
+  walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens, so every
+  program gets the same number of equal-sized tiles however unequal the lengths are. A
+  single-chunk tile writes the output directly; otherwise the last tile of a (sequence, KV head)
+  to finish merges its partials.
 
 Quantized caches (int8, fp8, int4) are read as 16-bit units split into fp16 planes
 (kernels/kv_planes.py) wherever they view as such, else byte by byte (_attend_chunk).
@@ -250,9 +252,9 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
                        GROUP, HEAD_DIM, BLOCK_H)
 
 
-@triton.jit(do_not_specialize=("num_q_heads", "num_kv_heads", "max_chunks"))
+@triton.jit(do_not_specialize=("num_q_heads", "max_chunks"))
 def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
-                    num_q_heads, num_kv_heads, max_chunks, chunk_size,
+                    num_q_heads, max_chunks, chunk_size,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                     MERGE_C: tl.constexpr):
     # grid (B, Hkv)
@@ -346,6 +348,7 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
         raise ValueError(f"q has {num_q_heads} heads, not a multiple of k_cache's {num_kv_heads} KV heads")
     check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=q.device)
     check_shape("seq_lens", seq_lens, (batch,))
+    check_unit_stride_last("seq_lens", seq_lens)
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
         check_shape("out", out, q.shape)
@@ -428,8 +431,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
         if registers > cap:
             meta["maxnreg"] = cap
         fits_per_sm = hw.shared_memory_per_sm(q.device) // (shared + plan.BLOCK_RESERVED_SHARED)
-    merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1),
-                  num_q_heads, num_kv_heads, max_chunks, chunk)
+    merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, max_chunks, chunk)
 
     def launch():
         kernel[grid(max_chunks)](*args, **meta)

@@ -14,28 +14,29 @@ replay on a high-priority stream alone does not).
 import torch
 
 from kernels.graph_priority import PriorityGraph, capture
-from kernels.tiny_decoder import bind_quantized, check_decode, decode_step
+from kernels.tiny_decoder import bind_quantized, check_decode, decode_out, decode_step
 
 GRAPH_MODES = ("full", "piecewise", "full_and_piecewise")
 
 
 def graph_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, mode="full", max_capture=64, k_scale=None,
-                 v_scale=None, priority=None):
+                 v_scale=None, priority=None, out=None):
     # h: [B, d_model]; k/v: [B, Hkv, L_max, D] (kv_quant formats with k/v_scale [B, Hkv, L_max]);
-    # seq_lens: [B] int32 on a CUDA device
+    # seq_lens: [B] int32 on a CUDA device; out: the outputs [B, steps, d_model], or None (the
+    # capture's warm-up writes it too: poison it after binding, not before)
     if h.device.type != "cuda":
         raise ValueError(f"h is on {h.device}: CUDA graphs need a CUDA device")
     if mode not in GRAPH_MODES:
         raise ValueError(f"mode must be one of {GRAPH_MODES}, got {mode!r}")
     if max_capture < 1:
         raise ValueError(f"max_capture must be >= 1, got {max_capture}")
-    check_decode(weights, h, k_cache, seq_lens, steps)
+    check_decode(weights, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     quantized = bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
     if mode == "full_and_piecewise":
         mode = "full" if steps <= max_capture else "piecewise"
     h0, static_h = h.clone(), h.clone()
     start_lens = seq_lens.clone()
-    out = torch.empty(h.shape[0], steps, weights.d_model, device=h.device, dtype=h.dtype)
+    out = decode_out(weights, h, steps, out)
 
     def body():
         if mode == "full":

@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from kernels import kv_quant
-from kernels.checks import check_power_of_two, check_shape, check_tensor, check_unit_stride_last
+from kernels.checks import check_power_of_two
 from kernels.decode_attention import _attend_chunk, _store_heads
-from kernels.tiny_decoder import RMS_EPS, check_decode
+from kernels.tiny_decoder import RMS_EPS, check_decode, decode_out
 
 BLOCK_N = 64  # KV positions per attention step (--block-k)
 BLOCK_K = 64  # reduction rows of a weight tile
@@ -144,24 +144,13 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
     tl.store(seq_lens_ptr + b, seq_len)
 
 
-def _check_caches(weights, h, k_cache, v_cache, k_scale, v_scale):
-    w = weights
-    check_tensor("h", h, dtypes=(w.w_qkv.dtype,), ndim=2, device=w.w_qkv.device)
-    check_unit_stride_last("h", h)
-    fmt = kv_quant.check_caches(h.dtype, h.device, k_cache, v_cache, k_scale, v_scale)
-    stored = kv_quant.values_per_byte_row(fmt, w.head_dim)
-    check_shape("k_cache", k_cache, (h.shape[0], w.kv_heads, k_cache.shape[2], stored))
-    return fmt
-
-
 def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None,
-                      block_k=BLOCK_N):
-    """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model].
-    h: [B, d_model]; k/v: [B, Hkv, L_max, D] (or a kv_quant format with k/v_scale [B, Hkv, L_max]);
-    seq_lens: [B] int32, advanced by `steps` like every decode loop."""
+                      block_k=BLOCK_N, out=None):
+    """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model]
+    (out when given). h: [B, d_model]; k/v: [B, Hkv, L_max, D] (or a kv_quant format with k/v_scale
+    [B, Hkv, L_max]); seq_lens: [B] int32, advanced by `steps` like every decode loop."""
     w = weights
-    fmt = _check_caches(w, h, k_cache, v_cache, k_scale, v_scale)
-    check_decode(w, h, k_cache, seq_lens, steps)
+    fmt = check_decode(w, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     check_power_of_two("block_k", block_k)
     if block_k < DOT_ROWS:
         raise ValueError(f"block_k {block_k} must be >= {DOT_ROWS} (tl.dot needs >= 16)")
@@ -174,7 +163,7 @@ def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=
     width = (w.q_heads + 2 * w.kv_heads) * w.head_dim
     scratch = torch.empty(batch, w.d_model + width, device=h.device, dtype=torch.float32)
     model_scratch = torch.empty(batch, 3 * w.d_model, device=h.device, dtype=h.dtype)
-    out = torch.empty(batch, steps, w.d_model, device=h.device, dtype=h.dtype)
+    out = decode_out(w, h, steps, out)
     args = (h, w.w_qkv, w.w_o, w.gamma, k_cache, v_cache, k_scale, v_scale, seq_lens, out, scratch, model_scratch,
             steps, RMS_EPS, math.log2(math.e) / math.sqrt(w.head_dim),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides)

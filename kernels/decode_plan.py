@@ -62,13 +62,14 @@ PAGED_ONE_WAVE_STAGES = 5
 # GB10 has about 100 KB per SM) may not hold such a build.
 LONG_PAGED_TILE = 4096
 LONG_PAGED_TILE_STAGES = 4
-# Persistent grid = SM count x this at most. 3 CTAs fit an SM at <= 72 KB of shared memory and <= 168
-# registers x 128 threads each (suite/kernel_ir.py prints what a build uses). With equal tiles
-# (uniform lengths, contiguous cache) choose_programs may take 2 per SM, when that fills the last
-# wave better (B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on 396), and then no more
-# programs than share the tiles equally. Where an SM's shared memory holds fewer of the build
-# (consumer Blackwell: 100 KB, one 72 KB build), triton_persistent plans again with
-# max_programs_per_sm, so the grid stays one wave; untuned there: no such GPU has run it.
+# Persistent grid = SM count x this at most for fp16/bf16 caches, except where tiles take
+# SHORT_BLOCK_N steps on up to SHORT_PROGRAMS_PER_SM per SM (below). 3 CTAs fit an SM at <= 72 KB of
+# shared memory and <= 168 registers x 128 threads each (suite/kernel_ir.py prints what a build
+# uses). With equal tiles (uniform lengths, contiguous cache) choose_programs may take 2 per SM,
+# when that fills the last wave better (B64-L4096 1024 tiles, 365 us on 264 programs vs 373 us on
+# 396), and then no more programs than share the tiles equally. Where an SM's shared memory holds
+# fewer of the build (consumer Blackwell: 100 KB, one 72 KB build), triton_persistent plans again
+# with max_programs_per_sm, so the grid stays one wave; untuned there: no such GPU has run it.
 PROGRAMS_PER_SM = 3
 QUANT_PROGRAMS_PER_SM = 2  # quantized caches: H100, B64-L4096, int8 243 vs 282 us, fp8 227 vs 259 us
 # Quantized tiles are instruction-bound: uniform lengths take longer tiles (longest_equal_tile) only

@@ -54,21 +54,36 @@ class SwapSpace:
         self.stage_in = torch.empty_like(self.stage_out)
         self.pinned = pinned or target is not None  # the copies are asynchronous
 
-    def _check(self, pages, slot):
+    def _check(self, pages, slot, name="pages"):
+        """Validate a swap of pages (named `name` in errors) from or to slot: distinct pages of the
+        caches, which the slots from slot on hold. Syncs once."""
         n = pages.numel()
         if pages.dtype != torch.int64 or pages.dim() != 1 or pages.device != self.caches[0].device:
-            raise ValueError(f"pages must be a 1-D int64 tensor on {self.caches[0].device}, got "
+            raise ValueError(f"{name} must be a 1-D int64 tensor on {self.caches[0].device}, got "
                              f"{pages.dtype} {tuple(pages.shape)} on {pages.device}")
         if not 1 <= n <= self.stage_out.shape[1]:
-            raise ValueError(f"pages: 1 to {self.stage_out.shape[1]} pages per swap, got {n}")
+            raise ValueError(f"{name}: 1 to {self.stage_out.shape[1]} pages per swap, got {n}")
         if not 0 <= slot <= self.host.shape[1] - n:
             raise ValueError(f"slot {slot}: {n} pages from it overrun the {self.host.shape[1]} host slots")
-        return n
+        num_pages = self.caches[0].shape[0]
+        ordered = pages.sort().values
+        repeated = (ordered[1:] == ordered[:-1]).sum()
+        lowest, highest, repeats = torch.stack([ordered[0], ordered[-1], repeated]).tolist()
+        if lowest < 0 or highest >= num_pages:
+            raise ValueError(f"{name}: page indices must be in [0, {num_pages}) (the caches' pages), "
+                             f"got {lowest} to {highest}")
+        if repeats:  # index_copy_ into one page twice keeps either copy
+            raise ValueError(f"{name} must hold distinct pages, got {repeats} repeats")
 
     def swap_out(self, pages, slot):
         """GPU pages -> host slots slot .. slot + len(pages) (enqueued on the current stream):
-        both gathers, then both copies."""
-        n = self._check(pages, slot)
+        both gathers, then both copies. Checks its arguments (one sync); SwapRound's swaps, whose
+        pages bind() checked, run _swap_out."""
+        self._check(pages, slot)
+        self._swap_out(pages, slot)
+
+    def _swap_out(self, pages, slot):
+        n = pages.numel()
         for i, cache in enumerate(self.caches):
             torch.index_select(cache, 0, pages, out=self.stage_out[i, :n])
         for i in range(2):
@@ -76,8 +91,12 @@ class SwapSpace:
 
     def swap_in(self, slot, pages):
         """Host slots slot .. slot + len(pages) -> GPU pages (enqueued on the current stream):
-        both copies, then both scatters."""
-        n = self._check(pages, slot)
+        both copies, then both scatters. Checks its arguments (one sync), as swap_out."""
+        self._check(pages, slot)
+        self._swap_in(slot, pages)
+
+    def _swap_in(self, slot, pages):
+        n = pages.numel()
         for i in range(2):
             self.stage_in[i, :n].copy_(self.host[i, slot:slot + n], non_blocking=self.pinned)
         for i, cache in enumerate(self.caches):
@@ -96,15 +115,16 @@ class SwapRound:
     peer_streams: tuple = ()  # peer: the same pair on the peer GPU
 
     def _enqueue_swap(self):
+        # bind() checked the pages: the round's swaps skip the checks' sync
         n_out = self.out_pages.numel()
         if not self.streams:
-            self.space.swap_out(self.out_pages, 0)
-            self.space.swap_in(n_out, self.in_pages)
+            self.space._swap_out(self.out_pages, 0)
+            self.space._swap_in(n_out, self.in_pages)
             return
         caller = torch.cuda.current_stream()
         peers = self.peer_streams or (None, None)
-        for stream, peer, run in zip(self.streams, peers, (lambda: self.space.swap_out(self.out_pages, 0),
-                                                           lambda: self.space.swap_in(n_out, self.in_pages))):
+        for stream, peer, run in zip(self.streams, peers, (lambda: self.space._swap_out(self.out_pages, 0),
+                                                           lambda: self.space._swap_in(n_out, self.in_pages))):
             stream.wait_stream(caller)  # the previous round's step is done with its pages
             with torch.cuda.stream(stream), torch.cuda.stream(peer):  # stream(None): no change
                 run()
@@ -141,6 +161,8 @@ def bind(variant, step, k_pages, v_pages, out_pages, in_pages, *, peer=None):
     optimized = variant != "baseline" and k_pages.device.type == "cuda"
     space = SwapSpace(k_pages, v_pages, n_out + n_in, max(n_out, n_in), pinned=variant == "optimized" and optimized,
                       target=peer)
+    space._check(out_pages, 0, "out_pages")
+    space._check(in_pages, n_out, "in_pages")
     space.host.normal_()  # the swapped-in slots hold pages that left earlier: random, never zeros
     # The copy streams run at the highest priority: when a round starts, their gathers and the step
     # become ready together, and a step that took every SM first would hold the gathers (and so the

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels import kv_quant
+from kernels.checks import check_head_dim, check_unit_stride_last
 from kernels.decode_attention import _attend_chunk
 
 VARIANTS = ("baseline", "optimized")
@@ -176,9 +177,13 @@ class Decoder:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"q must be [B, Hq, D] fp16/bf16, got {tuple(q.shape)} {q.dtype}")
+        check_unit_stride_last("q", q)
         chunks, batch, chunk, kv_heads, head_dim = host.k.shape
         if q.shape[0] != batch or q.shape[2] != head_dim or q.shape[1] % kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit the host KV [B {batch}, Hkv {kv_heads}, D {head_dim}]")
+        check_head_dim("q", head_dim)
+        if host.length < 1:
+            raise ValueError(f"host holds {host.length} tokens: attention needs a context of at least one")
         self.q, self.host = q, host
         self.fused = variant == "optimized" and host.fmt == "fp8"
         pinned = variant == "optimized" and q.device.type == "cuda"

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_power_of_two
+from kernels.checks import check_out, check_power_of_two
 from kernels.decode_attention import check_decode_args
 
 CHUNKS = (64, 256, 1024, 4096, 16384)  # positions per program: the floor is the fastest tiling
@@ -58,10 +58,11 @@ def _paged_read(k_ptr, v_ptr, seq_lens_ptr, block_table_ptr, partial_ptr, stride
     tl.store(partial_ptr + pid, tl.sum(acc))
 
 
-def paged_read(q, k_cache, v_cache, seq_lens, block_table, *, chunk, k_scale=None, v_scale=None):
+def paged_read(q, k_cache, v_cache, seq_lens, block_table, *, chunk, k_scale=None, v_scale=None, out=None):
     # the paged decode kernels' arguments (q only sets the checks' batch and device); k/v: [pages,
-    # page_size, Hkv, D] fp16/bf16; returns launch() -> [B, Hkv, n_chunks] float32, each program's
-    # sum over its positions of k * v (so no load is dead code, and a test can check the rows read)
+    # page_size, Hkv, D] fp16/bf16; returns launch() -> [B, Hkv, n_chunks] float32 (out when given),
+    # each program's sum over its positions of k * v (so no load is dead code, and a test can check
+    # the rows read)
     if block_table is None:
         raise ValueError("block_table is None: paged_read reads a paged cache")
     # also: unit stride in D, and v_cache strided as k_cache (the kernel reads both at one offset)
@@ -70,7 +71,9 @@ def paged_read(q, k_cache, v_cache, seq_lens, block_table, *, chunk, k_scale=Non
         raise ValueError(f"k_cache: an {dims.quant} cache; paged_read reads fp16/bf16 caches")
     check_power_of_two("chunk", chunk)
     n_chunks = triton.cdiv(dims.max_len, chunk)
-    partial = torch.empty((dims.batch, dims.num_kv_heads, n_chunks), dtype=torch.float32, device=q.device)
+    shape = (dims.batch, dims.num_kv_heads, n_chunks)
+    partial = torch.empty(shape, dtype=torch.float32, device=q.device) if out is None else out
+    check_out(partial, shape, torch.float32, q.device)
     grid = (partial.numel(),)
 
     def launch():

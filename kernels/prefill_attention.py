@@ -26,7 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import hw
 from kernels.checks import (ATTENTION_DTYPES, SharedMemoryTooSmall, check_head_dim, check_power_of_two,
-                            check_shape, check_tensor)
+                            check_shape, check_tensor, check_unit_stride_last)
 from kernels.sdpa_decode import BACKENDS  # one table of SDPA backends for the suite
 
 # head dim -> default (BLOCK_M, BLOCK_N) per variant: the fastest of tools/tune_prefill_attention on
@@ -125,13 +125,14 @@ def check_prefill_args(q, k, v, cu_seqlens, out):
     kv_heads = k.shape[1]
     if kv_heads < 1 or q_heads % kv_heads:
         raise ValueError(f"q has {q_heads} heads, not a multiple of k's {kv_heads} KV heads")
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if t is not None and (t.stride(2) != 1 or t.stride(1) != head_dim):
-            raise ValueError(f"{name} must hold each token's [heads, D] contiguously, got strides {t.stride()}")
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
         check_shape("out", out, q.shape)
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t is not None and (t.stride(2) != 1 or t.stride(1) != head_dim):
+            raise ValueError(f"{name} must hold each token's [heads, D] contiguously, got strides {t.stride()}")
     check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=q.device)
+    check_unit_stride_last("cu_seqlens", cu_seqlens)
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must hold batch + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
     offsets = cu_seqlens.tolist()

@@ -59,6 +59,7 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
     check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=k.device)
+    check_unit_stride_last("cu_seqlens", cu_seqlens)
     batch = cu_seqlens.shape[0] - 1
     if batch < 1:
         raise ValueError(f"cu_seqlens must hold batch + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")

@@ -27,6 +27,7 @@ class Request:
     prefill: Callable  # enqueue the prefill: the caches, seq_lens and h_last hold its results
     decode: Callable  # enqueue T decode steps -> outputs [B, T, d_model]
     reset: Callable  # seq_lens back to the prompt lengths (each decode advances them)
+    out: torch.Tensor  # [B, T, d_model]: what decode() writes and returns
     streams: tuple = ()  # optimized on a GPU: (prefill's low-priority, decode's high-priority)
 
     def __call__(self):
@@ -90,16 +91,17 @@ def bind(weights, prompts, steps, variant, *, tile=None):
     k_cache = torch.zeros(len(prompts), w.kv_heads, max(lengths) + steps, w.head_dim, device=device, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     h_last = torch.empty(len(prompts), w.d_model, device=device, dtype=dtype)
+    out = torch.empty(len(prompts), steps, w.d_model, device=device, dtype=dtype)
     start_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
     seq_lens = start_lens.clone()
     attention = "triton_cp_async" if variant == "baseline" else "triton_tma"
     prefill = _prefill(w, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm=variant == "optimized")
     if variant == "baseline":
         def decode():
-            return tiny_decoder.eager_decode(w, h_last, k_cache, v_cache, seq_lens, steps)
+            return tiny_decoder.eager_decode(w, h_last, k_cache, v_cache, seq_lens, steps, out=out)
         streams = ()
     else:
-        decode = decode_loop.triton_persistent(w, h_last, k_cache, v_cache, seq_lens, steps)
+        decode = decode_loop.triton_persistent(w, h_last, k_cache, v_cache, seq_lens, steps, out=out)
         streams = ()
         if device.type == "cuda":
             lowest, highest = torch.cuda.Stream.priority_range()  # (0, -n): lower numbers run first
@@ -108,4 +110,4 @@ def bind(weights, prompts, steps, variant, *, tile=None):
     def reset():  # returns nothing: pytest-benchmark takes a setup's return value as arguments
         seq_lens.copy_(start_lens)
 
-    return Request(prefill, decode, reset, streams)
+    return Request(prefill, decode, reset, out, streams)

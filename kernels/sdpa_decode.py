@@ -22,7 +22,8 @@ BACKENDS = {
 
 
 def pad_paged(cache, block_table, length):
-    # cache: [pages, page_size, Hkv, D] -> [B, Hkv, length, D]: one gather of whole pages, as a strided view
+    # cache: [pages, page_size, Hkv, D] -> [B, Hkv, length, D]: one gather of whole pages, as a strided view;
+    # every entry of block_table's first cdiv(length, page_size) columns must be a page of cache
     page_size = cache.shape[1]
     pages = block_table[:, : (length + page_size - 1) // page_size].long()
     return cache[pages].flatten(1, 2)[:, :length].transpose(1, 2)
@@ -36,6 +37,13 @@ def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=N
     if gather_in_launch and block_table is None:
         raise ValueError("gather_in_launch: block_table is None; a contiguous cache has no pages to gather")
     length = dims.max_len
+    if block_table is not None:
+        # Entries past a sequence's own pages may hold anything (check_decode_args reads only the
+        # used ones); their positions are masked, so they are gathered as page 0, which exists.
+        page_size = k_cache.shape[1]
+        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < \
+            (seq_lens[:, None] + page_size - 1) // page_size
+        block_table = torch.where(used, block_table, 0)
 
     def gather():
         return pad_paged(k_cache, block_table, length), pad_paged(v_cache, block_table, length)

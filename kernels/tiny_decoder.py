@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import decode_attention, kv_quant
-from kernels.checks import ATTENTION_DTYPES, HEAD_DIMS
+from kernels.checks import (ATTENTION_DTYPES, HEAD_DIMS, check_head_dim, check_out, check_shape, check_tensor,
+                            check_unit_stride_last)
 
 RMS_EPS = 1e-6
 
@@ -89,15 +90,44 @@ def prefill(weights, prompts, capacity):
     return torch.stack(last), k_cache, v_cache, seq_lens
 
 
-def check_decode(weights, h, k_cache, seq_lens, steps):
-    # h: [B, d_model]; k_cache: [B, Hkv, L_max, D]; seq_lens: [B] int32. Syncs once.
-    if h.dim() != 2 or h.shape[1] != weights.d_model:
-        raise ValueError(f"h has shape {tuple(h.shape)}, expected [B, {weights.d_model}]")
+def check_decode(weights, h, k_cache, v_cache, seq_lens, steps, k_scale=None, v_scale=None) -> str:
+    """Validate a decode loop's call (SPEC 7), for every loop variant; returns the caches' kv_quant
+    format. h: [B, d_model]; k/v: [B, Hkv, L_max, D] (kv_quant formats with k/v_scale
+    [B, Hkv, L_max]); seq_lens: [B] int32, the positions each cache holds. Syncs once."""
+    w = weights
+    dtype, device = w.w_qkv.dtype, w.w_qkv.device
+    check_head_dim("weights", w.head_dim)
+    if w.kv_heads < 1 or w.q_heads % w.kv_heads:
+        raise ValueError(f"weights: q_heads {w.q_heads} is not a multiple of kv_heads {w.kv_heads}")
+    width = (w.q_heads + 2 * w.kv_heads) * w.head_dim
+    for name, t, shape in (("w_qkv", w.w_qkv, (w.d_model, width)), ("w_o", w.w_o, (w.d_model, w.d_model)),
+                           ("gamma", w.gamma, (w.d_model,))):
+        check_tensor(f"weights.{name}", t, dtypes=(dtype,), device=device)
+        check_shape(f"weights.{name}", t, shape)
+        if not t.is_contiguous():  # the persistent loops read it row-major
+            raise ValueError(f"weights.{name} must be contiguous, got strides {t.stride()}")
+    check_tensor("h", h, dtypes=(dtype,), ndim=2, device=device)
+    batch = h.shape[0]
+    check_shape("h", h, (batch, w.d_model))
+    if batch < 1:
+        raise ValueError(f"h has shape {tuple(h.shape)}: the batch must hold at least one sequence")
+    if not h.is_contiguous():  # the persistent loops read rows d_model apart
+        raise ValueError(f"h must be contiguous, got strides {h.stride()}")
+    fmt = kv_quant.check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale)
+    stored = kv_quant.values_per_byte_row(fmt, w.head_dim)
+    check_shape("k_cache", k_cache, (batch, w.kv_heads, k_cache.shape[2], stored))
+    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=device)
+    check_shape("seq_lens", seq_lens, (batch,))
+    check_unit_stride_last("seq_lens", seq_lens)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    longest, capacity = int(seq_lens.max()), k_cache.shape[2]
+    shortest, longest = torch.stack([seq_lens.min(), seq_lens.max()]).tolist()
+    if shortest < 0:  # a step appends at position seq_lens[b]
+        raise ValueError(f"seq_lens must be >= 0 (positions the cache holds), got min {shortest}")
+    capacity = k_cache.shape[2]
     if longest + steps > capacity:
         raise ValueError(f"seq_lens max {longest} + steps {steps} exceeds the cache capacity {capacity}")
+    return fmt
 
 
 class QuantizedKV:
@@ -152,12 +182,23 @@ def bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens):
     return QuantizedKV(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
 
 
-def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None):
-    """The baseline: `steps` decode steps as a host loop of torch ops -> outputs [B, steps, d_model].
-    Quantized caches (kernels/kv_quant.py) come with k_scale, v_scale [B, Hkv, L_max]."""
-    check_decode(weights, h, k_cache, seq_lens, steps)
+def decode_out(weights, h, steps, out):
+    """A decode loop's outputs [B, steps, d_model] in h's dtype and device: out, checked, or a new
+    tensor when out is None."""
+    shape = (h.shape[0], steps, weights.d_model)
+    if out is None:
+        return torch.empty(shape, device=h.device, dtype=h.dtype)
+    check_out(out, shape, h.dtype, h.device)
+    return out
+
+
+def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):
+    """The baseline: `steps` decode steps as a host loop of torch ops -> outputs [B, steps, d_model]
+    (written into out when given). Quantized caches (kernels/kv_quant.py) come with k_scale,
+    v_scale [B, Hkv, L_max]."""
+    check_decode(weights, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     quantized = bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
-    out = torch.empty(h.shape[0], steps, weights.d_model, device=h.device, dtype=h.dtype)
+    out = decode_out(weights, h, steps, out)
     for t in range(steps):
         h = decode_step(weights, h, k_cache, v_cache, seq_lens, quantized)
         out[:, t] = h

@@ -32,6 +32,13 @@ def quant_params(formats):
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def poisoned_out(inputs):
+    """An attention output buffer for inputs' q (decode [B, Hq, D], prefill [T, Hq, D]), all NaN:
+    check_output fails on any element a launch never writes."""
+    q = inputs["q"]
+    return torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+
+
 def check_output(out, inputs):
     """Every element of out against the float64 reference on the same inputs (a quantized cache
     as stored: dequantized)."""

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from kernels import decode_attention, decode_plan, hw, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
-from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
-                                quant_params, quantization_loss, variant_params)
+from suite.decode_cases import (LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, check_output, make_case_tensors,
+                                make_inputs, quant_params, quantization_loss, variant_params)
 
 pytestmark = pytest.mark.decode
 
@@ -150,9 +150,13 @@ BAD_INPUTS = {
     "k last stride": (lambda i: _bad(i, k_cache=i["k_cache"].transpose(2, 3).contiguous().transpose(2, 3),
                                      v_cache=i["v_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
                       ValueError, "k_cache must be contiguous in its last dimension"),
+    "v strides unlike k's": (lambda i: _bad(i, v_cache=_padded_rows(i["v_cache"])), ValueError,
+                             r"v_cache strides \(5200, 2600, 65, 1\) must equal k_cache strides \(5120, 2560, 64, 1\)"),
     "heads": (lambda i: _bad(i, q=i["q"][:, :3].contiguous()), ValueError, "not a multiple"),
     "seq_lens dtype": (lambda i: _bad(i, seq_lens=i["seq_lens"].long()), TypeError, "seq_lens has dtype"),
     "seq_lens shape": (lambda i: _bad(i, seq_lens=i["seq_lens"][:1]), ValueError, "seq_lens has shape"),
+    "seq_lens stride": (lambda i: _bad(i, seq_lens=i["seq_lens"].repeat_interleave(2)[::2]), ValueError,
+                        r"seq_lens must be contiguous in its last dimension, got strides \(2,\)"),
     "length zero": (lambda i: _bad(i, seq_lens=i["seq_lens"] * 0), ValueError, "seq_lens must be >= 1"),
     "beyond capacity": (lambda i: _bad(i, seq_lens=i["seq_lens"] + 1000), ValueError, "exceeds the cache capacity"),
     "out shape": (lambda i: _bad(i, out=i["q"][:1].clone()), ValueError, "out has shape"),
@@ -175,6 +179,54 @@ def test_bad_input_names_the_argument(decode_variant, device, bad):
     inputs = mutate({**make_inputs(case, device), "out": None})
     with pytest.raises(error, match=match):
         decode_variant[1](**inputs)
+
+
+def _offset(t):
+    # t's values in a contiguous view one element past an aligned start (t.element_size() bytes off)
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+def _padded_rows(t):
+    # t's values in a view whose rows (last dimension) lie one element further apart
+    return torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)[..., :-1].copy_(t)
+
+
+_CASE = DecodeCase((40, 7), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout="contiguous")
+CUDA_PERSISTENT_BAD_INPUTS = {  # what is wrong: (case, change to its valid inputs, message); after check_decode_args
+    "group beyond 16": (DecodeCase((40, 7), 32, 1, 64, torch.bfloat16, "contiguous"), lambda i: i,
+                        "q: 32 query heads per KV head exceed cuda_persistent's 16"),
+    "batch beyond MAX_BATCH": (DecodeCase((1,) * (decode_attention.MAX_BATCH + 1), 2, 1, 64, torch.float16,
+                                          "contiguous"), lambda i: i,
+                               "q: batch 1025 exceeds cuda_persistent's MAX_BATCH 1024"),
+    "k_cache address": (_CASE, lambda i: _bad(i, k_cache=_offset(i["k_cache"])),
+                        "k_cache: rows must be 16-byte aligned"),
+    "v_cache address": (_CASE, lambda i: _bad(i, v_cache=_offset(i["v_cache"])),
+                        "v_cache: rows must be 16-byte aligned"),
+    "cache rows 130 bytes apart": (_CASE, lambda i: _bad(i, k_cache=_padded_rows(i["k_cache"]),
+                                                         v_cache=_padded_rows(i["v_cache"])),
+                                   "k_cache: rows must be 16-byte aligned"),
+    "q address": (_CASE, lambda i: _bad(i, q=_offset(i["q"])), "q: head rows must be 4-byte aligned"),
+    "out head stride odd": (_CASE, lambda i: _bad(i, out=_padded_rows(i["q"])),
+                            "out: head rows must be 4-byte aligned"),
+    "num_programs 0": (_CASE, lambda i: _bad(i, num_programs=0), "num_programs must be a positive int, got 0"),
+    "stages 5": (_CASE, lambda i: _bad(i, stages=5), "stages must be 2, 3 or 4, got 5"),
+}
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("bad", sorted(CUDA_PERSISTENT_BAD_INPUTS))
+def test_cuda_persistent_bad_input_names_the_argument(device, bad):
+    # cuda_decode_attention._check_native and the launcher's knobs: what the native kernel needs
+    # beyond check_decode_args (each case passes those)
+    case, mutate, match = CUDA_PERSISTENT_BAD_INPUTS[bad]
+    with pytest.raises(ValueError, match=match):
+        VARIANTS["cuda_persistent"](**mutate(make_inputs(case, device)))
+
+
+def test_cuda_persistent_needs_a_cuda_tensor():  # refused before anything runs: no GPU needed
+    inputs = make_inputs(_CASE, "cpu")
+    with pytest.raises(ValueError, match="q is on cpu: cuda_persistent needs a CUDA tensor"):
+        VARIANTS["cuda_persistent"](**inputs)
 
 
 @pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
@@ -205,6 +257,21 @@ def test_sdpa_gathering_a_contiguous_cache_is_refused(device):
     inputs = make_inputs(DecodeCase((40,), 4, 2, 64, torch.float16, "contiguous"), device)
     with pytest.raises(ValueError, match="gather_in_launch: block_table is None"):
         VARIANTS["sdpa"](**inputs, gather_in_launch=True)
+
+
+@pytest.mark.parametrize("gather_in_launch", [False, True])
+def test_unused_block_table_entries_may_hold_any_value(decode_variant, device, gather_in_launch):
+    # Entries past a sequence's own pages are not checked (check_decode_args reads only the used
+    # ones) and never read: out of range both ways, every variant agrees with the sdpa anchor,
+    # whose gather of whole pages must not reach them either.
+    inputs = make_inputs(DecodeCase((97, 7, 54), 4, 2, 64, torch.bfloat16, "paged", page_size=16, spare=2), device)
+    table = inputs["block_table"]  # pages per sequence: 7, 1, 4
+    table[1, 1:], table[2, 4:] = 10**6, -10**6
+    out = decode_variant[1](**inputs)()
+    check_output(out, inputs)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(out, VARIANTS["sdpa"](**inputs, gather_in_launch=gather_in_launch)(), atol=tol,
+                               rtol=tol)
 
 
 @pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
@@ -251,6 +318,11 @@ def test_quantized_storage_and_its_error(fmt, device):
     # x / scale is computed in float32: a value near a rounding boundary may round the other way,
     # off by up to ~1e-5 of a quantum for |q| <= 127.
     assert (error <= bound * (1 + 1e-4)).all()
+
+
+def test_quantize_refuses_an_unknown_format(device):
+    with pytest.raises(ValueError, match=r"fmt must be one of \(.*\), got 'int3'"):
+        kv_quant.quantize(torch.randn(3, 64, device=device), "int3")
 
 
 @pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
@@ -309,6 +381,8 @@ QUANT_BAD_INPUTS = {
     "v format": (lambda i: _bad(i, v_cache=i["v_cache"].view(torch.uint8)), TypeError, "v_cache has dtype"),
     "int4 width": (lambda i: _bad(i, k_cache=i["k_cache"].view(torch.uint8), v_cache=i["v_cache"].view(torch.uint8)),
                    ValueError, "k_cache has shape"),
+    "scale strides": (lambda i: _bad(i, v_scale=_padded_rows(i["v_scale"])), ValueError,
+                      r"v_scale strides \(82, 41, 1\) must equal k_scale strides \(80, 40, 1\)"),
 }
 
 

@@ -1,5 +1,6 @@
 """The tiny decoder's decode loop (SPEC 1, 2.2): every variant against the float64 reference."""
 
+import dataclasses
 import gc
 import re
 import weakref
@@ -13,7 +14,7 @@ from kernels import cuda_build, decode_graphs, decode_loop, kv_quant, tiny_decod
 from kernels.checks import SharedMemoryTooSmall
 from suite import reference
 from suite.decode_cases import quant_params
-from suite.loop_cases import bind, check_loop, loop_variants, make_loop_inputs, needs_cuda
+from suite.loop_cases import DTYPE, TIERS, bind, check_loop, check_outputs, loop_variants, make_loop_inputs, needs_cuda
 
 pytestmark = pytest.mark.decode
 
@@ -33,7 +34,11 @@ def loop_variant(request):
 def _run_case(loop_variant, weights, prompt_lens, steps, device, fmt="none"):
     _, decode = loop_variant
     inputs = make_loop_inputs(weights, prompt_lens, steps, device, fmt)
-    check_loop(bind(decode, weights, inputs, steps)(), weights, inputs, steps, fmt)
+    launch = bind(decode, weights, inputs, steps)
+    inputs.poison()
+    out = launch()
+    assert out is inputs.out  # the loop wrote the poisoned buffer it was given
+    check_loop(out, weights, inputs, steps, fmt)
 
 
 def _limits(device):
@@ -115,6 +120,25 @@ def test_quantized_cache_matches_reference(quantized_loop, kv_format, device, da
     _run_case(quantized_loop, weights, prompt_lens, data.draw(st.integers(1, 6), label="steps"), device, kv_format)
 
 
+def test_check_fails_on_one_unwritten_step_or_element():
+    # Among the medium tier's 64 steps, step 0 of one sequence left zeroed (memory never written),
+    # or one element left NaN (the poison): each step is checked on its own, so the right ones
+    # around it hide nothing (one error over all 64 steps let the zeroed step pass: 0.031 < 0.125).
+    tier = TIERS["medium"]
+    w = tiny_decoder.random_weights(tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "cpu")
+    prompts = [torch.randn(n, w.d_model, dtype=DTYPE) for n in (9, 30)]
+    expected = reference.decode_loop(w, prompts, tier.steps, tiny_decoder.RMS_EPS)
+    out = expected.to(DTYPE)
+    check_outputs(out, expected, DTYPE, tier.steps)  # the reference rounded to bf16 passes
+    zeroed, poisoned = out.clone(), out.clone()
+    zeroed[1, 0] = 0
+    poisoned[0, 40, 7] = float("nan")
+    with pytest.raises(AssertionError, match=r"sequence 1 step 0: relative error 1\.00e\+00"):
+        check_outputs(zeroed, expected, DTYPE, tier.steps)
+    with pytest.raises(AssertionError, match="sequence 0 step 40: relative error nan"):
+        check_outputs(poisoned, expected, DTYPE, tier.steps)
+
+
 def test_eager_in_float32_is_the_reference(device):
     # Same math in float32: agreement to float32 rounding proves prefill, KV append, masking and
     # the step-to-step feed are the reference's.
@@ -122,7 +146,8 @@ def test_eager_in_float32_is_the_reference(device):
     w = tiny_decoder.Weights(w.w_qkv.float(), w.w_o.float(), w.gamma.float(), 8, 2, 64)
     prompts = [torch.randn(n, w.d_model, device=device) for n in (5, 17, 1)]
     h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(w, prompts, capacity=40)
-    out = tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 16)
+    out = torch.full((3, 16, w.d_model), float("nan"), device=device)  # poisoned
+    tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 16, out=out)
     expected = reference.decode_loop(w, prompts, 16, tiny_decoder.RMS_EPS)
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
 
@@ -141,6 +166,8 @@ def test_bad_weights(device, bad, error, match):
 def test_bad_prefill_and_decode_arguments(device):
     w = tiny_decoder.random_weights(4, 2, 64, torch.float16, device)
     prompts = [torch.randn(9, w.d_model, dtype=torch.float16, device=device)]
+    with pytest.raises(ValueError, match="prompts: need at least one sequence"):
+        tiny_decoder.prefill(w, [], capacity=8)
     with pytest.raises(ValueError, match="capacity 8 is shorter than the longest prompt"):
         tiny_decoder.prefill(w, prompts, capacity=8)
     with pytest.raises(ValueError, match=r"prompts\[0\] has shape"):
@@ -150,6 +177,13 @@ def test_bad_prefill_and_decode_arguments(device):
         tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 0)
     with pytest.raises(ValueError, match="exceeds the cache capacity 12"):
         tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 4)
+    with pytest.raises(ValueError, match=r"out has shape \(1, 3, 256\), expected \(1, 2, 256\)"):
+        tiny_decoder.eager_decode(w, h, k_cache, v_cache, seq_lens, 2,
+                                  out=torch.empty(1, 3, w.d_model, dtype=torch.float16, device=device))
+    # decode_step's QuantizedKV, built directly (eager_decode and graph_decode bind one only after
+    # check_decode, which refuses scales beside an unquantized cache)
+    with pytest.raises(TypeError, match=r"k_cache has dtype torch.float16: QuantizedKV needs one of \("):
+        tiny_decoder.QuantizedKV(w, k_cache, v_cache, None, None, seq_lens)
 
 
 @pytest.mark.requires_cuda
@@ -158,10 +192,13 @@ def test_graph_replays_the_same_steps_and_picks_its_mode(device):
     prompts = [torch.randn(n, w.d_model, dtype=torch.bfloat16, device=device) for n in (3, 30)]
     h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(w, prompts, capacity=64)
     start = seq_lens.clone()
-    launch = decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 8, mode="full_and_piecewise", max_capture=4)
+    out = torch.empty(2, 8, w.d_model, dtype=torch.bfloat16, device=device)
+    launch = decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens, 8, mode="full_and_piecewise", max_capture=4,
+                                        out=out)
     assert launch.mode == "piecewise"  # 8 steps > max_capture 4
     first = launch().clone()
     seq_lens.copy_(start)
+    out.fill_(float("nan"))  # the replay must write every step again
     torch.testing.assert_close(launch(), first, atol=0, rtol=0)
     assert decode_graphs.graph_decode(w, h, k_cache, v_cache, seq_lens.copy_(start), 4,
                                       mode="full_and_piecewise", max_capture=4).mode == "full"
@@ -221,9 +258,95 @@ def test_persistent_loop_bad_input_names_the_argument(device):
         (dict(steps=40), ValueError, "exceeds the cache capacity"),
         (dict(block_k=48), ValueError, "block_k must be a positive power of two"),
         (dict(block_k=8), ValueError, "block_k 8 must be >= 16"),
+        (dict(out=torch.empty(2, 4, w.d_model, device=device)), TypeError, "out has dtype torch.float32"),
+        (dict(out=h.new_empty(2, 3, w.d_model)), ValueError, r"out has shape \(2, 3, 256\), expected \(2, 4, 256\)"),
+        (dict(out=h.new_empty(2, w.d_model, 4).transpose(1, 2)), ValueError, "out must be contiguous"),
+        (dict(out=h.new_empty(2, 4, w.d_model, device="meta")), ValueError, "out is on meta"),
     ]
     for change, error, match in cases:
         args = dict(h=h, k=k, v=v, steps=4) | change
-        kw = {name: args[name] for name in ("k_scale", "v_scale", "block_k") if name in args}
+        kw = {name: args[name] for name in ("k_scale", "v_scale", "block_k", "out") if name in args}
         with pytest.raises(error, match=match):
             decode_loop.triton_persistent(w, args["h"], args["k"], args["v"], lens, args["steps"], **kw)
+
+
+def _wide(t):
+    # t's values in a view whose rows are twice as far apart
+    return torch.cat([t, t], -1)[..., :t.shape[-1]]
+
+
+def _offset(t):
+    # t's values in a contiguous view one element past an aligned start (t.element_size() bytes off)
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+def _padded_rows(t):
+    # t's values in a view whose rows (last dimension) lie one element further apart
+    return torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)[..., :-1].copy_(t)
+
+
+def _offset_weight(name):
+    return lambda a: a | dict(w=dataclasses.replace(a["w"], **{name: _offset(getattr(a["w"], name))}))
+
+
+LOOP_BAD_INPUTS = {  # what is wrong: (change to valid (weights, h, k, v, seq_lens), error, message)
+    "h rows strided": (lambda a: a | dict(h=_wide(a["h"])), ValueError,
+                       r"h must be contiguous, got strides \(512, 1\)"),
+    "w_qkv transposed": (lambda a: a | dict(w=dataclasses.replace(a["w"], w_qkv=a["w"].w_qkv.t().contiguous().t())),
+                         ValueError, "weights.w_qkv must be contiguous"),
+    "w_o shape": (lambda a: a | dict(w=dataclasses.replace(a["w"], w_o=a["w"].w_o[:, :64])), ValueError,
+                  r"weights.w_o has shape \(256, 64\), expected \(256, 256\)"),
+    "cache dtype": (lambda a: a | dict(k=a["k"].half(), v=a["v"].half()), TypeError, "k_cache has dtype torch.float16"),
+    "int8 cache without scales": (lambda a: a | dict(k=a["k"].to(torch.int8), v=a["v"].to(torch.int8)), ValueError,
+                                  "k_scale is required"),
+    "seq_lens int64": (lambda a: a | dict(lens=a["lens"].long()), TypeError, "seq_lens has dtype torch.int64"),
+    "seq_lens shape": (lambda a: a | dict(lens=a["lens"][:1]), ValueError,
+                       r"seq_lens has shape \(1,\), expected \(2,\)"),
+    "seq_lens strided": (lambda a: a | dict(lens=a["lens"].repeat_interleave(2)[::2]), ValueError,
+                         r"seq_lens must be contiguous in its last dimension, got strides \(2,\)"),
+    "seq_lens device": (lambda a: a | dict(lens=a["lens"].to("meta")), ValueError, "seq_lens is on meta"),
+    "seq_lens negative": (lambda a: a | dict(lens=a["lens"] - 6), ValueError,
+                          r"seq_lens must be >= 0 \(positions the cache holds\), got min -1"),
+}
+
+
+@pytest.mark.parametrize("bad", LOOP_BAD_INPUTS)
+def test_every_loop_checks_its_arguments(loop_variant, device, bad):
+    # tiny_decoder.check_decode, shared by every loop: refused before a step runs (eager's launch()
+    # checks when called, the others when bound).
+    change, error, match = LOOP_BAD_INPUTS[bad]
+    w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+    inputs = make_loop_inputs(w, [5, 9], 4, device)
+    a = change(dict(w=w, h=inputs.h, k=inputs.caches["k_cache"], v=inputs.caches["v_cache"], lens=inputs.seq_lens))
+    with pytest.raises(error, match=match):
+        loop_variant[1](a["w"], a["h"], a["k"], a["v"], a["lens"], 2)()
+
+
+NATIVE_LOOP_BAD_INPUTS = {  # what is wrong: ((q_heads, kv_heads), change to valid inputs, message)
+    "group beyond 16": ((32, 1), lambda a: a, "weights: 32 query heads per KV head exceed 16"),
+    "w_qkv address": ((4, 2), _offset_weight("w_qkv"), r"weights\.w_qkv must be 16-byte aligned"),
+    "w_o address": ((4, 2), _offset_weight("w_o"), r"weights\.w_o must be 16-byte aligned"),
+    "gamma address": ((4, 2), _offset_weight("gamma"), r"weights\.gamma must be 16-byte aligned"),
+    "k_cache rows 130 bytes apart": ((4, 2), lambda a: a | dict(k=_padded_rows(a["k"]), v=_padded_rows(a["v"])),
+                                     r"k_cache: rows must be 16-byte aligned \(strides \(\d+, \d+, 65, 1\)\)"),
+    "v_cache address": ((4, 2), lambda a: a | dict(v=_offset(a["v"])), "v_cache: rows must be 16-byte aligned"),
+}
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("bad", NATIVE_LOOP_BAD_INPUTS)
+def test_native_loop_checks_its_arguments(device, bad):
+    # cuda_decode_loop._check_native: what the native loop needs beyond check_decode (every case passes that)
+    heads, change, match = NATIVE_LOOP_BAD_INPUTS[bad]
+    w = tiny_decoder.random_weights(*heads, 64, torch.bfloat16, device)
+    inputs = make_loop_inputs(w, [5, 9], 4, device)
+    a = change(dict(w=w, h=inputs.h, k=inputs.caches["k_cache"], v=inputs.caches["v_cache"], lens=inputs.seq_lens))
+    with pytest.raises(ValueError, match=match):
+        LOOP_VARIANTS["cuda_persistent"](a["w"], a["h"], a["k"], a["v"], a["lens"], 2)
+
+
+def test_native_loop_needs_a_cuda_tensor():  # refused before anything runs: no GPU needed
+    w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, "cpu")
+    inputs = make_loop_inputs(w, [5, 9], 4, "cpu")
+    with pytest.raises(ValueError, match="h is on cpu: cuda_persistent needs a CUDA tensor"):
+        bind(LOOP_VARIANTS["cuda_persistent"], w, inputs, 2)

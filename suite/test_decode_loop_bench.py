@@ -51,6 +51,7 @@ def test_decode_loop(benchmark, loop_name, tier_name, device, perf, rounds, pyte
     inputs = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
     decoders = variants(pytestconfig)
     launch = bind(decoders[loop_name], weights, inputs, steps)
+    inputs.poison()
     check_loop(launch(), weights, inputs, steps)  # correctness before timing
     seconds = time_loop(benchmark, launch, inputs, steps, device, rounds, perf)
     if loop_name == BASELINE and device.type == "cuda":  # TTFT: the prefill of this tier's prompts

@@ -1,6 +1,7 @@
 """The launches of the Triton decode-attention kernels (kernels/decode_plan.py): pure Python, no GPU."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,9 +169,20 @@ def test_launches_on_a_100kb_sm_are_one_wave():
                                          for layout in ("contiguous", "paged")]
 
 
-@pytest.mark.parametrize("knob, value", [("num_warps", 3), ("num_programs", 0), ("num_programs", 2.0),
-                                         ("chunk", 48), ("chunk", 8), ("block_k", 8), ("block_k", 24),
-                                         ("max_programs_per_sm", 0), ("max_programs_per_sm", 1.5)])
+BAD_KNOBS = {  # (knob, value): the error's message
+    ("num_warps", 3): "num_warps must be 1, 2, 4 or 8, got 3",
+    ("num_programs", 0): "num_programs must be a positive int, got 0",
+    ("num_programs", 2.0): "num_programs must be a positive int, got 2.0",
+    ("chunk", 48): "chunk must be a positive power of two, got 48",
+    ("chunk", 8): "chunk 8 must be >= 16 (a chunk holds at least one 16-position step)",
+    ("block_k", 8): "block_k 8 must be in [16, chunk ",
+    ("block_k", 24): "block_k must be a positive power of two, got 24",
+    ("max_programs_per_sm", 0): "max_programs_per_sm must be a positive int, got 0",
+    ("max_programs_per_sm", 1.5): "max_programs_per_sm must be a positive int, got 1.5",
+}
+
+
+@pytest.mark.parametrize("knob, value", BAD_KNOBS)
 def test_plan_names_a_bad_knob(knob, value):
-    with pytest.raises(ValueError, match=knob):
+    with pytest.raises(ValueError, match=re.escape(BAD_KNOBS[knob, value])):
         plan_persistent(_dims(2, 2, [300, 40]), 132, **{knob: value})

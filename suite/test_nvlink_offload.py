@@ -82,11 +82,15 @@ def _space(device, **kw):
     (torch.tensor([1, 2], dtype=torch.int32), 0, "pages must be a 1-D int64 tensor"),
     (torch.arange(5), 0, "pages: 1 to 4 pages per swap"),
     (torch.arange(3), 2, "overrun the 4 host slots"),
+    (torch.tensor([3, 10]), 0, r"pages: page indices must be in \[0, 10\) \(the caches' pages\), got 3 to 10"),
+    (torch.tensor([-1, 3]), 0, r"pages: page indices must be in \[0, 10\) \(the caches' pages\), got -1 to 3"),
+    (torch.tensor([4, 2, 4]), 0, "pages must hold distinct pages, got 1 repeats"),
 ])
-def test_bad_swap_arguments_name_the_argument(device, pages, slot, match):
+@pytest.mark.parametrize("swap", ["swap_out", "swap_in"])
+def test_bad_swap_arguments_name_the_argument(device, pages, slot, match, swap):
     _, space = _space(device)
     with pytest.raises(ValueError, match=match):
-        space.swap_out(pages.to(device), slot)
+        getattr(space, swap)(*((pages.to(device), slot) if swap == "swap_out" else (slot, pages.to(device))))
 
 
 def test_bad_bind_arguments_name_the_argument(device):
@@ -97,10 +101,29 @@ def test_bad_bind_arguments_name_the_argument(device):
         kv_swap.bind("baseline", lambda: None, k, k, torch.arange(2, device=device), torch.arange(1, 3, device=device))
     with pytest.raises(ValueError, match="peer: a GPU for variant peer and for it only"):
         kv_swap.bind("peer", lambda: None, k, k, torch.arange(2, device=device), torch.arange(2, 4, device=device))
+    with pytest.raises(ValueError, match=r"in_pages: page indices must be in \[0, 10\)"):
+        kv_swap.bind("baseline", lambda: None, k, k, torch.arange(2, device=device),
+                     torch.tensor([2, 12], device=device))
+    with pytest.raises(ValueError, match="out_pages must hold distinct pages, got 1 repeats"):
+        kv_swap.bind("baseline", lambda: None, k, k, torch.tensor([1, 1], device=device),
+                     torch.arange(2, 4, device=device))
     with pytest.raises(ValueError, match="k_pages and v_pages must be"):
         kv_swap.SwapSpace(k, k[:, :2], slots=2, max_pages=2, pinned=False)
     with pytest.raises(ValueError, match="slots must be >= 1"):
         kv_swap.SwapSpace(k, k, slots=0, max_pages=2, pinned=False)
+    with pytest.raises(ValueError, match=f"v_pages is on meta, k_pages on {k.device}"):
+        kv_swap.SwapSpace(k, k.to("meta"), slots=2, max_pages=2, pinned=False)
+    with pytest.raises(ValueError, match="pinned or peer slots need the caches on a CUDA device"):
+        kv_swap.SwapSpace(k.cpu(), k.cpu(), slots=2, max_pages=2, pinned=True)
+    with pytest.raises(ValueError, match="pinned or peer slots need the caches on a CUDA device"):
+        kv_swap.SwapSpace(k.cpu(), k.cpu(), slots=2, max_pages=2, pinned=False, target="cuda:0")
+
+
+@pytest.mark.requires_cuda
+def test_peer_slots_on_the_caches_gpu_are_refused(device):
+    k, _ = _space(device)
+    with pytest.raises(ValueError, match=f"target {k.device}: the peer slots must be on another GPU than the caches"):
+        kv_swap.SwapSpace(k, k, slots=2, max_pages=2, pinned=False, target=k.device)
 
 
 @pytest.mark.parametrize("speed, width, expected", [

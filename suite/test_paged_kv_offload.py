@@ -100,7 +100,22 @@ def test_a_traced_step_matches_and_reports_its_overlap(optimized_small):
         decode.hidden_attention()
     decode.out.fill_(float("nan"))
     check_context_output(decode(trace=True), q, k, v, "fp16")
-    assert 0.0 <= decode.hidden_attention() <= 1.0
+    decode.hidden_attention()  # raises unless the traced call recorded its chunks
+
+
+@pytest.mark.requires_cuda
+def test_hidden_attention_needs_two_chunks(tmp_path):
+    # a context of one chunk (30 tokens, chunks of 32): its attention is the last one, never hidden
+    case = ContextCase(2, 30, 32, **SMALL)
+    q, k, v = make_context(case, torch.device("cuda"))
+    host = paged_offload.store(k, v, case.chunk, "fp16", page_file_path=tmp_path / "pages")
+    try:
+        decode = paged_offload.Decoder("optimized", q, host)
+        decode(trace=True)
+        with pytest.raises(ValueError, match="hidden_attention\\(\\) needs at least two chunks"):
+            decode.hidden_attention()
+    finally:
+        host.close()
 
 
 def test_trace_needs_the_optimized_variant_on_a_gpu():
@@ -125,3 +140,13 @@ def test_bad_arguments_name_the_argument():
         paged_offload.Decoder("baseline", torch.randn(1, 3, 64, dtype=torch.bfloat16), host)
     with pytest.raises(ValueError, match="q must be"):
         paged_offload.Decoder("baseline", torch.randn(1, 4, 64), host)
+    q_strided = torch.randn(1, 64, 4, dtype=torch.bfloat16).transpose(1, 2)  # the same shape, D strided
+    with pytest.raises(ValueError, match=r"q must be contiguous in its last dimension, got strides \(256, 1, 4\)"):
+        paged_offload.Decoder("baseline", q_strided, host)
+    with pytest.raises(ValueError, match=r"host holds 0 tokens: attention needs a context"):
+        paged_offload.Decoder("baseline", torch.randn(1, 4, 64, dtype=torch.bfloat16),
+                              paged_offload.store(k[:, :0], k[:, :0], 4, "fp16"))
+    k96 = torch.randn(1, 8, 2, 96, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"q: head dim 96 is not supported"):
+        paged_offload.Decoder("baseline", torch.randn(1, 4, 96, dtype=torch.bfloat16),
+                              paged_offload.store(k96, k96, 4, "fp16"))

@@ -13,13 +13,13 @@ from suite.decode_cases import DecodeCase, make_inputs
 pytestmark = pytest.mark.decode
 
 
-def _run_case(case, chunk, device):
-    inputs = make_inputs(case, device)
-    launch = paged_read.paged_read(**inputs, chunk=chunk)
-    launch().fill_(float("nan"))  # poisoned: the next call must write every program's sum
-    partial = launch()
-    assert partial.shape == (case.batch, case.kv_heads, -(-max(case.seq_lens) // chunk))
+def _run_case(case, inputs, chunk):
+    # -> the checked sums [B, Hkv, n_chunks]; poisoned (NaN) first: every program must write its sum
+    partial = torch.full((case.batch, case.kv_heads, -(-max(case.seq_lens) // chunk)), float("nan"),
+                         dtype=torch.float32, device=inputs["q"].device)
+    paged_read.paged_read(**inputs, chunk=chunk, out=partial)()
     check_partial_sums([partial], inputs)
+    return partial
 
 
 @given(seq_lens=st.lists(st.integers(1, 300), min_size=1, max_size=3),
@@ -30,23 +30,23 @@ def test_reads_every_row_of_every_sequence(seq_lens, page_size, kv_heads, head_d
                                            device):
     case = DecodeCase(tuple(seq_lens), 2 * kv_heads, kv_heads, head_dim, dtype, "paged", page_size, spare=spare,
                       strided=strided)
-    _run_case(case, chunk, device)
+    _run_case(case, make_inputs(case, device), chunk)
 
 
 def test_chunks_past_a_short_sequence_sum_nothing(device):
     # one chunk of 64 for the first sequence, five for the second: the first one's others are 0
-    inputs = make_inputs(DecodeCase((54, 300), 4, 2, 64, torch.float16, "paged", 16), device)
-    partial = paged_read.paged_read(**inputs, chunk=64)()
+    case = DecodeCase((54, 300), 4, 2, 64, torch.float16, "paged", 16)
+    partial = _run_case(case, make_inputs(case, device), 64)
     assert partial.shape == (2, 2, 5)
     assert torch.all(partial[0, :, 1:] == 0) and torch.all(partial[1] != 0)
 
 
 def test_floor_checks_every_tiling_and_the_check_catches_one_wrong_sum(device):
-    inputs = make_inputs(DecodeCase((300, 54), 4, 2, 64, torch.bfloat16, "paged", 16), device)
+    case = DecodeCase((300, 54), 4, 2, 64, torch.bfloat16, "paged", 16)
+    inputs = make_inputs(case, device)
     floor = paged_read_floor(inputs, device, rounds=3)  # tilings of 64 and 256, then 1024: one per sequence
     assert floor > 0 if device.type == "cuda" else floor == 0.0
-    partial = paged_read.paged_read(**inputs, chunk=64)()
-    check_partial_sums([partial], inputs)
+    partial = _run_case(case, inputs, 64)
     partial[1, 0, 0] += 1.0  # the bound here is about 1e-6 * 54 * 64 * E|k||v| = 0.002
     with pytest.raises(AssertionError, match="sequence 1, KV head 0"):
         check_partial_sums([partial], inputs)
@@ -58,14 +58,16 @@ def paged_inputs(device):
 
 
 def test_bad_input_names_the_argument(paged_inputs, device):
-    with pytest.raises(ValueError, match="chunk"):
+    with pytest.raises(ValueError, match="chunk must be a positive power of two, got 48"):
         paged_read.paged_read(**paged_inputs, chunk=48)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 2, 1\), expected \(2, 2, 2\)"):
+        paged_read.paged_read(**paged_inputs, chunk=64, out=torch.empty(2, 2, 1, device=device))
     with pytest.raises(ValueError, match="v_cache strides"):
         pages, page_size, heads, dim = paged_inputs["v_cache"].shape
         v = torch.empty(pages, heads, page_size, dim, dtype=torch.float16, device=device).transpose(1, 2)
         v.copy_(paged_inputs["v_cache"])
         paged_read.paged_read(**(paged_inputs | dict(v_cache=v)), chunk=64)
-    with pytest.raises(ValueError, match="block_table"):
+    with pytest.raises(ValueError, match="block_table is None: paged_read reads a paged cache"):
         paged_read.paged_read(**(paged_inputs | dict(block_table=None)), chunk=64)
     table = paged_inputs["block_table"].clone()
     table[1, 0] = 1000

@@ -126,6 +126,7 @@ def test_seconds_carry_the_host_flag_through_copies_and_save_as_numbers():
 
 class PedanticBenchmark(FakeBenchmark):  # what run_benchmark uses of pytest-benchmark's fixture
     stats = SimpleNamespace(stats=SimpleNamespace(median=1.0, iqr=0.0))
+    disabled = False
 
     def pedantic(self, target, setup, rounds, warmup_rounds):
         for _ in range(rounds + warmup_rounds):

@@ -12,6 +12,7 @@ from kernels import prefill_attention
 from kernels.checks import HEAD_DIMS, SharedMemoryTooSmall
 from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_async
 from suite import reference
+from suite.decode_cases import poisoned_out
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
 
 pytestmark = pytest.mark.prefill
@@ -103,11 +104,17 @@ BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
     "q heads strided": (lambda i: i.update(q=i["q"].transpose(1, 2).contiguous().transpose(1, 2)),
                         ValueError, "q must hold each token's [heads, D] contiguously"),
     "cu_seqlens int64": (lambda i: i.update(cu_seqlens=i["cu_seqlens"].long()), TypeError, "cu_seqlens has dtype"),
+    "cu_seqlens strided": (lambda i: i.update(cu_seqlens=i["cu_seqlens"].repeat_interleave(2)[::2]), ValueError,
+                           "cu_seqlens must be contiguous in its last dimension, got strides (2,)"),
+    "cu_seqlens one offset": (lambda i: i.update(cu_seqlens=torch.tensor([0], dtype=torch.int32)), ValueError,
+                              "cu_seqlens must hold batch + 1 >= 2 offsets, got shape (1,)"),
     "empty prompt": (lambda i: i.update(cu_seqlens=torch.tensor([0, 5, 5], dtype=torch.int32)), ValueError,
                      "every prompt >= 1 token"),
     "beyond q": (lambda i: i.update(cu_seqlens=torch.tensor([0, 5, 46], dtype=torch.int32)), ValueError,
                  "beyond q's 45 tokens"),
     "out shape": (lambda i: i.update(out=i["q"][:1].clone()), ValueError, "out has shape"),
+    "out 2-D": (lambda i: i.update(out=i["q"].flatten(1)), ValueError, "out has shape (45, 256), expected (45, 4, 64)"),
+    "out not a tensor": (lambda i: i.update(out=[1]), TypeError, "out must be a torch.Tensor, got list"),
 }
 
 
@@ -127,6 +134,30 @@ def test_bad_input(bad):
 def test_bad_knobs(knobs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         triton_cp_async(**_bad_inputs(), **knobs)
+
+
+def _token_stride(t, stride):
+    # t [tokens, heads, D]'s values, each token's [heads, D] contiguous, tokens `stride` elements apart
+    tokens, heads, d = t.shape
+    return torch.empty(tokens, stride, dtype=t.dtype)[:, :heads * d].unflatten(1, (heads, d)).copy_(t)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i.update(q=torch.empty(i["q"].numel() + 1, dtype=i["q"].dtype)[1:].view(i["q"].shape).copy_(i["q"])),
+     "q: tensor descriptors need 16-byte aligned rows, got stride 256"),  # address 2 bytes past aligned
+    (lambda i: i.update(k=_token_stride(i["k"], 129), v=_token_stride(i["v"], 129)),
+     "k: tensor descriptors need 16-byte aligned rows, got stride 129")], ids=["q address", "k token stride"])
+def test_tma_needs_16_byte_aligned_rows(change, message):
+    # checked before any descriptor or build: no GPU needed
+    inputs = _bad_inputs()
+    change(inputs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prefill_attention.triton_tma(**inputs)
+
+
+def test_sdpa_backend_must_be_known():
+    with pytest.raises(ValueError, match=r"backend must be one of \[.*\], got 'fastest'"):
+        prefill_attention.sdpa(**_bad_inputs(), backend="fastest")
 
 
 def test_tile_is_fitted_to_the_gpus_shared_memory(monkeypatch):
@@ -152,7 +183,7 @@ def test_sdpa_anchor_times_sdpa_alone(device):
     # the benchmarked part is one SDPA call on the padded [B, Hq, P_max, D] layout; launch() packs it
     case = PrefillCase((37, 20), 4, 2, 64, torch.bfloat16)
     inputs = make_inputs(case, device)
-    launch = VARIANTS["sdpa"](**inputs)
+    launch = VARIANTS["sdpa"](**inputs, out=poisoned_out(inputs))
     padded = launch.timed()
     assert padded.shape == (2, 4, 37, 64)
     out = launch()

@@ -11,7 +11,7 @@ import torch
 
 from kernels.prefill_attention import VARIANTS
 from suite.anchors import sdpa_backends, timed_part
-from suite.decode_cases import seeded_lengths
+from suite.decode_cases import poisoned_out, seeded_lengths
 from suite.options import parse_tile
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
 from suite.timing import measure, run_benchmark
@@ -51,7 +51,7 @@ def pytest_generate_tests(metafunc):
 
 def _sdpa_seconds(inputs, device, rounds):
     """{backend: seconds} of every SDPA backend that runs these inputs correctly."""
-    timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend),
+    timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend, out=poisoned_out(inputs)),
                           lambda out: check_output(out, inputs), device, rounds, cold=False)
     return {backend: seconds for backend, (_, seconds) in timed.items()}
 
@@ -65,7 +65,7 @@ def test_prefill_attention(benchmark, variant, prefill_case, device, perf, round
     if variant != ANCHOR:
         tile = pytestconfig.getoption("tma_tile_size") if variant == "triton_tma" else None
         knobs["tile"] = parse_tile(tile) if tile else (SMOKE_TILE if device.type != "cuda" else None)
-    launch = VARIANTS[variant](**inputs, **knobs)
+    launch = VARIANTS[variant](**inputs, **knobs, out=poisoned_out(inputs))
     check_output(launch(), inputs)  # correctness before timing
     seconds = run_benchmark(benchmark, timed_part(launch), device=device, rounds=rounds, cold=False)
     speedups = {}

@@ -35,6 +35,7 @@ def test_prefill_decode(benchmark, request_variant, tier_name, device, perf, rou
     prompts = [torch.randn(n, weights.d_model, dtype=DTYPE, device=device) for n in tier.prompt_lens()]
     request = request_path.bind(weights, prompts, steps, request_variant,
                                 tile=None if device.type == "cuda" else SMOKE_TILE)
+    request.out.fill_(float("nan"))  # poisoned: every step must write every element
     check_outputs(request(), reference.decode_loop(weights, prompts, steps, tiny_decoder.RMS_EPS), DTYPE, steps)
     seconds = run_benchmark(benchmark, request, device=device, rounds=rounds, before=request.reset)
     speedups, rate = {}, "smoke (no GPU)"

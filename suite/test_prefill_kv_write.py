@@ -123,6 +123,22 @@ def _page_twice(i):
     i["block_table"][1, 1] = i["block_table"][0, 0]
 
 
+def _offset(t):
+    # t's values in a contiguous view one element past an aligned start (t.element_size() bytes off)
+    return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
+
+
+def _token_stride(t, stride):
+    # t [tokens, Hkv, D]'s values, each token's [Hkv, D] contiguous, tokens `stride` elements apart
+    tokens, heads, d = t.shape
+    return torch.empty(tokens, stride, dtype=t.dtype)[:, :heads * d].unflatten(1, (heads, d)).copy_(t)
+
+
+def _rows_twice_apart(t):
+    # t's values in a view whose first dimension's rows lie twice as far apart
+    return torch.cat([t, t], 1)[:, :t.shape[1]]
+
+
 BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
     "k float32": (lambda i: i.update(k=i["k"].float()), TypeError, "k has dtype"),
     "v other shape": (lambda i: i.update(v=i["v"][:, :1]), ValueError, "v has shape"),
@@ -133,6 +149,8 @@ BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
     "cache heads": (lambda i: i.update(k_cache=i["k_cache"][:, :, :1], v_cache=i["v_cache"][:, :, :1]),
                     ValueError, "k_cache has shape"),
     "cu_seqlens int64": (lambda i: i.update(cu_seqlens=i["cu_seqlens"].long()), TypeError, "cu_seqlens has dtype"),
+    "cu_seqlens strided": (lambda i: i.update(cu_seqlens=i["cu_seqlens"].repeat_interleave(2)[::2]), ValueError,
+                           "cu_seqlens must be contiguous in its last dimension, got strides (2,)"),
     "cu_seqlens decreasing": (lambda i: i.update(cu_seqlens=torch.tensor([0, 30, 20], dtype=torch.int32)),
                               ValueError, "never decrease"),
     "cu_seqlens beyond k": (lambda i: i.update(cu_seqlens=torch.tensor([0, 5, 46], dtype=torch.int32)),
@@ -142,6 +160,19 @@ BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
     "page out of range": (lambda i: i["block_table"].__setitem__((0, 0), 99), ValueError,
                           "block_table[0, 0] = 99 is outside"),
     "page twice": (_page_twice, ValueError, "writes would race"),
+    "k address": (lambda i: i.update(k=_offset(i["k"])), ValueError,
+                  "k: address and token stride must be 16-byte aligned (cp.async, TMA)"),
+    "v token stride": (lambda i: i.update(v=_token_stride(i["v"], 129)), ValueError,
+                       "v: address and token stride must be 16-byte aligned (cp.async, TMA), got 0x"),
+    "v strides unlike k's": (lambda i: i.update(v=_token_stride(i["v"], 136)), ValueError,
+                             "v strides (136, 64, 1) must equal k strides (128, 64, 1)"),
+    "cache pages strided": (lambda i: i.update(k_cache=_rows_twice_apart(i["k_cache"]),
+                                               v_cache=_rows_twice_apart(i["v_cache"])),
+                            ValueError, "k_cache must be contiguous, got strides (4096, 128, 64, 1)"),
+    "cu_seqlens one offset": (lambda i: i.update(cu_seqlens=torch.tensor([0], dtype=torch.int32)), ValueError,
+                              "cu_seqlens must hold batch + 1 >= 2 offsets, got shape (1,)"),
+    "block_table rows strided": (lambda i: i.update(block_table=_rows_twice_apart(i["block_table"])), ValueError,
+                                 "block_table must be contiguous, got strides (8, 1)"),
     "cpu tensors": (lambda i: None, ValueError, "need a CUDA tensor"),
 }
 

@@ -11,8 +11,8 @@ import pytest
 
 from kernels import decode_loop, kv_quant, tiny_decoder
 from suite import reference
-from suite.decode_cases import (VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs, quant_params,
-                                quantization_loss)
+from suite.decode_cases import (VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs, poisoned_out,
+                                quant_params, quantization_loss)
 from suite.loop_cases import (DTYPE, bind, check_loop, loop_variants, make_loop_inputs, relative_errors, steps_of,
                               tiers, time_loop)
 from suite.timing import measure, run_benchmark
@@ -21,20 +21,24 @@ pytestmark = pytest.mark.decode
 
 WORKLOAD = "right_sized_decode"
 BACKENDS = ("triton", "graphs", "cuda")
-CUDA_FORMATS = ("none",)  # the native loop reads fp16/bf16 caches
+# The native loop (cuda_persistent) reads fp16/bf16 caches only: backend cuda has no quantized items.
+CUDA_FORMATS = ("none",)
 
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
-    if "fmt" in metafunc.fixturenames:
-        chosen = config.getoption("quantization")
-        metafunc.parametrize("fmt", quant_params([f for f in kv_quant.QUANTIZATIONS if chosen in ("all", f)]))
-    if "tier_name" in metafunc.fixturenames:
-        metafunc.parametrize("tier_name", list(tiers(config)))
-    if "backend" in metafunc.fixturenames:
-        chosen = config.getoption("backend")
-        metafunc.parametrize("backend", [pytest.param(b, marks=[pytest.mark.requires_cuda] if b != "triton" else [])
-                                         for b in BACKENDS if chosen in ("all", b)])
+    chosen = config.getoption("quantization")
+    formats = quant_params([f for f in kv_quant.QUANTIZATIONS if chosen in ("all", f)])
+    tier_names = list(tiers(config))
+    if "backend" in metafunc.fixturenames:  # the loop: format x tier x backend
+        backends = [b for b in BACKENDS if config.getoption("backend") in ("all", b)]
+        metafunc.parametrize("fmt, tier_name, backend", [
+            pytest.param(f.values[0], t, b, id=f"{f.id}-{t}-{b}",
+                         marks=[*f.marks, *([pytest.mark.requires_cuda] if b != "triton" else [])])
+            for f in formats for t in tier_names for b in backends if b != "cuda" or f.values[0] in CUDA_FORMATS])
+    elif "fmt" in metafunc.fixturenames:
+        metafunc.parametrize("fmt", formats)
+        metafunc.parametrize("tier_name", tier_names)
 
 
 def _decoder(backend, config):
@@ -57,9 +61,6 @@ def _vs_bf16(perf, device, key, fmt, seconds, bf16_seconds):
 
 
 def test_right_sized_decode_loop(benchmark, tier_name, fmt, backend, device, perf, rounds, pytestconfig):
-    if backend == "cuda" and fmt not in CUDA_FORMATS:
-        pytest.skip(f"backend cuda reads {'/'.join(CUDA_FORMATS)} caches (bf16 here), not {fmt}: "
-                    "the quantized formats are read by the triton and graphs backends")
     tier = tiers(pytestconfig)[tier_name]
     steps = steps_of(tier, pytestconfig)
     gate_id = f"{WORKLOAD}/loop-{backend}-{fmt}/{tier_name}"
@@ -68,6 +69,7 @@ def test_right_sized_decode_loop(benchmark, tier_name, fmt, backend, device, per
     inputs = make_loop_inputs(weights, tier.prompt_lens(), steps, device, fmt)
     decode = _decoder(backend, pytestconfig)
     launch = bind(decode, weights, inputs, steps)
+    inputs.poison()
     out = launch()
     expected = check_loop(out, weights, inputs, steps, fmt)
     if fmt != "none":  # what quantization costs: the outputs vs the unquantized reference
@@ -95,7 +97,7 @@ def test_right_sized_decode_attention(benchmark, tier_name, fmt, device, perf, r
     case = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous", quant=fmt)
     knobs = dict(block_k=pytestconfig.getoption("block_k"), num_programs=pytestconfig.getoption("num_programs"))
     inputs, exact = make_case_tensors(case, device)
-    launch = VARIANTS["triton_persistent"](**inputs, **knobs)
+    launch = VARIANTS["triton_persistent"](**inputs, **knobs, out=poisoned_out(inputs))
     out = launch()
     check_output(out, inputs)  # tight: against the reference on the dequantized cache
     if fmt != "none":

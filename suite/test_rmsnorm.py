@@ -30,8 +30,14 @@ def test_matches_reference(device, rows, cols, dtype, strided):
     (lambda d: (torch.randn(4, 8, device=d), torch.randn(7, device=d)), ValueError, "gamma has shape"),
     (lambda d: (torch.randn(4, 8, device=d).int(), torch.randn(8, device=d)), TypeError, "x has dtype"),
     (lambda d: (torch.randn(8, device=d), torch.randn(8, device=d)), ValueError, "x must have 2 dimensions"),
+    (lambda d: (torch.randn(4, 0, device=d), torch.randn(0, device=d)), ValueError,
+     r"x: d_model 0 outside \[1, 16384\]"),
+    (lambda d: (torch.randn(2, 16385, device=d), torch.randn(16385, device=d)), ValueError,
+     r"x: d_model 16385 outside \[1, 16384\]"),
+    (lambda d: (torch.randn(4, 8, device=d), torch.randn(8, device=d), torch.randn(8, 4, device=d).t()), ValueError,
+     r"out must have contiguous rows, got strides \(1, 4\)"),
 ])
 def test_bad_input_names_the_argument(device, make, error, match):
-    x, gamma = make(device)
+    x, gamma, *out = make(device)  # and out, where given
     with pytest.raises(error, match=match):
-        rmsnorm(x, gamma)
+        rmsnorm(x, gamma, out=out[0] if out else None)

@@ -21,8 +21,8 @@ import torch
 
 from kernels import cuda_build
 from kernels.graph_priority import PriorityGraph, capture
-from suite.priority import (PREFILL_TOKENS, PRIORITIES, STEPS, TILES, Contention, Scenario, build, decode_priority,
-                            percentile)
+from suite.priority import (PREFILL_TOKENS, PRIORITIES, SLACK_CYCLES, STEPS, TILES, Contention, Scenario, build,
+                            decode_priority, percentile)
 from suite.timing import run_benchmark
 
 pytestmark = [pytest.mark.decode, pytest.mark.prefill, pytest.mark.requires_cuda]
@@ -68,14 +68,23 @@ def test_stream_priority(benchmark, priority, tile, contention, device, perf, ro
     step = steps[priority]
     gate_id = f"{WORKLOAD}/{priority}/tile{tile[0]}x{tile[1]}"
     perf.skip_if_not_applicable(gate_id)
+    # correctness: contention must not change what a step computes. Each of the STEPS steps' output
+    # [B, 1, d_model] alone, then in a scenario as the timed rounds run it (enqueued during the
+    # slack; each clone on the decode stream right after its step): bitwise the same, as the same
+    # graph on the same inputs must be.
     reset()
-    alone = step().clone()  # correctness: contention must not change what a step computes
+    alone = torch.stack([step().clone() for _ in range(STEPS)])
     reset()
-    scenario = Scenario(prefills[tile], step, STEPS, priority)
-    scenario()
+    outputs = []
+    checked = Scenario(prefills[tile], lambda: outputs.append(step().clone()), STEPS, priority)
+    torch.cuda._sleep(SLACK_CYCLES)
+    checked()
     torch.cuda.synchronize()
+    checked.collect()
     reset()
-    torch.testing.assert_close(step(), alone, rtol=0, atol=0)
+    assert checked.latencies_ms, f"{gate_id}: no checked step overlapped the prefill"
+    torch.testing.assert_close(torch.stack(outputs), alone, rtol=0, atol=0)
+    scenario = Scenario(prefills[tile], step, STEPS, priority)
 
     def before():
         scenario.collect()

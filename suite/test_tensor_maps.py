@@ -22,3 +22,9 @@ def test_refuses_a_misaligned_address():
     t = torch.zeros(1000, dtype=torch.bfloat16)[1:]  # 2 bytes past an aligned start
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         tensor_maps.tiled(t, (64, 10), (64,), (64, 8))
+
+
+def test_refuses_a_dtype_it_has_no_tensor_map_type_for():
+    t = torch.zeros(10, 72, dtype=torch.float32)  # address, strides and box fit: only the dtype is wrong
+    with pytest.raises(TypeError, match="no tensor-map data type for torch.float32"):
+        tensor_maps.tiled(t, (64, 10), (72,), (64, 8))

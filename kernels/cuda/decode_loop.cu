@@ -20,7 +20,7 @@ struct LoopArgs {
     u16* out;       // [B, steps, d_model]
     float eps, qk_scale;
     long long stride_kb, stride_kh, stride_kl;
-    int steps, q_heads, kv_heads, group, d_model, width;
+    int steps, kv_heads, group, d_model, width;
 };
 
 // y = x @ W for one token: x float[K] in shared memory, W [K, N] row-major in global memory.
