@@ -7,8 +7,9 @@ so they can be captured in CUDA graphs like any torch kernel.
 
 Each (source, defines, architecture) compiles once per process and is cached on disk under
 $KERNEL_SUITE_CACHE (default ~/.cache/kernel-suite/cubin), keyed by the source text and every
-header it can include, the options, the architecture and NVRTC's version: a change of any of
-them, switching CUDA versions included, never reuses a stale build. Every CUDA call's status is
+header it can include, the options, the architecture, NVRTC's version and the NVRTC library files
+loaded (path, size, modification time: nvrtcVersion names major.minor only, and a patch release
+compiles differently too): a change of any of them never reuses a stale build. Every CUDA call's status is
 checked; a failed compile raises with NVRTC's log.
 """
 
@@ -68,6 +69,16 @@ def nvrtc_version():
     return tuple(check(bindings()[1].nvrtcVersion(), "nvrtcVersion"))
 
 
+@functools.cache
+def nvrtc_identity():
+    """NVRTC's version and the library files that answer it, as (path, size, mtime) from this
+    process's mappings (Linux, where cuda-bindings is installed)."""
+    version = nvrtc_version()  # loads the library
+    with open("/proc/self/maps") as maps:
+        paths = sorted({line.split()[-1] for line in maps if "libnvrtc" in line.rsplit("/", 1)[-1]})
+    return version, [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
+
+
 def _headers():
     return {p.name: p.read_bytes() for p in sorted(SOURCE_DIR.glob("*.cuh"))}
 
@@ -80,7 +91,7 @@ def options(arch, defines):
 def cache_key(source, arch, defines):
     digest = hashlib.sha256()
     for part in [source.encode(), *(n.encode() + b"\0" + t for n, t in _headers().items()),
-                 " ".join(options(arch, defines)).encode(), repr(nvrtc_version()).encode()]:
+                 " ".join(options(arch, defines)).encode(), repr(nvrtc_identity()).encode()]:
         digest.update(part + b"\0")
     return digest.hexdigest()[:32]
 

@@ -121,16 +121,25 @@ def numa_nodes_with_memory() -> int:
     return len(memory_nodes())
 
 
+def placeable_nodes(root=NODES) -> list:
+    """Nodes with memory and CPUs, ascending: a thread on their CPUs places pages there by first
+    touch. (A memory-only node, such as a Grace GPU's HBM or a CXL expander, has no CPU to touch from.)"""
+    def cpus(node):
+        path = os.path.join(root, f"node{node}", "cpulist")
+        return os.path.exists(path) and open(path).read().strip() != ""
+    return [node for node in memory_nodes(root) if cpus(node)]
+
+
 def pin_thread(cpus):
     """Run the calling thread on these CPUs only (first touches then place pages on their node)."""
     os.sched_setaffinity(0, cpus)
 
 
-def numa_remote():
-    nodes = numa_nodes_with_memory()
-    if nodes < 2:
-        return False, f"/sys/devices/system/node lists {nodes} NUMA node(s) with memory"
-    return True, f"{nodes} NUMA nodes with memory"
+def numa_remote(root=NODES):
+    nodes = placeable_nodes(root)
+    if len(nodes) < 2:
+        return False, f"{root} lists {len(nodes)} NUMA node(s) with memory and CPUs"
+    return True, f"{len(nodes)} NUMA nodes with memory and CPUs"
 
 
 def multi_gpu():

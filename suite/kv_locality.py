@@ -2,8 +2,10 @@
 
 Sources: pageable host memory; pinned memory on the GPU's NUMA node (pinned_local) and on another
 node (pinned_remote); another HBM buffer (hbm, device to device). Pinned pages are placed by first
-touch: they are allocated (cudaHostAlloc touches and locks every page) from a thread pinned to the
-CPUs of the chosen node. Allocation and placement happen before timing; copies are timed with CUDA
+touch: fresh anonymous pages are touched from a thread pinned to the CPUs of the chosen node, then
+page-locked where they lie (cudaHostRegister), and where the host has several nodes every page's
+node is checked. (torch's pinned allocator would hand back a freed block of the same size class,
+pinned wherever its pages already lie.) Allocation and placement happen before timing; copies are timed with CUDA
 events, `iters` copies per timed round. Asynchronous sources (pinned, hbm) are enqueued behind a
 GPU-side wait long enough to cover the host's dispatch of all `iters` copies, so GB/s is the
 link's; a pageable copy makes the host stage every byte, so its host cost is part of its GB/s.
@@ -12,6 +14,11 @@ link's; a pageable copy makes the host stage every byte, so its host cost is par
 """
 
 import argparse
+import ctypes
+import math
+import mmap
+import os
+import platform
 import threading
 from pathlib import Path
 
@@ -22,6 +29,7 @@ from kernels import hw
 SOURCES = ("pageable", "pinned_local", "pinned_remote", "hbm")
 DEFAULTS = dict(rows=256, cols=4096, iters=200)
 NODES = hw.NODES
+MOVE_PAGES = {"x86_64": 279, "aarch64": 239}  # the move_pages syscall's number per architecture
 
 
 def parse_cpulist(text):
@@ -48,8 +56,8 @@ def gpu_node(device=0):
 
 
 def remote_node(local, root=NODES):
-    """Another node with memory, or None."""
-    return next((node for node in hw.memory_nodes(root) if node != local), None)
+    """Another node with memory and CPUs, or None."""
+    return next((node for node in hw.placeable_nodes(root) if node != local), None)
 
 
 def on_node(node, make, root=NODES):
@@ -72,6 +80,52 @@ def on_node(node, make, root=NODES):
     return result["value"]
 
 
+def page_nodes(address, size):
+    """The NUMA node of every page of [address, address + size), by move_pages(2) given no target
+    nodes (it only reports). Raises OSError where the kernel refuses."""
+    arch = platform.machine()
+    if arch not in MOVE_PAGES:
+        raise OSError(f"move_pages: no syscall number known for {arch} (known: {sorted(MOVE_PAGES)})")
+    page = os.sysconf("SC_PAGE_SIZE")
+    count = -(-size // page)
+    pages = (ctypes.c_void_p * count)(*range(address, address + count * page, page))
+    status = (ctypes.c_int * count)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.syscall(ctypes.c_long(MOVE_PAGES[arch]), 0, ctypes.c_ulong(count), pages, None, status, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"move_pages: {os.strerror(ctypes.get_errno())}")
+    return list(status)
+
+
+class _LockedPages(mmap.mmap):
+    """Anonymous pages, page-locked once touched (registered), unlocked before they are unmapped:
+    when the last tensor viewing them is gone."""
+    address = None
+
+    def __del__(self):
+        if self.address is not None:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.address))
+
+
+def pinned_on_node(shape, dtype, node, root=NODES):
+    """A host tensor of random values whose pages lie on `node`, page-locked for asynchronous copies.
+    Where the host has several nodes with memory, every page's node is checked."""
+    size = math.prod(shape) * dtype.itemsize
+    pages = _LockedPages(-1, size)  # fresh pages: none is placed before the first touch below
+    tensor = torch.frombuffer(pages, dtype=dtype).view(shape)
+    address = tensor.data_ptr()
+    on_node(node, lambda: ctypes.memset(address, 0x3C, size), root)  # one thread, on the node's CPUs
+    if len(hw.memory_nodes(root)) > 1:
+        misplaced = [n for n in page_nodes(address, size) if n != node]
+        if misplaced:
+            raise RuntimeError(f"pinned memory for node {node}: {len(misplaced)} pages landed elsewhere "
+                               f"(move_pages reports {sorted(set(misplaced))})")
+    tensor.normal_()
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(address, size, 0))
+    pages.address = address
+    return tensor
+
+
 def allocate(source, rows, cols, device):
     """The source slab [rows, cols] fp16 (random, never zeros) and the HBM destination."""
     if source not in SOURCES:
@@ -85,8 +139,7 @@ def allocate(source, rows, cols, device):
     node = local if source == "pinned_local" else remote_node(local)
     if node is None:
         raise RuntimeError("pinned_remote: no other NUMA node with memory (requires_numa_remote)")
-    src = on_node(node, lambda: torch.empty(rows, cols, dtype=torch.float16, pin_memory=True).normal_())
-    return src, dst
+    return pinned_on_node((rows, cols), torch.float16, node), dst
 
 
 def copies(src, dst, iters):

@@ -76,6 +76,7 @@ class Scenario:
         if self._events is None:
             return
         events, self._events = self._events, None
+        events[1].synchronize()  # the prefill's end: the decode steps may finish first
         events[-1].synchronize()
         start, end = events[0], events[1]
         self.prefill_ms.append(start.elapsed_time(end))

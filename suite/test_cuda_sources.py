@@ -128,7 +128,12 @@ def test_build_cache_key_covers_every_input(monkeypatch):
     assert cuda_build.cache_key(source + " ", "sm_90a", {}) != key
     assert cuda_build.cache_key(source, "sm_100a", {}) != key
     assert cuda_build.cache_key(source, "sm_90a", {"HEAD_DIM": 64}) != key
-    monkeypatch.setattr(cuda_build, "nvrtc_version", lambda: (99, 0))  # another CUDA: another build
+    version, files = cuda_build.nvrtc_identity()
+    assert version == cuda_build.nvrtc_version() and any("libnvrtc" in path for path, _, _ in files)
+    monkeypatch.setattr(cuda_build, "nvrtc_identity", lambda: ((99, 0), files))  # another CUDA: another build
+    assert cuda_build.cache_key(source, "sm_90a", {}) != key
+    patched = [(path, size + 1, mtime) for path, size, mtime in files]  # a patch release: same major.minor
+    monkeypatch.setattr(cuda_build, "nvrtc_identity", lambda: (version, patched))
     assert cuda_build.cache_key(source, "sm_90a", {}) != key
     monkeypatch.setattr(cuda_build, "_headers", lambda: {"common.cuh": b"changed"})
     assert cuda_build.cache_key(source, "sm_90a", {}) != key

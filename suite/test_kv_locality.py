@@ -1,11 +1,15 @@
 """kv_locality's host-side pieces (SPEC 2.8): NUMA topology, thread pinning, the table, the command
 without a GPU; and, on a GPU, that every source's copy arrives bit for bit."""
 
+import ctypes
+import errno
+import mmap
 import os
 
 import pytest
 import torch
 
+from kernels import hw
 from suite import kv_locality
 
 pytestmark = pytest.mark.offload
@@ -26,10 +30,11 @@ def test_parse_cpulist():
     assert kv_locality.parse_cpulist("5") == [5]
 
 
-def test_remote_node_is_another_node_with_memory(tmp_path):
-    root = _fake_nodes(tmp_path, {0: ("0-1", 1000), 1: ("2-3", 0), 2: ("4-5", 2000)})
-    assert kv_locality.remote_node(0, root) == 2  # node 1 has CPUs but no memory
-    assert kv_locality.remote_node(2, root) == 0
+def test_remote_node_is_another_node_with_memory_and_cpus(tmp_path):
+    # node 1: memory, no CPUs (a Grace GPU's HBM, a CXL expander); node 2: CPUs, no memory
+    root = _fake_nodes(tmp_path, {0: ("0-1", 1000), 1: ("", 4096), 2: ("2-3", 0), 3: ("4-5", 2000)})
+    assert kv_locality.remote_node(0, root) == 3
+    assert kv_locality.remote_node(3, root) == 0
     (tmp_path / "single").mkdir()
     assert kv_locality.remote_node(0, _fake_nodes(tmp_path / "single", {0: ("0", 1000)})) is None
 
@@ -62,6 +67,24 @@ def test_command_validates_its_flags_and_needs_a_gpu(capsys):
         with pytest.raises(SystemExit):
             kv_locality.main([])
         assert "kv_locality copies into a GPU" in capsys.readouterr().err
+
+
+def test_page_nodes_reports_where_each_page_lies():
+    # touched pages lie on a node with memory; a page never touched has none yet (-ENOENT)
+    size = 4 * os.sysconf("SC_PAGE_SIZE")
+    pages = mmap.mmap(-1, size)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(pages))
+    ctypes.memset(address, 1, size // 2)
+    nodes = kv_locality.page_nodes(address, size)
+    assert nodes[2:] == [-errno.ENOENT] * 2 and set(nodes[:2]) <= set(hw.memory_nodes())
+
+
+@pytest.mark.requires_cuda
+def test_pinned_slab_lies_on_its_node_and_is_page_locked():
+    node = kv_locality.gpu_node(0)[0]
+    slab = kv_locality.pinned_on_node((64, 1024), torch.float16, node)
+    assert slab.is_pinned() and slab.shape == (64, 1024) and slab.abs().sum() > 0
+    assert set(kv_locality.page_nodes(slab.data_ptr(), slab.numel() * 2)) == {node}
 
 
 @pytest.mark.requires_cuda

@@ -6,9 +6,11 @@ import json
 import pickle
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from kernels.stream_read import BLOCK, STEPS, TILINGS, stream_read
 from suite.expectations import Expectations
 from suite.perf import PerfRecorder
 from suite.roofline import Roofline
@@ -115,6 +117,16 @@ def test_perf_marks_what_the_host_is_in(tmp_path):
         assert (bench.extra_info["host_dependent_metrics"], bench.extra_info["gate"]) == (dependent, verdict), name
         assert rec.host_dependent[f"{GATE}-{name}"] == set(dependent)
     assert rec.table()[-1].endswith("recorded (host-timed baseline)")
+
+
+@pytest.mark.parametrize("tiling", [(BLOCK, STEPS, 8), *TILINGS])
+def test_stream_read_reads_every_word_once(device, tiling):
+    # the read roofline's and the L2 flush's kernel: the programs' xors make the xor of every word,
+    # over a size that ends mid-step
+    words = torch.randint(-2**31, 2**31 - 1, (3 * tiling[0] * tiling[1] + 1234,), dtype=torch.int32, device=device)
+    partial = stream_read(words, *tiling)()
+    expected = words.cpu().numpy()
+    assert int(np.bitwise_xor.reduce(partial.cpu().numpy())) == int(np.bitwise_xor.reduce(expected))
 
 
 def test_seconds_carry_the_host_flag_through_copies_and_save_as_numbers():

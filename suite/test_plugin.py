@@ -2,11 +2,9 @@
 counting, comparisons between runs, the hardware predicates and the hypothesis profiles. The perf
 recorder and its end table are tested in test_perf.py, the gates' files in test_expectations.py."""
 
-import glob
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,17 +158,18 @@ def test_has_cuda():
     assert hw.has_cuda() == expected
 
 
-def test_numa_remote_counts_nodes_with_memory(tmp_path, monkeypatch):
+def test_numa_remote_counts_nodes_with_memory_and_cpus(tmp_path):
     ok, probed = hw.numa_remote()
-    assert (ok and "NUMA nodes with memory" in probed) or (not ok and "/sys/devices/system/node" in probed)
-    monkeypatch.setattr(hw, "glob", SimpleNamespace(
-        glob=lambda pattern: glob.glob(pattern.replace("/sys/devices/system/node", str(tmp_path)))))
-    for node, kb in ((0, 1000), (1, 0), (2, 64)):  # node1: a memoryless node (CPUs only)
+    assert (ok and "NUMA nodes with memory and CPUs" in probed) or (not ok and "/sys/devices/system/node" in probed)
+    # node1: CPUs, no memory; node3: memory, no CPUs (a Grace GPU's HBM, a CXL expander): no first touch there
+    for node, cpus, kb in ((0, "0-3", 1000), (1, "4-7", 0), (3, "", 4096), (2, "8", 64)):
         (tmp_path / f"node{node}").mkdir()
+        (tmp_path / f"node{node}" / "cpulist").write_text(cpus + "\n")
         (tmp_path / f"node{node}" / "meminfo").write_text(f"Node {node} MemTotal:  {kb} kB\nNode {node} MemFree: 5 kB")
-        if node == 1:
-            assert hw.numa_remote() == (False, "/sys/devices/system/node lists 1 NUMA node(s) with memory")
-    assert hw.numa_remote() == (True, "2 NUMA nodes with memory")
+        if node == 3:
+            assert hw.numa_remote(tmp_path) == (False, f"{tmp_path} lists 1 NUMA node(s) with memory and CPUs")
+    assert hw.numa_remote(tmp_path) == (True, "2 NUMA nodes with memory and CPUs")
+    assert hw.placeable_nodes(tmp_path) == [0, 2]
 
 
 def test_nvcc_found_on_path(tmp_path, monkeypatch):
