@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import decode_graphs, request_path, tiny_decoder
+from kernels import decode_graphs, hw, request_path, tiny_decoder
 from suite.loop_cases import DTYPE, TIERS
 
 PRIORITIES = ("same_priority", "decode_high")
@@ -213,6 +213,9 @@ def main(argv=None):
     for tile in tiles:
         if tile not in TILES:
             parser.error(f"--tile must be one of {TILES}, got {tile}")
+    ok, probed = hw.has_cuda()
+    if not ok:
+        parser.error(f"stream_priority traces CUDA streams: {probed}")
     scenarios = [(priority, tile) for tile in tiles for priority in args.priority]
     for (priority, tile), (trace_path, png) in zip(scenarios, trace(scenarios, args.folder)):
         print(priority, *tile, trace_path, png, sep="\t")

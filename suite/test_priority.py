@@ -4,6 +4,7 @@ timeline picture."""
 import json
 
 import pytest
+import torch
 
 from suite.priority import kernel_intervals, main, percentile, timeline_png
 
@@ -43,3 +44,11 @@ def test_trace_command_refuses_a_tile_it_does_not_run(capsys):
     with pytest.raises(SystemExit):
         main(["--priority", "decode_high", "--tile", "32", "32", "--folder", "unused"])
     assert "--tile must be one of" in capsys.readouterr().err
+
+
+def test_trace_command_needs_a_gpu(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the trace runs (test_stream_priority_bench.py)")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--folder", str(tmp_path)])
+    assert exit_info.value.code == 2 and "stream_priority traces CUDA streams" in capsys.readouterr().err

@@ -15,6 +15,7 @@ between processes on one H100 host, so one run's value is not a floor for them.
 import argparse
 import datetime
 import json
+import os
 
 from suite.expectations import METRICS, hardware_key, update
 from suite.options import fraction
@@ -51,6 +52,9 @@ def main():
     args = parser.parse_args()
     if fraction(args.margin):
         parser.error(f"--margin {args.margin}: {fraction(args.margin)}")
+    missing = [path for path in args.runs if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"run: no such file: {', '.join(missing)}")
     runs = [json.load(open(path)) for path in args.runs]
     keys = {path: hardware_key(run["machine_info"]["gpu"]["name"]) for path, run in zip(args.runs, runs)}
     if len(set(keys.values())) > 1:

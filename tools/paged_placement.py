@@ -21,6 +21,7 @@ from kernels import decode_attention, sdpa_decode
 from suite.anchors import paged_read_floor
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
+from tools._args import decode_shape, positive_int, require_cuda
 
 REGION = 2 << 20  # bytes of the coarsest address-translation page on Hopper
 
@@ -38,17 +39,18 @@ def placements(table, page_bytes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["16x1024", "16x4096", "16x16384", "64x1024", "64x4096",
-                                                        "4x16384"], help="BATCHxLENGTH, uniform lengths")
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--shapes", nargs="+", type=decode_shape, help="BATCHxLENGTH, uniform lengths",
+                        default=[(16, 1024), (16, 4096), (16, 16384), (64, 1024), (64, 4096), (4, 16384)])
+    parser.add_argument("--page-size", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=30)
     args = parser.parse_args()
+    for batch, length in args.shapes:
+        if length % args.page_size:
+            parser.error(f"--shapes: length {length} is not a multiple of --page-size {args.page_size}")
+    require_cuda(parser, "paged_placement")
     columns = ("sdpa", "contiguous", "random", "random_2mb", "ascending", "consecutive")
     print("us (sdpa / x) " + " ".join(f"{name:>17s}" for name in columns))
-    for shape in args.shapes:
-        batch, length = map(int, shape.split("x"))
-        if length % args.page_size:
-            raise SystemExit(f"--shapes: length {length} is not a multiple of --page-size {args.page_size}")
+    for batch, length in args.shapes:
         case = DecodeCase(seeded_lengths(batch, length, False, seed=0), 32, 8, 128, torch.bfloat16, "paged",
                           args.page_size)
         inputs = make_inputs(case, "cuda")

@@ -11,13 +11,15 @@ import torch
 from kernels import decode_graphs, decode_loop, tiny_decoder
 from suite.loop_cases import TIERS, bind, make_loop_inputs
 from suite.timing import measure
+from tools._args import positive_int, require_cuda
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64, 128])
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 4, 8, 16, 32, 64, 128])
+    parser.add_argument("--steps", type=positive_int, default=32)
     args = parser.parse_args()
+    require_cuda(parser, "persistence_crossover")
     decoders = {"graphs": lambda *a, **kw: decode_graphs.graph_decode(*a, mode="full", **kw),
                 "persistent": decode_loop.triton_persistent}
     print("tier (model)                       batch  graphs TPOT us  persistent TPOT us  persistent/graphs speedup")

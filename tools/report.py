@@ -247,6 +247,9 @@ def main():
         parser.error("give either a run or --latest")
     if args.compare_previous and (not args.latest or args.compare):
         parser.error("--compare-previous goes with --latest and without --compare")
+    for flag, path in (("run", args.run), ("--compare", args.compare)):
+        if path and not Path(path).is_file():
+            parser.error(f"{flag}: no such file: {path}")
     base = args.compare
     if args.latest:
         runs = saved_runs()

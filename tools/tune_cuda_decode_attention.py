@@ -14,6 +14,7 @@ import torch
 from kernels import cuda_decode_attention, decode_attention, hw
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
+from tools._args import decode_shape, require_cuda
 
 STAGES = (2, 3, 4)
 CTAS_PER_SM = (1, 2, 3)
@@ -23,13 +24,15 @@ ROUNDS = 20
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["1x4096", "64x4096"], help="BATCHxLENGTH")
+    parser.add_argument("--shapes", nargs="+", type=decode_shape, default=[(1, 4096), (64, 4096)],
+                        help="BATCHxLENGTH")
     parser.add_argument("--layouts", nargs="+", default=["contiguous"], choices=("contiguous", "paged"))
     parser.add_argument("--var", action="store_true", help="lengths uniform in [L/8, L] instead of all L")
     args = parser.parse_args()
+    require_cuda(parser, "tune_cuda_decode_attention")
     sms = hw.num_sms("cuda")
     for shape, layout in itertools.product(args.shapes, args.layouts):
-        batch, length = map(int, shape.split("x"))
+        batch, length = shape
         case = DecodeCase(seeded_lengths(batch, length, args.var, seed=batch * length), 32, 8, 128, torch.bfloat16,
                           layout)
         inputs = make_inputs(case, "cuda")

@@ -11,6 +11,7 @@ import torch
 from kernels import decode_attention as da, decode_plan, hw
 from suite.decode_cases import DecodeCase, make_inputs, seeded_lengths
 from suite.timing import measure
+from tools._args import decode_shape, require_cuda
 
 # Module constants of kernels/decode_plan.py to sweep, then the launcher's chunk (last).
 SWEEP = {"BLOCK_N": (32, 64, 128), "NUM_STAGES": (2, 3), "NUM_WARPS": (4, 8), "PROGRAMS_PER_SM": (2, 3, 4),
@@ -20,12 +21,16 @@ SWEEP = {"BLOCK_N": (32, 64, 128), "NUM_STAGES": (2, 3), "NUM_WARPS": (4, 8), "P
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quant", nargs="+", default=["none"], choices=("none", "int8", "int4", "fp8"))
-    parser.add_argument("--shapes", nargs="+", default=["64x4096"], help="BATCHxLENGTH, uniform lengths")
+    parser.add_argument("--shapes", nargs="+", type=decode_shape, default=[(64, 4096)],
+                        help="BATCHxLENGTH, uniform lengths")
     parser.add_argument("--layouts", nargs="+", default=["contiguous"], choices=("contiguous", "paged"))
     args = parser.parse_args()
+    require_cuda(parser, "tune_decode_attention")
+    if "fp8" in args.quant and not hw.fp8_fused_ready()[0]:
+        parser.error(f"--quant fp8: {hw.fp8_fused_ready()[1]}")
     names = list(SWEEP)
     for shape, layout, quant in itertools.product(args.shapes, args.layouts, args.quant):
-        batch, length = map(int, shape.split("x"))
+        batch, length = shape
         case = DecodeCase(seeded_lengths(batch, length, False, seed=0), 32, 8, 128, torch.bfloat16, layout,
                           quant=quant)
         inputs = make_inputs(case, "cuda")

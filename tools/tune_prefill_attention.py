@@ -18,6 +18,7 @@ from kernels.checks import SharedMemoryTooSmall
 from kernels.sdpa_decode import BACKENDS
 from suite.prefill_cases import PrefillCase, make_inputs
 from suite.timing import measure
+from tools._args import require_cuda, shape
 
 TILES = ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128))
 WARPS = (4, 8)
@@ -71,12 +72,13 @@ def _triton_rows(case, inputs, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["1x4096", "4x4096", "1x8192"], help="BATCHxPROMPT")
+    parser.add_argument("--shapes", nargs="+", type=shape, default=[(1, 4096), (4, 4096), (1, 8192)],
+                        help="BATCHxPROMPT")
     parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     args = parser.parse_args()
+    require_cuda(parser, "tune_prefill_attention")
     device = torch.device("cuda")
-    for shape in args.shapes:
-        batch, prompt = map(int, shape.split("x"))
+    for batch, prompt in args.shapes:
         case = PrefillCase((prompt,) * batch, 32, 8, args.head_dim, torch.bfloat16)
         print(f"{case}:", flush=True)
         rows = _sdpa_rows(case, device) + _triton_rows(case, make_inputs(case, device), device)
