@@ -150,6 +150,11 @@ class Expectations:
 HOST_MARGIN = 0.5
 
 
+def _significant(value, digits):
+    # significant digits, not decimals: a fraction of 0.0096 floored to 3 decimals moved by 10%
+    return float(f"{value:.{digits}g}")
+
+
 def update(directory, key, measured: dict, *, margin: float, provenance: dict, allow_lower=False,
            host_dependent=None) -> Path:
     """Write floors = measured * (1 - margin) into <directory>/<key>.json; host_dependent: {gate_id:
@@ -179,13 +184,13 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
                 continue  # a deliberate floor or no gate, with its reason: an update does not override it
             host = metric in (host_dependent or {}).get(gate_id, ())
             used = max(margin, HOST_MARGIN) if host else margin
-            floor = round(value * (1 - used), 3)
+            floor = _significant(value * (1 - used), 4)
             if floor <= 0:
                 continue  # a floor of zero cannot fail: nothing measured to hold
             old = entry.get(metric, {}).get("floor")
             if old is not None and floor < old and not allow_lower:
                 continue  # keep the higher floor with the measurement it came from
-            entry[metric] = {"floor": floor, "measured": round(value, 4), "margin": used} | (
+            entry[metric] = {"floor": floor, "measured": _significant(value, 5), "margin": used} | (
                 {"host_timed": True} if host else {})
             written.add(metric)
         if written:

@@ -95,6 +95,12 @@ def test_update_writes_floor_with_margin_and_provenance(tmp_path):
     assert [(v.metric, v.ok) for v in verdicts] == [(SPEEDUP, False), ("roofline_fraction", True)]
 
 
+def test_update_keeps_a_small_metric_to_significant_digits(tmp_path):
+    # a launch-bound kernel's roofline fraction: 3 decimals would have floored 0.009612 at 0.008, 17% low
+    entry = entry_of(update(tmp_path, "h100", {GATE: {"roofline_fraction": 0.009612}}, margin=0.15, provenance=PROV_A))
+    assert (entry["roofline_fraction"]["floor"], entry["roofline_fraction"]["measured"]) == (0.00817, 0.009612)
+
+
 def test_update_never_lowers_a_floor_unless_asked(tmp_path):
     def floor(value, **kw):
         path = update(tmp_path, "gb10", {GATE: {SPEEDUP: value}}, margin=0.0, provenance=PROV_A, **kw)
