@@ -10,6 +10,7 @@ from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.decode_cases import (LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, check_output, make_case_tensors,
                                 make_inputs, quant_params, quantization_loss, variant_params)
+from suite.views import misaligned, padded_rows
 
 pytestmark = pytest.mark.decode
 
@@ -150,7 +151,7 @@ BAD_INPUTS = {
     "k last stride": (lambda i: _bad(i, k_cache=i["k_cache"].transpose(2, 3).contiguous().transpose(2, 3),
                                      v_cache=i["v_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
                       ValueError, "k_cache must be contiguous in its last dimension"),
-    "v strides unlike k's": (lambda i: _bad(i, v_cache=_padded_rows(i["v_cache"])), ValueError,
+    "v strides unlike k's": (lambda i: _bad(i, v_cache=padded_rows(i["v_cache"])), ValueError,
                              r"v_cache strides \(5200, 2600, 65, 1\) must equal k_cache strides \(5120, 2560, 64, 1\)"),
     "heads": (lambda i: _bad(i, q=i["q"][:, :3].contiguous()), ValueError, "not a multiple"),
     "seq_lens dtype": (lambda i: _bad(i, seq_lens=i["seq_lens"].long()), TypeError, "seq_lens has dtype"),
@@ -181,16 +182,6 @@ def test_bad_input_names_the_argument(decode_variant, device, bad):
         decode_variant[1](**inputs)
 
 
-def _offset(t):
-    # t's values in a contiguous view one element past an aligned start (t.element_size() bytes off)
-    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
-
-
-def _padded_rows(t):
-    # t's values in a view whose rows (last dimension) lie one element further apart
-    return torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)[..., :-1].copy_(t)
-
-
 _CASE = DecodeCase((40, 7), q_heads=4, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout="contiguous")
 CUDA_PERSISTENT_BAD_INPUTS = {  # what is wrong: (case, change to its valid inputs, message); after check_decode_args
     "group beyond 16": (DecodeCase((40, 7), 32, 1, 64, torch.bfloat16, "contiguous"), lambda i: i,
@@ -198,15 +189,15 @@ CUDA_PERSISTENT_BAD_INPUTS = {  # what is wrong: (case, change to its valid inpu
     "batch beyond MAX_BATCH": (DecodeCase((1,) * (decode_attention.MAX_BATCH + 1), 2, 1, 64, torch.float16,
                                           "contiguous"), lambda i: i,
                                "q: batch 1025 exceeds cuda_persistent's MAX_BATCH 1024"),
-    "k_cache address": (_CASE, lambda i: _bad(i, k_cache=_offset(i["k_cache"])),
+    "k_cache address": (_CASE, lambda i: _bad(i, k_cache=misaligned(i["k_cache"])),
                         "k_cache: rows must be 16-byte aligned"),
-    "v_cache address": (_CASE, lambda i: _bad(i, v_cache=_offset(i["v_cache"])),
+    "v_cache address": (_CASE, lambda i: _bad(i, v_cache=misaligned(i["v_cache"])),
                         "v_cache: rows must be 16-byte aligned"),
-    "cache rows 130 bytes apart": (_CASE, lambda i: _bad(i, k_cache=_padded_rows(i["k_cache"]),
-                                                         v_cache=_padded_rows(i["v_cache"])),
+    "cache rows 130 bytes apart": (_CASE, lambda i: _bad(i, k_cache=padded_rows(i["k_cache"]),
+                                                         v_cache=padded_rows(i["v_cache"])),
                                    "k_cache: rows must be 16-byte aligned"),
-    "q address": (_CASE, lambda i: _bad(i, q=_offset(i["q"])), "q: head rows must be 4-byte aligned"),
-    "out head stride odd": (_CASE, lambda i: _bad(i, out=_padded_rows(i["q"])),
+    "q address": (_CASE, lambda i: _bad(i, q=misaligned(i["q"])), "q: head rows must be 4-byte aligned"),
+    "out head stride odd": (_CASE, lambda i: _bad(i, out=padded_rows(i["q"])),
                             "out: head rows must be 4-byte aligned"),
     "num_programs 0": (_CASE, lambda i: _bad(i, num_programs=0), "num_programs must be a positive int, got 0"),
     "stages 5": (_CASE, lambda i: _bad(i, stages=5), "stages must be 2, 3 or 4, got 5"),
@@ -381,7 +372,7 @@ QUANT_BAD_INPUTS = {
     "v format": (lambda i: _bad(i, v_cache=i["v_cache"].view(torch.uint8)), TypeError, "v_cache has dtype"),
     "int4 width": (lambda i: _bad(i, k_cache=i["k_cache"].view(torch.uint8), v_cache=i["v_cache"].view(torch.uint8)),
                    ValueError, "k_cache has shape"),
-    "scale strides": (lambda i: _bad(i, v_scale=_padded_rows(i["v_scale"])), ValueError,
+    "scale strides": (lambda i: _bad(i, v_scale=padded_rows(i["v_scale"])), ValueError,
                       r"v_scale strides \(82, 41, 1\) must equal k_scale strides \(80, 40, 1\)"),
 }
 

@@ -15,6 +15,7 @@ from kernels.checks import SharedMemoryTooSmall
 from suite import reference
 from suite.decode_cases import quant_params
 from suite.loop_cases import DTYPE, TIERS, bind, check_loop, check_outputs, loop_variants, make_loop_inputs, needs_cuda
+from suite.views import misaligned, padded_rows
 
 pytestmark = pytest.mark.decode
 
@@ -275,18 +276,8 @@ def _wide(t):
     return torch.cat([t, t], -1)[..., :t.shape[-1]]
 
 
-def _offset(t):
-    # t's values in a contiguous view one element past an aligned start (t.element_size() bytes off)
-    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
-
-
-def _padded_rows(t):
-    # t's values in a view whose rows (last dimension) lie one element further apart
-    return torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)[..., :-1].copy_(t)
-
-
 def _offset_weight(name):
-    return lambda a: a | dict(w=dataclasses.replace(a["w"], **{name: _offset(getattr(a["w"], name))}))
+    return lambda a: a | dict(w=dataclasses.replace(a["w"], **{name: misaligned(getattr(a["w"], name))}))
 
 
 LOOP_BAD_INPUTS = {  # what is wrong: (change to valid (weights, h, k, v, seq_lens), error, message)
@@ -327,9 +318,9 @@ NATIVE_LOOP_BAD_INPUTS = {  # what is wrong: ((q_heads, kv_heads), change to val
     "w_qkv address": ((4, 2), _offset_weight("w_qkv"), r"weights\.w_qkv must be 16-byte aligned"),
     "w_o address": ((4, 2), _offset_weight("w_o"), r"weights\.w_o must be 16-byte aligned"),
     "gamma address": ((4, 2), _offset_weight("gamma"), r"weights\.gamma must be 16-byte aligned"),
-    "k_cache rows 130 bytes apart": ((4, 2), lambda a: a | dict(k=_padded_rows(a["k"]), v=_padded_rows(a["v"])),
+    "k_cache rows 130 bytes apart": ((4, 2), lambda a: a | dict(k=padded_rows(a["k"]), v=padded_rows(a["v"])),
                                      r"k_cache: rows must be 16-byte aligned \(strides \(\d+, \d+, 65, 1\)\)"),
-    "v_cache address": ((4, 2), lambda a: a | dict(v=_offset(a["v"])), "v_cache: rows must be 16-byte aligned"),
+    "v_cache address": ((4, 2), lambda a: a | dict(v=misaligned(a["v"])), "v_cache: rows must be 16-byte aligned"),
 }
 
 

@@ -12,6 +12,7 @@ from kernels.prefill_kv_write import HEAD_DIMS, VARIANTS, check_write_args, tile
 from suite import reference
 from suite.decode_cases import quant_params
 from suite.kv_write_cases import BITS, POISON, WriteCase, check_write, make_inputs, poison
+from suite.views import misaligned
 
 pytestmark = pytest.mark.prefill
 
@@ -123,11 +124,6 @@ def _page_twice(i):
     i["block_table"][1, 1] = i["block_table"][0, 0]
 
 
-def _offset(t):
-    # t's values in a contiguous view one element past an aligned start (t.element_size() bytes off)
-    return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
-
-
 def _token_stride(t, stride):
     # t [tokens, Hkv, D]'s values, each token's [Hkv, D] contiguous, tokens `stride` elements apart
     tokens, heads, d = t.shape
@@ -160,7 +156,7 @@ BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
     "page out of range": (lambda i: i["block_table"].__setitem__((0, 0), 99), ValueError,
                           "block_table[0, 0] = 99 is outside"),
     "page twice": (_page_twice, ValueError, "writes would race"),
-    "k address": (lambda i: i.update(k=_offset(i["k"])), ValueError,
+    "k address": (lambda i: i.update(k=misaligned(i["k"])), ValueError,
                   "k: address and token stride must be 16-byte aligned (cp.async, TMA)"),
     "v token stride": (lambda i: i.update(v=_token_stride(i["v"], 129)), ValueError,
                        "v: address and token stride must be 16-byte aligned (cp.async, TMA), got 0x"),
