@@ -178,3 +178,13 @@ def test_cli_usage_errors(argv, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         report.main()
     assert exit_info.value.code == 2
+
+
+def test_a_run_without_a_gpu_is_labelled_host_time(tmp_path):
+    run = json.loads(RUN.read_text())
+    run["machine_info"]["gpu"] = {"name": "cpu"}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    report.build(path, tmp_path / "out")
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "host time (smoke run, no GPU) and speedup" in page and "GPU time and speedup" not in page

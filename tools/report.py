@@ -51,7 +51,7 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def workload_chart(rows, workload, path):
+def workload_chart(rows, workload, path, clock="GPU time"):
     """GPU time (log) and speedup vs baseline per benchmark of one workload. Returns
     [(gate_id, seconds, speedup or None)] in drawing order."""
     mine = [r for r in rows if r["workload"] == workload]
@@ -64,7 +64,7 @@ def workload_chart(rows, workload, path):
     y = range(len(drawn))
     left.barh(y, [1e6 * s for _, s, _ in drawn])
     left.set_xscale("log")
-    left.set_xlabel("GPU time, us (median)")
+    left.set_xlabel(f"{clock}, us (median)")
     left.set_yticks(y, labels, fontsize=6)
     left.invert_yaxis()
     right.barh(y, [s or 0.0 for _, _, s in drawn], color=["tab:green" if (s or 0) >= 1 else "tab:red" for _, _, s in drawn])
@@ -158,7 +158,7 @@ def compare(base_rows, rows):
     return out
 
 
-def compare_chart(changes, path):
+def compare_chart(changes, path, clock="GPU time"):
     colors = {"slower": "tab:red", "faster": "tab:green", "within noise": "lightgray"}
     fig, ax = plt.subplots(figsize=(10, 1.5 + ROW_INCHES * len(changes)))
     y = range(len(changes))
@@ -168,7 +168,7 @@ def compare_chart(changes, path):
     ax.set_yticks(y, [c.label for c in changes], fontsize=6)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("GPU time change, % (gray whiskers: the run-to-run noise)")
+    ax.set_xlabel(f"{clock} change, % (gray whiskers: the run-to-run noise)")
     ax.set_title("this run vs the base run")
     _save(fig, path)
     return changes
@@ -186,10 +186,12 @@ def build(run_path, out_dir, base_path=None):
     machine, rows = load(run_path)
     drawn, sections = {}, []
     gpu = machine.get("gpu", {})
+    # a run without a GPU is a smoke run timed by the host clock (suite.timing.run_benchmark)
+    clock = "GPU time" if gpu.get("name", "cpu") != "cpu" else "host time (smoke run, no GPU)"
     for workload in sorted({r["workload"] for r in rows}):
         name = f"workload_{workload}.png"
-        drawn[name] = workload_chart(rows, workload, out / name)
-        sections.append((f"{workload}: GPU time and speedup", name))
+        drawn[name] = workload_chart(rows, workload, out / name, clock)
+        sections.append((f"{workload}: {clock} and speedup", name))
     drawn["roofline.png"] = roofline_chart(machine, rows, out / "roofline.png")
     sections.append(("Achieved vs roofline", "roofline.png"))
     drawn["tpot.png"] = tpot_chart(rows, out / "tpot.png")
@@ -206,7 +208,7 @@ def build(run_path, out_dir, base_path=None):
             raise ReportError(f"{run_path} ran on {gpu.get('name')!r}, {base_path} on {base_gpu!r}: runs of "
                               f"different GPUs are not compared")
         changes = compare(base_rows, rows)
-        drawn["compare.png"] = compare_chart(changes, out / "compare.png")
+        drawn["compare.png"] = compare_chart(changes, out / "compare.png", clock)
         sections.append((f"Compared with {Path(base_path).name}", "compare.png"))
     body = [f"<h1>Kernel suite run: {html.escape(Path(run_path).name)}</h1>",
             f"<p>{html.escape(gpu.get('name', 'unknown GPU'))}, torch {html.escape(str(gpu.get('torch')))}, "
