@@ -41,11 +41,15 @@ def check_power_of_two(name, value):
         raise ValueError(f"{name} must be a positive power of two, got {value!r}")
 
 
-def check_out(out, shape, dtype, device):
-    """A caller's output buffer: a contiguous tensor of this shape, dtype and device."""
+def output(out, shape, dtype, device):
+    """A new output tensor when out is None, else the caller's buffer, checked: a contiguous tensor
+    of this shape, dtype and device."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
     check_tensor("out", out, dtypes=(dtype,))
     check_shape("out", out, shape)
     if out.device != device:
         raise ValueError(f"out is on {out.device}, expected {device}")
     if not out.is_contiguous():
         raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+    return out

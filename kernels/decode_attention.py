@@ -324,6 +324,13 @@ class DecodeDims(NamedTuple):
     total_len: int  # positions over the batch
 
 
+def used_pages(seq_lens, block_table, page_size):
+    """[B, max_pages] bool: the block-table entries a sequence's positions fall in; the rest may hold
+    anything and are never read."""
+    columns = torch.arange(block_table.shape[1], device=block_table.device)
+    return columns[None, :] < (seq_lens[:, None] + page_size - 1) // page_size
+
+
 def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=None, v_scale=None) -> DecodeDims:
     """Validate a decode-attention call (SPEC 7). Syncs once, for the value checks."""
     check_tensor("q", q, dtypes=ATTENTION_DTYPES, ndim=3)
@@ -357,9 +364,7 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
     # One sync for every value check: [min len, max len, total len, first bad block-table flat index].
     stats = [seq_lens.min(), seq_lens.max(), seq_lens.sum()]
     if paged:
-        pages_used = torch.arange(block_table.shape[1], device=q.device)[None, :] < \
-            (seq_lens[:, None] + page_size - 1) // page_size
-        bad = pages_used & ((block_table < 0) | (block_table >= num_pages))
+        bad = used_pages(seq_lens, block_table, page_size) & ((block_table < 0) | (block_table >= num_pages))
         stats.append(torch.where(bad.flatten(), torch.arange(bad.numel(), device=q.device), bad.numel()).min())
     stats = torch.stack([s.to(torch.int64) for s in stats]).tolist()
     if stats[0] < 1:

@@ -124,10 +124,10 @@ def numa_nodes_with_memory() -> int:
 def placeable_nodes(root=NODES) -> list:
     """Nodes with memory and CPUs, ascending: a thread on their CPUs places pages there by first
     touch. (A memory-only node, such as a Grace GPU's HBM or a CXL expander, has no CPU to touch from.)"""
-    def cpus(node):
-        path = os.path.join(root, f"node{node}", "cpulist")
-        return os.path.exists(path) and open(path).read().strip() != ""
-    return [node for node in memory_nodes(root) if cpus(node)]
+    def has_cpus(node):
+        path = Path(root) / f"node{node}" / "cpulist"
+        return path.exists() and path.read_text().strip() != ""
+    return [node for node in memory_nodes(root) if has_cpus(node)]
 
 
 def pin_thread(cpus):

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_out, check_power_of_two
+from kernels.checks import check_power_of_two, output
 from kernels.decode_attention import check_decode_args
 
 CHUNKS = (64, 256, 1024, 4096, 16384)  # positions per program: the floor is the fastest tiling
@@ -71,9 +71,7 @@ def paged_read(q, k_cache, v_cache, seq_lens, block_table, *, chunk, k_scale=Non
         raise ValueError(f"k_cache: an {dims.quant} cache; paged_read reads fp16/bf16 caches")
     check_power_of_two("chunk", chunk)
     n_chunks = triton.cdiv(dims.max_len, chunk)
-    shape = (dims.batch, dims.num_kv_heads, n_chunks)
-    partial = torch.empty(shape, dtype=torch.float32, device=q.device) if out is None else out
-    check_out(partial, shape, torch.float32, q.device)
+    partial = output(out, (dims.batch, dims.num_kv_heads, n_chunks), torch.float32, q.device)
     grid = (partial.numel(),)
 
     def launch():

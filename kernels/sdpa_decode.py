@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.decode_attention import check_decode_args
+from kernels.decode_attention import check_decode_args, used_pages
 
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -38,12 +38,8 @@ def sdpa(q, k_cache, v_cache, seq_lens, block_table=None, *, out=None, backend=N
         raise ValueError("gather_in_launch: block_table is None; a contiguous cache has no pages to gather")
     length = dims.max_len
     if block_table is not None:
-        # Entries past a sequence's own pages may hold anything (check_decode_args reads only the
-        # used ones); their positions are masked, so they are gathered as page 0, which exists.
-        page_size = k_cache.shape[1]
-        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < \
-            (seq_lens[:, None] + page_size - 1) // page_size
-        block_table = torch.where(used, block_table, 0)
+        # unused entries are gathered as page 0, which exists; their positions are masked
+        block_table = torch.where(used_pages(seq_lens, block_table, k_cache.shape[1]), block_table, 0)
 
     def gather():
         return pad_paged(k_cache, block_table, length), pad_paged(v_cache, block_table, length)

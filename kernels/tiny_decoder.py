@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import decode_attention, kv_quant
-from kernels.checks import (ATTENTION_DTYPES, HEAD_DIMS, check_head_dim, check_out, check_shape, check_tensor,
-                            check_unit_stride_last)
+from kernels.checks import (ATTENTION_DTYPES, HEAD_DIMS, check_head_dim, check_shape, check_tensor,
+                            check_unit_stride_last, output)
 
 RMS_EPS = 1e-6
 
@@ -185,11 +185,7 @@ def bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens):
 def decode_out(weights, h, steps, out):
     """A decode loop's outputs [B, steps, d_model] in h's dtype and device: out, checked, or a new
     tensor when out is None."""
-    shape = (h.shape[0], steps, weights.d_model)
-    if out is None:
-        return torch.empty(shape, device=h.device, dtype=h.dtype)
-    check_out(out, shape, h.dtype, h.device)
-    return out
+    return output(out, (h.shape[0], steps, weights.d_model), h.dtype, h.device)
 
 
 def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):

@@ -121,12 +121,11 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, 
     Under --benchmark-disable (pytest-benchmark's "run once, no stats") the test ends as a skip
     after that one call: its correctness check has run, nothing was timed or gated.
     """
-    if benchmark.disabled:
+    if benchmark.disabled or torch.device(device).type != "cuda":
         benchmark.pedantic(launch, setup=before, rounds=1)
-        pytest.skip("--benchmark-disable: launched once after its correctness check; nothing timed or gated")
-    if torch.device(device).type != "cuda":
+        if benchmark.disabled:
+            pytest.skip("--benchmark-disable: launched once after its correctness check; nothing timed or gated")
         benchmark.extra_info["clock"] = "host (smoke run, no GPU)"
-        benchmark.pedantic(launch, setup=before, rounds=1)
         return benchmark.stats.stats.median
     slack, enqueue_s = _warm_up(launch, before, cover_enqueue, host_bound)
     benchmark._timer = CudaEventClock()  # pytest-benchmark has no public hook for the timer
