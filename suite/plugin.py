@@ -162,18 +162,6 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _allocator_cache_returned(request):
-    """Before each benchmark, the memory that earlier tests left in torch's caching allocator goes
-    back to the GPU. Otherwise a benchmark's first allocations can find the GPU's memory all held
-    by that cache: the allocator then frees it (cudaFree, which waits for the GPU) and allocates
-    again in the middle of the enqueue. On the H100 a request's eager prefill took 28-48 ms
-    instead of 0.95 ms that way, and stream_priority's check once found the prefill over before
-    any decode step was enqueued (2026-11-27)."""
-    if "benchmark" in request.fixturenames and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @pytest.fixture(scope="session")
 def perf(pytestconfig):
     return pytestconfig.stash[RECORDER]

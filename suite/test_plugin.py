@@ -237,32 +237,6 @@ def test_benchmark_disable_runs_a_benchmark_once_and_skips_it(inner):
     result.stdout.fnmatch_lines(["*--benchmark-disable: launched once after its correctness check*"])
 
 
-
-@pytest.mark.requires_cuda
-def test_a_benchmark_starts_with_the_allocator_cache_returned(inner):
-    # A GiB freed by one test stays in torch's cache through a plain test, not into a benchmark.
-    inner.makepyfile("""
-        import torch
-
-        GIB = 1 << 30
-        BEFORE = []
-
-        def test_frees_a_gib():
-            BEFORE.append(torch.cuda.memory_reserved())
-            torch.empty(GIB, dtype=torch.uint8, device="cuda")
-            assert torch.cuda.memory_reserved() >= BEFORE[0] + GIB
-
-        def test_plain_test_keeps_it_cached():
-            assert torch.cuda.memory_reserved() >= BEFORE[0] + GIB
-
-        def test_benchmark_finds_it_returned(benchmark):
-            assert torch.cuda.memory_reserved() < BEFORE[0] + GIB
-            benchmark(lambda: None)
-    """)
-    result = inner.runpytest("-p", "suite.plugin")
-    assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=3)
-
 def test_a_launch_count_that_raises_is_reported_and_the_run_still_saved(inner, tmp_path):
     # a failed test's launches are not counted; a count that raises reaches extra_info and the summary
     inner.makepyfile("""
