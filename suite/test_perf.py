@@ -94,6 +94,16 @@ def test_perf_record_speedup_only_on_gpu(tmp_path):
     assert bench.extra_info[SPEEDUP] == pytest.approx(2.0)
 
 
+def test_perf_flags_a_gate_that_passes_near_its_floor(tmp_path):
+    rec = gpu_recorder(tmp_path, updating=False)
+    verdicts = []
+    for speedup in (1.6, 1.5):  # floor 1.5: 1.067x and 1.0x of it
+        bench = FakeBenchmark()
+        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=speedup * 1e-3)
+        verdicts.append(bench.extra_info["gate"])
+    assert verdicts == ["pass", f"pass (near floor: {SPEEDUP} 1.5 vs 1.5)"]
+
+
 def test_perf_flags_noisy_rounds(tmp_path):
     rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
     bench.extra_info["iqr_over_median"] = 0.3
