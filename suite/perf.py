@@ -149,7 +149,7 @@ class PerfRecorder:
             verdict = "FAIL" if failed else "pass"
             near = [v for v in verdicts if v.ok and v.measured < NEAR_FLOOR * v.floor]
             if near and not failed:
-                verdict += " (near floor: " + ", ".join(f"{v.metric} {v.measured:.4g} vs {v.floor:.4g}" for v in near) + ")"
+                verdict += f" (near floor: {', '.join(f'{v.metric} {v.measured:.4g} vs {v.floor:.4g}' for v in near)})"
         ungated = self.expectations.ungated(gate_id) if self.on_gpu and not self.updating else []
         if ungated:
             verdict += f" ({', '.join(ungated)} ungated: {self.expectations.path.name})"

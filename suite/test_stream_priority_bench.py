@@ -95,8 +95,8 @@ def test_stream_priority(benchmark, priority, tile, contention, device, perf, ro
     torch.cuda.synchronize()
     checked.collect()
     reset()
-    assert checked.latencies_ms, (f"{gate_id}: no checked step overlapped the prefill ({checked.prefill_ms[0]:.2f} ms); "
-                                  f"the host took {enqueue_ms:.1f} ms to enqueue the scenario, the slack is "
+    assert checked.latencies_ms, (f"{gate_id}: no checked step overlapped the prefill ({checked.prefill_ms[0]:.2f} "
+                                  f"ms); the host took {enqueue_ms:.1f} ms to enqueue the scenario, the slack is "
                                   f"{SLACK_CYCLES / 2e6:.0f} ms at 2 GHz")
     torch.testing.assert_close(outputs, alone, rtol=torch.finfo(alone.dtype).eps, atol=0)  # one ulp
     scenario = Scenario(prefills[tile], step, STEPS, priority)
