@@ -271,18 +271,13 @@ def test_persistent_loop_bad_input_names_the_argument(device):
             decode_loop.triton_persistent(w, args["h"], args["k"], args["v"], lens, args["steps"], **kw)
 
 
-def _wide(t):
-    # t's values in a view whose rows are twice as far apart
-    return torch.cat([t, t], -1)[..., :t.shape[-1]]
-
-
 def _offset_weight(name):
     return lambda a: a | dict(w=dataclasses.replace(a["w"], **{name: misaligned(getattr(a["w"], name))}))
 
 
 LOOP_BAD_INPUTS = {  # what is wrong: (change to valid (weights, h, k, v, seq_lens), error, message)
-    "h rows strided": (lambda a: a | dict(h=_wide(a["h"])), ValueError,
-                       r"h must be contiguous, got strides \(512, 1\)"),
+    "h rows strided": (lambda a: a | dict(h=padded_rows(a["h"])), ValueError,
+                       r"h must be contiguous, got strides \(257, 1\)"),
     "w_qkv transposed": (lambda a: a | dict(w=dataclasses.replace(a["w"], w_qkv=a["w"].w_qkv.t().contiguous().t())),
                          ValueError, "weights.w_qkv must be contiguous"),
     "w_o shape": (lambda a: a | dict(w=dataclasses.replace(a["w"], w_o=a["w"].w_o[:, :64])), ValueError,

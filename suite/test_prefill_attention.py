@@ -14,6 +14,7 @@ from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_as
 from suite import reference
 from suite.decode_cases import poisoned_out
 from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
+from suite.views import misaligned, token_strided
 
 pytestmark = pytest.mark.prefill
 
@@ -136,16 +137,10 @@ def test_bad_knobs(knobs, message):
         triton_cp_async(**_bad_inputs(), **knobs)
 
 
-def _token_stride(t, stride):
-    # t [tokens, heads, D]'s values, each token's [heads, D] contiguous, tokens `stride` elements apart
-    tokens, heads, d = t.shape
-    return torch.empty(tokens, stride, dtype=t.dtype)[:, :heads * d].unflatten(1, (heads, d)).copy_(t)
-
-
 @pytest.mark.parametrize("change, message", [
-    (lambda i: i.update(q=torch.empty(i["q"].numel() + 1, dtype=i["q"].dtype)[1:].view(i["q"].shape).copy_(i["q"])),
+    (lambda i: i.update(q=misaligned(i["q"])),
      "q: tensor descriptors need 16-byte aligned rows, got stride 256"),  # address 2 bytes past aligned
-    (lambda i: i.update(k=_token_stride(i["k"], 129), v=_token_stride(i["v"], 129)),
+    (lambda i: i.update(k=token_strided(i["k"], 129), v=token_strided(i["v"], 129)),
      "k: tensor descriptors need 16-byte aligned rows, got stride 129")], ids=["q address", "k token stride"])
 def test_tma_needs_16_byte_aligned_rows(change, message):
     # checked before any descriptor or build: no GPU needed

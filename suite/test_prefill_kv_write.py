@@ -12,7 +12,7 @@ from kernels.prefill_kv_write import HEAD_DIMS, VARIANTS, check_write_args, tile
 from suite import reference
 from suite.decode_cases import quant_params
 from suite.kv_write_cases import BITS, POISON, WriteCase, check_write, make_inputs, poison
-from suite.views import misaligned
+from suite.views import misaligned, token_strided
 
 pytestmark = pytest.mark.prefill
 
@@ -124,12 +124,6 @@ def _page_twice(i):
     i["block_table"][1, 1] = i["block_table"][0, 0]
 
 
-def _token_stride(t, stride):
-    # t [tokens, Hkv, D]'s values, each token's [Hkv, D] contiguous, tokens `stride` elements apart
-    tokens, heads, d = t.shape
-    return torch.empty(tokens, stride, dtype=t.dtype)[:, :heads * d].unflatten(1, (heads, d)).copy_(t)
-
-
 def _rows_twice_apart(t):
     # t's values in a view whose first dimension's rows lie twice as far apart
     return torch.cat([t, t], 1)[:, :t.shape[1]]
@@ -158,9 +152,9 @@ BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
     "page twice": (_page_twice, ValueError, "writes would race"),
     "k address": (lambda i: i.update(k=misaligned(i["k"])), ValueError,
                   "k: address and token stride must be 16-byte aligned (cp.async, TMA)"),
-    "v token stride": (lambda i: i.update(v=_token_stride(i["v"], 129)), ValueError,
+    "v token stride": (lambda i: i.update(v=token_strided(i["v"], 129)), ValueError,
                        "v: address and token stride must be 16-byte aligned (cp.async, TMA), got 0x"),
-    "v strides unlike k's": (lambda i: i.update(v=_token_stride(i["v"], 136)), ValueError,
+    "v strides unlike k's": (lambda i: i.update(v=token_strided(i["v"], 136)), ValueError,
                              "v strides (136, 64, 1) must equal k strides (128, 64, 1)"),
     "cache pages strided": (lambda i: i.update(k_cache=_rows_twice_apart(i["k_cache"]),
                                                v_cache=_rows_twice_apart(i["v_cache"])),

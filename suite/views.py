@@ -11,3 +11,9 @@ def misaligned(t):
 def padded_rows(t):
     # t's values in a view whose rows (last dimension) lie one element further apart
     return torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)[..., :-1].copy_(t)
+
+
+def token_strided(t, stride):
+    # t [tokens, heads, D]'s values, each token's [heads, D] contiguous, tokens `stride` elements apart
+    tokens, heads, d = t.shape
+    return torch.empty(tokens, stride, dtype=t.dtype, device=t.device)[:, :heads * d].unflatten(1, (heads, d)).copy_(t)
