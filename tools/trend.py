@@ -1,0 +1,114 @@
+"""Drift that a compare with one run misses: the newest saved run of a GPU against the median of
+that GPU's earlier runs, benchmark by benchmark (GPU-timed ones).
+
+    python -m tools.trend [RUN] [--history 8] [--confirm 2] [--min-change 0.05] [--fail]
+
+`--benchmark-compare-fail=median:10%` holds each run to the one saved before it. A step just under
+the threshold passes it, and so do small steps that add up over nights: the native decode loop
+lost 9-11% in one commit (runs 0008 -> 0009) and stayed there for ten runs, unflagged. Here the
+reference is the median of up to --history earlier runs, and a benchmark is called slower (or
+faster) when each of the newest --confirm runs moved from the reference by more than the larger
+of --min-change and NOISE_SIGMAS times the spread of the earlier runs' medians. Host-timed
+benchmarks are left out, as suite/compare.py leaves them out of the compare's failures.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from tools._args import positive_int
+from tools.report import load, saved_runs
+
+NOISE_SIGMAS = 4.0  # the run-to-run spread (robust sigma from the MAD) a change must exceed
+MAD_TO_SIGMA = 1.4826  # MAD x this = sigma for normally distributed medians
+MIN_RUNS = 3  # previous runs a benchmark needs before it is judged
+
+
+class Drift(NamedTuple):
+    gate_id: str
+    reference: float  # seconds: the median of the earlier runs' medians
+    seconds: float  # the newest run's median
+    change: float  # seconds / reference - 1
+    threshold: float  # the |change| beyond which it is called
+    runs: int  # earlier runs that had it
+    verdict: str  # "slower", "faster" or "steady"
+
+
+def drift(recent, history, min_change):
+    """Drift of each GPU-timed benchmark of the newest run against history. recent: the newest runs'
+    rows (report.load's), oldest first, each of which must have moved the same way beyond the
+    threshold for a verdict (one run that landed on a slow machine is not a trend); history: the
+    rows of the runs before them. Benchmarks found in fewer than MIN_RUNS of history are not judged."""
+    past = {}
+    for run in history:
+        for r in run:
+            if not r["extra"].get("host_in_timing"):
+                past.setdefault(r["gate_id"], []).append(r["seconds"])
+    confirming = [{r["gate_id"]: r["seconds"] for r in run} for run in recent[:-1]]
+    out = []
+    for r in recent[-1]:
+        medians = past.get(r["gate_id"], [])
+        if r["extra"].get("host_in_timing") or len(medians) < MIN_RUNS:
+            continue
+        reference = statistics.median(medians)
+        spread = MAD_TO_SIGMA * statistics.median(abs(m - reference) for m in medians) / reference
+        threshold = max(min_change, NOISE_SIGMAS * spread)
+        changes = [run[r["gate_id"]] / reference - 1 for run in confirming if r["gate_id"] in run]
+        changes.append(r["seconds"] / reference - 1)
+        if len(changes) == len(recent) and all(c > threshold for c in changes):
+            verdict = "slower"
+        elif len(changes) == len(recent) and all(c < -threshold for c in changes):
+            verdict = "faster"
+        else:
+            verdict = "steady"
+        out.append(Drift(r["gate_id"], reference, r["seconds"], changes[-1], threshold, len(medians), verdict))
+    return out
+
+
+def runs_of(latest, runs):
+    """runs (report.saved_runs': oldest first) up to and including `latest`, in its folder and on its GPU."""
+    def when(path):
+        return json.loads(Path(path).read_text()).get("datetime", "")
+
+    gpu = load(latest)[0].get("gpu", {}).get("name")
+    earlier = [p for p in runs if Path(p).parent == Path(latest).parent and when(p) < when(latest)
+               and load(p)[0].get("gpu", {}).get("name") == gpu]
+    return earlier + [Path(latest)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="?", help="a saved run (default: the newest under .benchmarks/)")
+    parser.add_argument("--history", type=positive_int, default=8, help="previous runs of the GPU to compare with")
+    parser.add_argument("--min-change", type=float, default=0.05, help="smallest change called (0.05: 5%%)")
+    parser.add_argument("--confirm", type=positive_int, default=2,
+                        help="the newest runs that must all have moved beyond the threshold (1: the newest alone)")
+    parser.add_argument("--fail", action="store_true", help="exit 1 when a benchmark is slower")
+    args = parser.parse_args()
+    if not 0 < args.min_change < 1:
+        parser.error(f"--min-change {args.min_change}: must be in (0, 1)")
+    runs = saved_runs()
+    if args.run and not Path(args.run).is_file():
+        parser.error(f"run: no such file: {args.run}")
+    if not args.run and not runs:
+        parser.error("no saved run under .benchmarks/")
+    latest = Path(args.run) if args.run else runs[-1]
+    mine = runs_of(latest, runs)
+    recent, history = mine[-args.confirm:], mine[:-args.confirm][-args.history:]
+    drifts = drift([load(p)[1] for p in recent], [load(p)[1] for p in history], args.min_change)
+    slower = sorted((d for d in drifts if d.verdict == "slower"), key=lambda d: -d.change)
+    faster = sorted((d for d in drifts if d.verdict == "faster"), key=lambda d: d.change)
+    print(f"{latest}: {len(drifts)} GPU-timed benchmarks against the median of {len(history)} earlier runs of this "
+          f"GPU, called when the newest {len(recent)} moved alike; {len(slower)} slower, {len(faster)} faster")
+    for d in slower + faster:
+        print(f"  {d.verdict:6s} {100 * d.change:+6.1f}% (called beyond {100 * d.threshold:.1f}%)  "
+              f"{1e6 * d.reference:,.1f} -> {1e6 * d.seconds:,.1f} us  {d.gate_id}  [{d.runs} runs]")
+    if args.fail and slower:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
