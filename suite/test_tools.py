@@ -36,12 +36,12 @@ BAD = [  # (tool, argv, what stderr must say)
     ("expectations_from_run", ["missing.json", "--metrics", "bogus"], ["--metrics", "'speedup_vs_anchor'"]),
     ("expectations_from_run", ["missing.json", "--margin", "1.5"], ["--margin 1.5: must be in [0, 1)"]),
     ("report", ["missing.json"], ["run: no such file: missing.json"]),
+    ("report", ["--latest", "--compare", "missing.json"], ["--compare: no such file: missing.json"]),
     ("trend", ["missing.json"], ["run: no such file: missing.json"]),
     ("trend", ["--min-change", "1.5"], ["--min-change 1.5: must be in (0, 1)"]),
     ("trend", ["--history", "0"], ["--history", "must be >= 1, got 0"]),
     ("trend", ["--confirm", "-2"], ["--confirm", "must be >= 1, got -2"]),
     ("trend", [], ["no saved run under .benchmarks/"]),
-    ("report", ["--latest", "--compare", "missing.json"], ["--compare: no such file: missing.json"]),
 ]
 
 

@@ -13,8 +13,8 @@
 constexpr int THREADS = ATT_WARPS * 32;
 constexpr int GEMV_COLS = 32 * 8;  // columns of one warp pass: 8 per lane, one 16-byte load
 // Weight rows a lane loads before its first FMA. The GEMVs wait on L2 and HBM latency, not
-// bandwidth: on an H100 the small tier took 403-450 us with 4 rows in flight (by ptxas's
-// schedule), 310 us with 32.
+// bandwidth: on an H100 the small tier took 398-474 us with 4 rows in flight (by ptxas's
+// schedule), 296-310 us with 32.
 constexpr int GEMV_ROWS_IN_FLIGHT = 32;
 
 struct LoopArgs {
