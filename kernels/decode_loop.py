@@ -25,9 +25,9 @@ from kernels.tiny_decoder import RMS_EPS, check_decode, decode_out
 
 BLOCK_N = 64  # KV positions per attention step (--block-k)
 BLOCK_K = 64  # reduction rows of a weight tile
-BLOCK_OUT = 128  # output columns of a weight tile
+BLOCK_OUT = 256  # output columns of a weight tile (H100 sweep: notes/decode_loop.md, sixteenth session)
 DOT_ROWS = 16  # tl.dot needs M >= 16: the token is row 0, rows 1..15 are zero
-NUM_WARPS = 4
+NUM_WARPS = 8  # a 256-column tile on 4 warps spills more (sm_90, int8 large: 248-byte stack; 8 warps: 128)
 NUM_STAGES = 3
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
