@@ -73,10 +73,11 @@ def runs_of(latest, runs):
     def when(path):
         return json.loads(Path(path).read_text()).get("datetime", "")
 
+    latest, newest = Path(latest), when(latest)
     gpu = load(latest)[0].get("gpu", {}).get("name")
-    earlier = [p for p in runs if Path(p).parent == Path(latest).parent and when(p) < when(latest)
+    earlier = [p for p in runs if p.parent == latest.parent and p != latest and when(p) < newest
                and load(p)[0].get("gpu", {}).get("name") == gpu]
-    return earlier + [Path(latest)]
+    return earlier + [latest]
 
 
 def main():
