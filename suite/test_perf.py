@@ -4,6 +4,7 @@ table, and which of a benchmark's times and ratios are partly the host's (suite.
 import copy
 import json
 import pickle
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,7 @@ from suite.expectations import Expectations
 from suite.perf import PerfRecorder
 from suite.roofline import Roofline
 from suite.test_expectations import GATE, SPEEDUP, write
-from suite.timing import Seconds, measure, run_benchmark
+from suite.timing import WARMUP_CALLS, Seconds, measure, run_benchmark
 
 
 class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's fixture
@@ -150,10 +151,12 @@ class PedanticBenchmark(FakeBenchmark):  # what run_benchmark uses of pytest-ben
     stats = SimpleNamespace(stats=SimpleNamespace(median=1.0, iqr=0.0))
     disabled = False
 
-    def pedantic(self, target, setup, rounds, warmup_rounds):
+    def pedantic(self, target, setup, rounds, warmup_rounds):  # as pytest-benchmark: timer, target, timer
         for _ in range(rounds + warmup_rounds):
             setup()
+            self._timer()
             target()
+            self._timer()
 
 
 @pytest.mark.requires_cuda
@@ -167,3 +170,37 @@ def test_host_time_in_a_measurement_is_recorded():
         timed[name] = (bench.extra_info["host_in_timing"], seconds.host_in_timing,
                        measure(launch, device=x.device, rounds=2).host_in_timing)
     assert timed == {"one": (False, False, False), "eager": (True, True, True)}
+
+
+@pytest.mark.requires_cuda
+def test_a_host_late_in_a_held_round_is_not_timed():
+    # Warm calls enqueue fast, so rounds are held; timed calls then stall the host 3 ms before the kernel.
+    # With the GPU started after a sleep instead of the host's release, each round would time the stall.
+    x = torch.ones(16, device="cuda")
+
+    def stalling():
+        calls = []
+
+        def launch():
+            calls.append(None)
+            if len(calls) > WARMUP_CALLS:
+                time.sleep(0.003)
+            x.add_(1)
+        return launch
+
+    bench = PedanticBenchmark()
+    run_benchmark(bench, stalling(), device=x.device, rounds=3)
+    seconds = measure(stalling(), device=x.device, rounds=3)
+    assert bench.extra_info["round_start"] == "held until the host enqueued the round"
+    assert not bench.extra_info["host_in_timing"] and not seconds.host_in_timing
+    assert seconds < 1e-3, f"{seconds * 1e3:.2f} ms: the host's 3 ms stall was timed"
+
+
+@pytest.mark.requires_cuda
+def test_a_launch_that_waits_on_the_gpu_in_a_held_round_is_released_and_marked():
+    # .item() waits for the GPU, which waits for the host's release: the watchdog opens the round.
+    x = torch.ones(16, device="cuda")
+    bench = PedanticBenchmark()
+    run_benchmark(bench, lambda: x.add_(1).sum().item(), device=x.device, rounds=2)
+    assert bench.extra_info["host_in_timing"] and bench.extra_info["gate_stalls"] == 3  # with the warm-up round
+    assert measure(lambda: x.add_(1).sum().item(), device=x.device, rounds=2).host_in_timing
