@@ -7,7 +7,7 @@ page-locked where they lie (cudaHostRegister), and where the host has several no
 node is checked. (torch's pinned allocator would hand back a freed block of the same size class,
 pinned wherever its pages already lie.) Allocation and placement happen before timing; copies are timed with CUDA
 events, `iters` copies per timed round. Asynchronous sources (pinned, hbm) are enqueued behind a
-GPU-side wait long enough to cover the host's dispatch of all `iters` copies, so GB/s is the
+GPU-side wait that the host releases after dispatching all `iters` copies, so GB/s is the
 link's; a pageable copy makes the host stage every byte, so its host cost is part of its GB/s.
 
     python -m suite.kv_locality [--rows 256] [--cols 4096] [--iters 200]

@@ -29,8 +29,8 @@ def test_kv_locality(benchmark, source, device, perf, rounds, pytestconfig):
     # bit for bit, compared on the GPU: a multi-threaded CPU pass over the pinned source just before
     # timing cut its H2D rate from 51 to 31-43 GB/s (IQR 14-29%) on the H100 machine
     assert torch.equal(dst.view(torch.int16), src.to(dst.device).view(torch.int16))
-    # pinned and device sources copy asynchronously: the round's slack covers the enqueue of all
-    # `iters` copies, so the host's dispatch cost per copy stays out of the link's GB/s; a pageable
+    # pinned and device sources copy asynchronously: each round is held until all `iters` copies are
+    # enqueued, so the host's dispatch cost per copy stays out of the link's GB/s; a pageable
     # copy makes the host stage every byte, and that cost is what pageable measures
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds, cold=False,
                             cover_enqueue=source != BASELINE)

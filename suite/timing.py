@@ -36,8 +36,8 @@ WARMUP_CALLS = 3  # JIT compilation and autotuning happen here, never in a timed
 
 
 class Seconds(float):
-    """A median in seconds that remembers whether the host was in its timed span (the host's enqueue
-    outlasted the slack before the start event): a ratio against it is partly the host's speed."""
+    """A median in seconds that remembers whether the host was in its timed span (RoundStart.host_in_timing):
+    a ratio against it is partly the host's speed."""
 
     def __new__(cls, value, host_in_timing):
         seconds = super().__new__(cls, value)
