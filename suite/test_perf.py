@@ -16,7 +16,7 @@ from suite.expectations import Expectations
 from suite.perf import PerfRecorder
 from suite.roofline import Roofline
 from suite.test_expectations import GATE, SPEEDUP, write
-from suite.timing import WARMUP_CALLS, Seconds, measure, run_benchmark
+from suite.timing import HOST_SLACK_CYCLES, WARMUP_CALLS, HostGate, RoundStart, Seconds, measure, run_benchmark
 
 
 class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's fixture
@@ -145,6 +145,53 @@ def test_seconds_carry_the_host_flag_through_copies_and_save_as_numbers():
     assert copy.deepcopy(seconds).host_in_timing and pickle.loads(pickle.dumps(seconds)).host_in_timing
     assert json.loads(json.dumps({"gpu_time_s": seconds})) == {"gpu_time_s": 1.5e-3}
     assert not hasattr(seconds / 2, "host_in_timing")  # a derived value is a plain float
+
+
+def _gate(timeout_s):
+    waits, word = [], np.zeros(1, dtype=np.uint32)  # word: the flag the GPU would read
+    return HostGate(waits.append, word, timeout_s), waits, word
+
+
+def _until(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return condition()
+
+
+def test_a_held_round_opens_with_the_token_it_waits_for():
+    gate, waits, word = _gate(timeout_s=60)
+    for token in (1, 2):
+        gate.hold()
+        assert waits[-1] == token and word[0] == token - 1  # the stream waits; nothing opened it yet
+        gate.release()
+        assert word[0] == token
+    gate.release()  # nothing held: no effect
+    assert (word[0], gate.stalls) == (2, 0)
+
+
+def test_the_watchdog_opens_a_round_nobody_releases_and_counts_it():
+    gate, waits, word = _gate(timeout_s=0.02)
+    gate.hold()  # as a launch() that waits on the GPU: the host never gets to release()
+    assert _until(lambda: word[0] == 1), "the watchdog never opened the held round"
+    assert gate.stalls == 1
+    gate.release()  # already open
+    gate.hold()
+    gate.release()
+    time.sleep(0.1)  # past the timeout: a released round is not counted
+    assert (word[0], gate.stalls) == (2, 1)
+
+
+def test_the_host_is_in_the_timing_when_it_outlasts_the_slack_or_a_held_round_stalled():
+    slack_s = HOST_SLACK_CYCLES / 2e9
+    gate = _gate(timeout_s=60)[0]
+    assert RoundStart(None, HOST_SLACK_CYCLES, 2 * slack_s).host_in_timing(stalls=0)
+    assert not RoundStart(None, HOST_SLACK_CYCLES, slack_s / 2).host_in_timing(stalls=0)
+    assert RoundStart(None, 0, 1e-6).host_in_timing(stalls=0)  # host_bound: no slack at all
+    assert not RoundStart(gate, HOST_SLACK_CYCLES, 2 * slack_s).host_in_timing(stalls=0)
+    assert RoundStart(gate, HOST_SLACK_CYCLES, slack_s / 2).host_in_timing(stalls=1)
+    assert RoundStart(gate, 0, 0).describe() == "held until the host enqueued the round"
+    assert RoundStart(None, HOST_SLACK_CYCLES, 0).describe() == f"after {1e3 * slack_s:.1f} ms of host slack"
 
 
 class PedanticBenchmark(FakeBenchmark):  # what run_benchmark uses of pytest-benchmark's fixture

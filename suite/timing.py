@@ -51,21 +51,19 @@ class Seconds(float):
 class HostGate:
     """Holds a stream at the start of a timed round until the host has enqueued all of it.
 
-    hold() enqueues a wait (cuStreamWaitValue32) on a pinned flag; release(), once the round's end
-    event is enqueued, sets the flag. The start event runs after the wait, so no host delay (a
-    stalled host, a slow launcher) lies between the start and end events. H100, a 2 ms host stall
-    every 50th round (notes/measuring.md): after the 1 ms sleep 42-68 of 2100 rounds were inflated,
-    by up to 2.6 ms; held, none, and the medians as before (B1-L4096 decode 13.70 us, B64-L4096 350.2).
-    A launch() that itself waits on the GPU would wait on the held stream forever: a watchdog opens
-    the flag after GATE_TIMEOUT_S and counts a stall; that round's time is then partly the host's."""
+    hold() enqueues `wait(token)`: the stream waits until the flag `word` (a 1-element uint32 array the
+    GPU reads) reaches token. release(), once the round's end event is enqueued, writes the token. The
+    start event runs after the wait, so no host delay (a stalled host, a slow launcher) lies between the
+    start and end events. H100, a 2 ms host stall every 50th round (notes/measuring.md): after the 1 ms
+    sleep 42-68 of 2100 rounds were inflated, by up to 2.6 ms; held, none, and the medians as before
+    (B1-L4096 decode 13.70 us, B64-L4096 350.2). A launch() that itself waits on the GPU would wait on
+    the held stream forever: a watchdog opens the flag after timeout_s and counts a stall; that round's
+    time is then partly the host's."""
 
-    def __init__(self):
-        driver, _ = cuda_build.bindings()
-        self._driver = driver
-        self._flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        self._word = self._flag.numpy().view(np.uint32)
-        self._address = cuda_build.check(driver.cuMemHostGetDevicePointer(self._flag.data_ptr(), 0),
-                                         "cuMemHostGetDevicePointer")
+    def __init__(self, wait, word, timeout_s=GATE_TIMEOUT_S):
+        self._wait = wait
+        self._word = word
+        self.timeout_s = timeout_s
         self._token = 0
         self._held = None  # the token the stream waits for, until the flag reaches it
         self.stalls = 0
@@ -75,10 +73,7 @@ class HostGate:
     def hold(self):
         with self._lock:
             self._token = (self._token + 1) & 0xFFFFFFFF  # the wait compares cyclically
-            stream = self._driver.CUstream(torch.cuda.current_stream().cuda_stream)
-            cuda_build.check(self._driver.cuStreamWaitValue32(
-                stream, self._address, self._token, self._driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ),
-                "cuStreamWaitValue32")
+            self._wait(self._token)
             self._held = self._token
             self._lock.notify()
 
@@ -97,15 +92,28 @@ class HostGate:
             while True:
                 self._lock.wait_for(lambda: self._held is not None)
                 token = self._held
-                if not self._lock.wait_for(lambda: self._held != token, timeout=GATE_TIMEOUT_S):
+                if not self._lock.wait_for(lambda: self._held != token, timeout=self.timeout_s):
                     self.stalls += 1
                     self._open()
 
 
 @functools.cache
 def host_gate() -> HostGate:
-    """The process's gate (one pinned flag and one watchdog thread serve every round)."""
-    return HostGate()
+    """The process's gate on the current stream: a pinned flag the GPU reads through its device address
+    (cuStreamWaitValue32, cyclic >=), and one watchdog thread for every round."""
+    driver, _ = cuda_build.bindings()
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    address = cuda_build.check(driver.cuMemHostGetDevicePointer(flag.data_ptr(), 0), "cuMemHostGetDevicePointer")
+
+    def wait(token):
+        stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
+        cuda_build.check(driver.cuStreamWaitValue32(stream, address, token,
+                                                    driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ),
+                         "cuStreamWaitValue32")
+
+    gate = HostGate(wait, flag.numpy().view(np.uint32))
+    gate.flag = flag  # the pinned memory lives as long as the gate
+    return gate
 
 
 class CudaEventClock:
