@@ -99,7 +99,7 @@ class HostGate:
 
 @functools.cache
 def host_gate() -> HostGate:
-    """The process's gate on the current stream: a pinned flag the GPU reads through its device address
+    """The process's gate, holding whichever stream is current at hold(): a pinned flag the GPU reads through its device address
     (cuStreamWaitValue32, cyclic >=), and one watchdog thread for every round."""
     driver, _ = cuda_build.bindings()
     flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
