@@ -99,8 +99,8 @@ class HostGate:
 
 @functools.cache
 def host_gate() -> HostGate:
-    """The process's gate, holding whichever stream is current at hold(): a pinned flag the GPU reads through its device address
-    (cuStreamWaitValue32, cyclic >=), and one watchdog thread for every round."""
+    """The process's gate, holding whichever stream is current at hold(): a pinned flag the GPU reads
+    through its device address (cuStreamWaitValue32, cyclic >=), and one watchdog thread for every round."""
     driver, _ = cuda_build.bindings()
     flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
     address = cuda_build.check(driver.cuMemHostGetDevicePointer(flag.data_ptr(), 0), "cuMemHostGetDevicePointer")
