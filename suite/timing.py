@@ -180,6 +180,11 @@ class RoundStart(NamedTuple):
             return "held until the host enqueued the round"
         return f"after {1e3 * self.slack_cycles / SLEEP_CYCLES_PER_S:.1f} ms of host slack"
 
+    def stalls(self):
+        """The gate's stalls so far in this process (0 for an ungated start): their difference over a
+        measurement is how many of its rounds the watchdog opened."""
+        return self.gate.stalls if self.gate is not None else 0
+
     def host_in_timing(self, stalls):
         """Whether the host was in the timed span: an ungated enqueue longer than its slack, or a held
         round that the watchdog had to open (`stalls` of them)."""
@@ -241,9 +246,9 @@ def run_benchmark(benchmark, launch, *, device, rounds, cold=True, before=None, 
                                 round_start=plan.describe(), host_enqueue_ms=1e3 * plan.enqueue_s)
     if round_setup is None:
         round_setup = RoundSetup(device, cold, before, plan.slack_cycles, plan.gate)
-    stalls = plan.gate.stalls if plan.gate is not None else 0
+    stalls = plan.stalls()
     benchmark.pedantic(launch, setup=round_setup, rounds=rounds, warmup_rounds=1)
-    stalls = plan.gate.stalls - stalls if plan.gate is not None else 0
+    stalls = plan.stalls() - stalls
     # The GPU waits for the host within the timed span: what is timed is partly the host's speed,
     # which --benchmark-compare-fail does not hold to its threshold (suite/compare.py).
     host_in_timing = plan.host_in_timing(stalls)
@@ -258,7 +263,7 @@ def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=Fal
     """Median GPU seconds of launch() outside pytest-benchmark (baselines, roofline), same clock."""
     plan = _warm_up(launch, before, cover_enqueue, host_bound)
     clock, setup = CudaEventClock(plan.gate), RoundSetup(device, cold, before, plan.slack_cycles, plan.gate)
-    stalls = plan.gate.stalls if plan.gate is not None else 0
+    stalls = plan.stalls()
     times = []
     gc.disable()
     try:
@@ -269,8 +274,7 @@ def measure(launch, *, device, rounds, cold=True, before=None, cover_enqueue=Fal
             times.append(clock() - start)
     finally:
         gc.enable()
-    stalls = plan.gate.stalls - stalls if plan.gate is not None else 0
-    return Seconds(statistics.median(times), plan.host_in_timing(stalls))
+    return Seconds(statistics.median(times), plan.host_in_timing(plan.stalls() - stalls))
 
 
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
