@@ -10,7 +10,8 @@ class SharedMemoryTooSmall(ValueError):
     """A launch needs more shared memory per block than this GPU has (consumer Blackwell: 99 KB)."""
 
 
-def check_tensor(name, t, *, dtypes=None, ndim=None, device=None):
+def check_tensor(name, t, *, dtypes=None, ndim=None, device=None, device_of="q"):
+    # device: the device `t` must be on, that of the argument named device_of
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -18,7 +19,7 @@ def check_tensor(name, t, *, dtypes=None, ndim=None, device=None):
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} (same device as q)")
+        raise ValueError(f"{name} is on {t.device}, expected {device} (same device as {device_of})")
 
 
 def check_shape(name, t, expected):

@@ -10,7 +10,7 @@ import math
 import torch
 
 from kernels import cuda_build
-from kernels.checks import HEAD_DIMS
+from kernels.checks import ATTENTION_DTYPES, HEAD_DIMS, check_tensor
 from kernels.cuda_decode_attention import GROUP_CLASSES, group_max
 from kernels.tiny_decoder import RMS_EPS, check_decode, decode_out
 
@@ -42,6 +42,7 @@ def _check_native(weights, h, k_cache, v_cache, fmt):
     if fmt != "none":
         raise ValueError(f"k_cache: cuda_persistent reads fp16/bf16 caches, got {fmt} "
                          "(the Triton and graph loops read the quantized formats)")
+    check_tensor("h", h, dtypes=ATTENTION_DTYPES)  # fp16/bf16 models; the eager loop also runs float32
     if h.device.type != "cuda":
         raise ValueError(f"h is on {h.device}: cuda_persistent needs a CUDA tensor")
     if w.q_heads // w.kv_heads > GROUP_CLASSES[-1]:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import kv_quant
-from kernels.checks import check_power_of_two
+from kernels.checks import ATTENTION_DTYPES, check_power_of_two, check_tensor
 from kernels.decode_attention import _attend_chunk, _store_heads
 from kernels.tiny_decoder import RMS_EPS, check_decode, decode_out
 
@@ -151,6 +151,7 @@ def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=
     [B, Hkv, L_max]); seq_lens: [B] int32, advanced by `steps` like every decode loop."""
     w = weights
     fmt = check_decode(w, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
+    check_tensor("h", h, dtypes=ATTENTION_DTYPES)  # fp16/bf16 models; the eager loop also runs float32
     check_power_of_two("block_k", block_k)
     if block_k < DOT_ROWS:
         raise ValueError(f"block_k {block_k} must be >= {DOT_ROWS} (tl.dot needs >= 16)")

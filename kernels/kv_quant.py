@@ -52,12 +52,12 @@ def quantize(x, fmt):
     return packed.to(torch.uint8), scale
 
 
-def check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale) -> str:
+def check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale, device_of="q") -> str:
     """Validate a KV cache pair (SPEC 7): the model dtype, or a format here with float32 scales of
     the cache's shape without D; unit stride in D; K and V (and their scales) strided alike.
     Returns the format."""
-    check_tensor("k_cache", k_cache, dtypes=(dtype,) + tuple(FORMATS.values()), ndim=4, device=device)
-    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=device)
+    check_tensor("k_cache", k_cache, dtypes=(dtype,) + tuple(FORMATS.values()), ndim=4, device=device, device_of=device_of)
+    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=device, device_of=device_of)
     check_shape("v_cache", v_cache, k_cache.shape)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_unit_stride_last(name, cache)
@@ -72,7 +72,7 @@ def check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale) -> str:
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if scale is None:
             raise ValueError(f"{name} is required: k_cache is quantized ({fmt}, {k_cache.dtype})")
-        check_tensor(name, scale, dtypes=(torch.float32,), ndim=3, device=device)
+        check_tensor(name, scale, dtypes=(torch.float32,), ndim=3, device=device, device_of=device_of)
         check_shape(name, scale, k_cache.shape[:-1])
     if v_scale.stride() != k_scale.stride():
         raise ValueError(f"v_scale strides {v_scale.stride()} must equal k_scale strides {k_scale.stride()}")

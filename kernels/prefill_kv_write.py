@@ -40,7 +40,7 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
     check_tensor("k", k, dtypes=ATTENTION_DTYPES, ndim=3)
     tokens, kv_heads, head_dim = k.shape
     check_head_dim("k", head_dim, HEAD_DIMS)
-    check_tensor("v", v, dtypes=(k.dtype,), device=k.device)
+    check_tensor("v", v, dtypes=(k.dtype,), device=k.device, device_of="k")
     check_shape("v", v, k.shape)
     for name, t in (("k", k), ("v", v)):
         if t.stride(2) != 1 or t.stride(1) != head_dim:
@@ -50,7 +50,7 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
                              f"got {t.data_ptr():#x} and stride {t.stride(0)}")
     if v.stride() != k.stride():
         raise ValueError(f"v strides {v.stride()} must equal k strides {k.stride()}")
-    fmt = kv_quant.check_caches(k.dtype, k.device, k_cache, v_cache, k_scale, v_scale)
+    fmt = kv_quant.check_caches(k.dtype, k.device, k_cache, v_cache, k_scale, v_scale, device_of="k")
     if fmt not in FORMAT_CODES:
         raise ValueError(f"k_cache: format {fmt} is not written by prefill_kv_write; supported: {tuple(FORMAT_CODES)}")
     num_pages, page_size, cache_heads, cache_dim = k_cache.shape
@@ -58,12 +58,12 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=k.device)
+    check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=k.device, device_of="k")
     check_unit_stride_last("cu_seqlens", cu_seqlens)
     batch = cu_seqlens.shape[0] - 1
     if batch < 1:
         raise ValueError(f"cu_seqlens must hold batch + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
-    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=k.device)
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=k.device, device_of="k")
     check_shape("block_table", block_table, (batch, block_table.shape[1]))
     check_unit_stride_last("block_table", block_table)
     if not block_table.is_contiguous():

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_shape, check_tensor
+from kernels.checks import check_shape, check_tensor, check_unit_stride_last
 from kernels.tiny_decoder import RMS_EPS
 
 MAX_COLS = 16384  # one program holds a whole row
@@ -32,10 +32,12 @@ def rmsnorm(x, gamma, *, out=None, eps=RMS_EPS):
         raise ValueError(f"x must have contiguous rows, got strides {x.stride()}")
     if not 1 <= cols <= MAX_COLS:
         raise ValueError(f"x: d_model {cols} outside [1, {MAX_COLS}]")
-    check_tensor("gamma", gamma, ndim=1, device=x.device)
+    check_tensor("gamma", gamma, dtypes=(torch.float16, torch.bfloat16, torch.float32), ndim=1, device=x.device,
+                 device_of="x")
     check_shape("gamma", gamma, (cols,))
+    check_unit_stride_last("gamma", gamma)  # read as one contiguous row
     out = torch.empty_like(x) if out is None else out
-    check_tensor("out", out, dtypes=(x.dtype,), device=x.device)
+    check_tensor("out", out, dtypes=(x.dtype,), device=x.device, device_of="x")
     check_shape("out", out, x.shape)
     if out.stride(1) != 1:
         raise ValueError(f"out must have contiguous rows, got strides {out.stride()}")

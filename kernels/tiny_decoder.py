@@ -102,21 +102,21 @@ def check_decode(weights, h, k_cache, v_cache, seq_lens, steps, k_scale=None, v_
     width = (w.q_heads + 2 * w.kv_heads) * w.head_dim
     for name, t, shape in (("w_qkv", w.w_qkv, (w.d_model, width)), ("w_o", w.w_o, (w.d_model, w.d_model)),
                            ("gamma", w.gamma, (w.d_model,))):
-        check_tensor(f"weights.{name}", t, dtypes=(dtype,), device=device)
+        check_tensor(f"weights.{name}", t, dtypes=(dtype,), device=device, device_of="weights.w_qkv")
         check_shape(f"weights.{name}", t, shape)
         if not t.is_contiguous():  # the persistent loops read it row-major
             raise ValueError(f"weights.{name} must be contiguous, got strides {t.stride()}")
-    check_tensor("h", h, dtypes=(dtype,), ndim=2, device=device)
+    check_tensor("h", h, dtypes=(dtype,), ndim=2, device=device, device_of="weights.w_qkv")
     batch = h.shape[0]
     check_shape("h", h, (batch, w.d_model))
     if batch < 1:
         raise ValueError(f"h has shape {tuple(h.shape)}: the batch must hold at least one sequence")
     if not h.is_contiguous():  # the persistent loops read rows d_model apart
         raise ValueError(f"h must be contiguous, got strides {h.stride()}")
-    fmt = kv_quant.check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale)
+    fmt = kv_quant.check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale, device_of="weights.w_qkv")
     stored = kv_quant.values_per_byte_row(fmt, w.head_dim)
     check_shape("k_cache", k_cache, (batch, w.kv_heads, k_cache.shape[2], stored))
-    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=device)
+    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=device, device_of="weights.w_qkv")
     check_shape("seq_lens", seq_lens, (batch,))
     check_unit_stride_last("seq_lens", seq_lens)
     if steps < 1:

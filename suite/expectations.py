@@ -165,11 +165,13 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
     A gate that only a pattern covers gets its own entry (an exact key wins over the pattern) that
     starts as a copy of the pattern's, so the same rules hold for what the pattern set.
     The entry's provenance becomes this run's when any floor is written; a floor kept beside it
-    then carries its own run's provenance.
+    then carries its own run's provenance. A GPU without its own file is gated by default.json: its
+    file starts as a copy of that, so these rules hold for what was in force.
     Returns the path written.
     """
     path = Path(directory) / f"{key}.json"
-    data = _read(path) if path.exists() else {"gates": {}}
+    source = path if path.exists() else Path(directory) / f"{DEFAULT_KEY}.json"
+    data = _read(source) if source.exists() else {"gates": {}}
     gates = data["gates"]
     for gate_id, metrics in sorted(measured.items()):
         if not any(m in METRICS and v is not None for m, v in metrics.items()):

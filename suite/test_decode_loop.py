@@ -331,6 +331,16 @@ def test_native_loop_checks_its_arguments(device, bad):
         LOOP_VARIANTS["cuda_persistent"](a["w"], a["h"], a["k"], a["v"], a["lens"], 2)
 
 
+@pytest.mark.parametrize("variant", ["triton_persistent", "cuda_persistent"])
+def test_persistent_loops_refuse_a_float32_model(variant):  # refused before anything runs: no GPU needed
+    # a float32 model passes every loop's checks (the eager loop runs it as its reference)
+    w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, "cpu")
+    w = tiny_decoder.Weights(w.w_qkv.float(), w.w_o.float(), w.gamma.float(), 4, 2, 64)
+    inputs = make_loop_inputs(w, [5, 9], 4, "cpu")
+    with pytest.raises(TypeError, match=r"h has dtype torch.float32; supported: torch.float16, torch.bfloat16"):
+        bind(LOOP_VARIANTS[variant], w, inputs, 2)
+
+
 def test_native_loop_needs_a_cuda_tensor():  # refused before anything runs: no GPU needed
     w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, "cpu")
     inputs = make_loop_inputs(w, [5, 9], 4, "cpu")

@@ -108,6 +108,20 @@ def test_update_never_lowers_a_floor_unless_asked(tmp_path):
     assert (floor(1.0), floor(0.5), floor(0.5, allow_lower=True), floor(2.0)) == (1.0, 1.0, 0.5, 2.0)
 
 
+def test_a_new_gpus_file_starts_from_the_default_floors_in_force(tmp_path):
+    # no b200.json: default.json gated this GPU, and calibrating it must not lower or drop those floors
+    write(tmp_path, "default", {"decode_attention/*/paged/*": {SPEEDUP: {"floor": 1.0}},
+                                "*/unrunnable/*": {"hw_skip_reason": "needs a feature"}})
+    path = update(tmp_path, "b200", {GATE: {SPEEDUP: 0.6, "roofline_fraction": 0.3}}, margin=0.15,
+                  provenance=PROV_A)
+    entry = entry_of(path)
+    assert entry[SPEEDUP]["floor"] == 1.0 and entry["roofline_fraction"]["floor"] == pytest.approx(0.255)
+    assert Expectations.load(tmp_path, "b200").hw_skip_reason("x/unrunnable/y") == "needs a feature"
+    lowered = entry_of(update(tmp_path, "b200", {GATE: {SPEEDUP: 0.6}}, margin=0.15, provenance=PROV_A,
+                              allow_lower=True))
+    assert lowered[SPEEDUP]["floor"] == pytest.approx(0.51)
+
+
 def test_update_writes_no_floor_that_cannot_fail(tmp_path):
     # An overlap measured as 0 would make a floor of 0, which every run passes: no gate.
     entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0, "overlap_fraction": 0.0}}, margin=0.1,
