@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels import kv_quant
-from kernels.checks import check_head_dim, check_unit_stride_last
+from kernels.checks import check_head_dim, check_tensor, check_unit_stride_last
 from kernels.decode_attention import _attend_chunk
 
 VARIANTS = ("baseline", "optimized")
@@ -133,6 +133,8 @@ def store(k, v, chunk, fmt, *, page_file_path=None):
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"k and v must be [B, L, Hkv, D] alike, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_tensor("k", k, dtypes=(torch.float16, torch.bfloat16))  # fp16: the 16-bit format as given
+    check_tensor("v", v, dtypes=(k.dtype,))
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 token, got {chunk}")
     batch, length, kv_heads, head_dim = k.shape
@@ -182,6 +184,8 @@ class Decoder:
         if q.shape[0] != batch or q.shape[2] != head_dim or q.shape[1] % kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit the host KV [B {batch}, Hkv {kv_heads}, D {head_dim}]")
         check_head_dim("q", head_dim)
+        if host.fmt != "fp8" and host.k.dtype != q.dtype:  # attended as stored: no silent conversion
+            raise TypeError(f"q has dtype {q.dtype} but the host KV holds {host.k.dtype}: they must match")
         if host.length < 1:
             raise ValueError(f"host holds {host.length} tokens: attention needs a context of at least one")
         self.q, self.host = q, host

@@ -139,8 +139,8 @@ def check_prefill_args(q, k, v, cu_seqlens, out):
     lengths = [e - s for s, e in zip(offsets, offsets[1:])]
     if offsets[0] != 0 or min(lengths) < 1:
         raise ValueError(f"cu_seqlens must start at 0 and increase (every prompt >= 1 token), got {offsets}")
-    if offsets[-1] > tokens:
-        raise ValueError(f"cu_seqlens ends at {offsets[-1]}, beyond q's {tokens} tokens")
+    if offsets[-1] != tokens:  # a token past the last prompt would be left unwritten in out
+        raise ValueError(f"cu_seqlens ends at {offsets[-1]}, not at q's {tokens} tokens (every token is in a prompt)")
     return len(lengths), q_heads, kv_heads, head_dim, lengths
 
 

@@ -81,8 +81,8 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
         (used_pages[1:] == used_pages[:-1]).sum()]).tolist()
     if first != 0 or min_len < 0:
         raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu_seqlens.tolist()}")
-    if last > tokens:
-        raise ValueError(f"cu_seqlens ends at {last}, beyond k's {tokens} tokens")
+    if last != tokens:  # a token past the last prompt would silently not be written
+        raise ValueError(f"cu_seqlens ends at {last}, not at k's {tokens} tokens (every token is in a prompt)")
     if max_len > block_table.shape[1] * page_size:
         raise ValueError(f"a prompt of {max_len} tokens exceeds the block table's capacity "
                          f"{block_table.shape[1]} pages x {page_size}")

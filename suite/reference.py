@@ -61,7 +61,7 @@ def prompt_slots(cu_seqlens, block_table, page_size):
 
 def prefill_attention(q, k, v, cu_seqlens, scores_bytes=SCORES_BYTES):
     """Causal attention inside each packed prompt: q [T, Hq, D], k, v [T, Hkv, D] -> [T, Hq, D]
-    float64 (rows past cu_seqlens[-1] stay zero). Queries go in blocks whose [Hq, rows, P] float64
+    float64. Queries go in blocks whose [Hq, rows, P] float64
     scores fit scores_bytes; each row's softmax is its own, so blocks change nothing."""
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     offsets = cu_seqlens.tolist()

@@ -133,7 +133,13 @@ def test_bad_arguments_name_the_argument():
         paged_offload.store(k, k, 0, "fp16")
     with pytest.raises(ValueError, match="k and v must be"):
         paged_offload.store(k, k[:, :4], 4, "fp16")
+    with pytest.raises(TypeError, match="k has dtype torch.float32; supported: torch.float16, torch.bfloat16"):
+        paged_offload.store(k.float(), k.float(), 4, "fp16")
+    with pytest.raises(TypeError, match="v has dtype torch.float16; supported: torch.bfloat16"):
+        paged_offload.store(k, k.half(), 4, "fp16")
     host = paged_offload.store(k, k, 4, "fp16")
+    with pytest.raises(TypeError, match="q has dtype torch.float16 but the host KV holds torch.bfloat16"):
+        paged_offload.Decoder("baseline", torch.randn(1, 4, 64, dtype=torch.float16), host)
     with pytest.raises(ValueError, match="variant must be one of"):
         paged_offload.Decoder("fast", torch.randn(1, 4, 64, dtype=torch.bfloat16), host)
     with pytest.raises(ValueError, match="does not fit the host KV"):
