@@ -121,7 +121,8 @@ WORKLOAD_FLAGS = {
                        "not only once before timing"),
     ),
     "right_sized_decode": (
-        ("--quick", "T = 8 steps and 10 rounds: a quick look, not a measurement to gate on"),
+        ("--quick", "T = 8 steps and 10 rounds: a quick look, not a measurement: nothing is gated, saved or "
+                    "calibrated"),
         ("--require-fused-fp8", "fail (do not skip) when fused FP8 decode is missing"),
     ),
 }
@@ -163,3 +164,13 @@ def validate(config):
             if option.env and option.env in os.environ and value == _default(option):
                 given = f"{option.env} (the default of {option.flag})"
             raise pytest.UsageError(f"{given} {value!r}: {error}")
+    # flags that would otherwise do nothing, or keep what is not a measurement
+    if config.getoption("expectations_allow_lower") and not config.getoption("expectations_update"):
+        raise pytest.UsageError("--expectations-allow-lower needs --expectations-update (it lets an update lower a floor)")
+    if config.getoption("quick"):
+        kept = [flag for flag, dest in (("--expectations-update", "expectations_update"),
+                                        ("--benchmark-autosave", "benchmark_autosave"),
+                                        ("--benchmark-save", "benchmark_save")) if config.getoption(dest)]
+        if kept:
+            raise pytest.UsageError(f"--quick with {' and '.join(kept)}: a quick look is not a measurement to "
+                                    "calibrate gates with or to save for --benchmark-compare")

@@ -79,7 +79,7 @@ def pytest_configure(config):
     except ExpectationsError as exc:
         raise pytest.UsageError(str(exc)) from exc
     config.stash[RECORDER] = PerfRecorder("cuda" if on_gpu else "cpu", expectations,
-                                          config.getoption("expectations_update"))
+                                          config.getoption("expectations_update"), config.getoption("quick"))
     config.stash[CLOCK_BEFORE] = nvidia_smi("clocks.sm") if on_gpu else "n/a"
     config.pluginmanager.register(FileTimer(), FILE_TIMER)
 

@@ -81,6 +81,14 @@ def test_perf_gate_failure_names_gate_measured_floor_and_file_unless_updating(tm
     assert rec.measured[GATE] == pytest.approx({"roofline_fraction": 0.5, SPEEDUP: 1.2})
 
 
+def test_perf_gates_nothing_under_quick(tmp_path):
+    # the same measurement that fails its gate above: --quick's shorter loops were never calibrated
+    rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
+    rec.quick = True
+    rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1.2e-3)
+    assert bench.extra_info["gate"] == "quick: not gated" and [r.verdict for r in rec.rows] == ["quick: not gated"]
+
+
 def test_perf_table_names_an_ungated_metric(tmp_path):
     rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()
     write(tmp_path, "h100", {GATE: {"roofline_fraction": {"ungated": "host-bound"}}})

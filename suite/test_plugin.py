@@ -97,6 +97,10 @@ def test_strict_markers_reject_an_unknown_marker(inner, args):
     (["--tma-tile-size", "32x64"], ["--tma-tile-size '32x64': needs powers of two >= 16 with BLOCK_M a multiple"]),
     (["--tma-tile-size", "big"], ["--tma-tile-size 'big': must be BLOCK_MxBLOCK_N"]),
     (["--page-cache", "lukewarm"], ["--page-cache", "invalid choice: 'lukewarm'", "warm", "cold"]),
+    (["--expectations-allow-lower"], ["--expectations-allow-lower needs --expectations-update"]),
+    (["--quick", "--expectations-update", "--benchmark-autosave"],
+     ["--quick with --expectations-update and --benchmark-autosave: a quick look is not a measurement"]),
+    (["--quick", "--benchmark-save=x"], ["--quick with --benchmark-save"]),
 ])
 def test_bad_options_are_usage_errors(inner, args, parts):
     inner.makepyfile("def test_x():\n    pass\n")
