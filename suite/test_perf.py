@@ -193,11 +193,14 @@ def test_the_watchdog_opens_a_round_nobody_releases_and_counts_it():
 def test_the_host_is_in_the_timing_when_it_outlasts_the_slack_or_a_held_round_stalled():
     slack_s = HOST_SLACK_CYCLES / 2e9
     gate = _gate(timeout_s=60)[0]
-    assert RoundStart(None, HOST_SLACK_CYCLES, 2 * slack_s).host_in_timing(stalls=0)
-    assert not RoundStart(None, HOST_SLACK_CYCLES, slack_s / 2).host_in_timing(stalls=0)
-    assert RoundStart(None, 0, 1e-6).host_in_timing(stalls=0)  # host_bound: no slack at all
-    assert not RoundStart(gate, HOST_SLACK_CYCLES, 2 * slack_s).host_in_timing(stalls=0)
-    assert RoundStart(gate, HOST_SLACK_CYCLES, slack_s / 2).host_in_timing(stalls=1)
+    assert RoundStart(None, HOST_SLACK_CYCLES, 2 * slack_s).host_in_timing(stalls=0, rounds=30)
+    assert not RoundStart(None, HOST_SLACK_CYCLES, slack_s / 2).host_in_timing(stalls=0, rounds=30)
+    assert RoundStart(None, 0, 1e-6).host_in_timing(stalls=0, rounds=30)  # host_bound: no slack at all
+    held = RoundStart(gate, HOST_SLACK_CYCLES, 2 * slack_s)
+    assert not held.host_in_timing(stalls=0, rounds=30)
+    # a host hiccup that stalled a few rounds leaves the median alone; a launch that stalls every round does not
+    assert not held.host_in_timing(stalls=15, rounds=30) and held.host_in_timing(stalls=16, rounds=30)
+    assert held.host_in_timing(stalls=31, rounds=30)  # every round and the warm-up round
     assert RoundStart(gate, 0, 0).describe() == "held until the host enqueued the round"
     assert RoundStart(None, HOST_SLACK_CYCLES, 0).describe() == f"after {1e3 * slack_s:.1f} ms of host slack"
 
