@@ -37,6 +37,7 @@ from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check
                             check_unit_stride_last)
 
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y: triton_split_kv's chunks of the cache's capacity
 # seq_lens lanes of a batch > 1: batches 2..16 share one build, which costs nothing (H100, B2-B8:
 # 0.96-1.01x the time of exact lanes); a single sequence keeps its one-lane build (B1 not measured at 16).
 MIN_BLOCK_B = 16
@@ -118,8 +119,8 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         else:
             rows = b.to(tl.int64) * stride_kx + pos.to(tl.int64) * stride_ky
             scale_rows = b.to(tl.int64) * stride_sx + pos.to(tl.int64) * stride_sy
-        rows += kvh * stride_kh
-        scale_rows += kvh * stride_sh
+        rows += tl.cast(kvh, tl.int64) * stride_kh  # 64-bit: (Hkv - 1) * stride_kh may pass 2**31
+        scale_rows += tl.cast(kvh, tl.int64) * stride_sh
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :])
         if QUANT == "int4":
             k = k.to(tl.uint16)
@@ -335,6 +336,8 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
     """Validate a decode-attention call (SPEC 7). Syncs once, for the value checks."""
     check_tensor("q", q, dtypes=ATTENTION_DTYPES, ndim=3)
     batch, num_q_heads, head_dim = q.shape
+    if batch < 1:
+        raise ValueError(f"q has batch {batch}: decode needs at least one sequence")
     check_head_dim("q", head_dim)
     check_unit_stride_last("q", q)
     fmt = kv_quant.check_caches(q.dtype, q.device, k_cache, v_cache, k_scale, v_scale)
@@ -454,6 +457,10 @@ def triton_split_kv(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     # k/v_scale [B, Hkv, L_max] or [pages, page_size, Hkv] float32); seq_lens: [B] int32
     dims = check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale, v_scale)
     chunk = plan.resolve_chunk(chunk, dims, hw.num_sms(q.device), block_table is not None)
+    if triton.cdiv(dims.capacity, chunk) > MAX_GRID_Y:
+        raise ValueError(f"chunk {chunk}: the cache's capacity of {dims.capacity} positions takes "
+                         f"{triton.cdiv(dims.capacity, chunk)} chunks, more than a grid holds ({MAX_GRID_Y}); "
+                         "pass a larger chunk")
     return _bind(_split_kv, lambda max_chunks: (dims.batch * dims.num_kv_heads, max_chunks), lambda out: (), {},
                  q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, chunk, dims, fused_merge=False,
                  block_k=plan.resolve_block_k(block_k, chunk, dims.quant), one_wave=True)

@@ -117,8 +117,9 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
         tl.debug_barrier()
         tl.store(q_row + offs, tl.load(qkv_row + offs, mask=in_model).to(q_row.dtype.element_ty), mask=in_model)
         for kvh in range(KV_HEADS):  # append k, v at position seq_len
-            row = b.to(tl.int64) * stride_kb + kvh * stride_kh + seq_len.to(tl.int64) * stride_kl
-            scale_row = b.to(tl.int64) * stride_sb + kvh * stride_sh + seq_len.to(tl.int64) * stride_sl
+            head = tl.cast(kvh, tl.int64)  # 64-bit: (Hkv - 1) * stride_kh may pass 2**31
+            row = b.to(tl.int64) * stride_kb + head * stride_kh + seq_len.to(tl.int64) * stride_kl
+            scale_row = b.to(tl.int64) * stride_sb + head * stride_sh + seq_len.to(tl.int64) * stride_sl
             _append_kv(qkv_row + D_MODEL + kvh * HEAD_DIM, k_ptr, k_scale_ptr, row, scale_row, QUANT, QMAX,
                        HEAD_DIM)
             _append_kv(qkv_row + D_MODEL + (KV_HEADS + kvh) * HEAD_DIM, v_ptr, v_scale_ptr, row, scale_row,

@@ -1,5 +1,6 @@
 """Decode-attention cases: a description, fresh random tensors from it, and the variants."""
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -129,6 +130,33 @@ def make_case_tensors(case: DecodeCase, device):
     k_scale, v_scale = _pair(k_scale, v_scale, case.strided, split_dim)
     return inputs | dict(k_cache=to_layout(k), v_cache=to_layout(v), k_scale=to_layout(k_scale),
                          v_scale=to_layout(v_scale)), exact
+
+
+# A planted key's score for every query head of its KV head; the other keys score ~N(0, 1)
+PLANTED_LOGIT = 10.0
+
+
+def plant_dominant_keys(inputs, positions):
+    """Give the listed positions of each sequence (positions[b]: a set of its positions) one key, alike
+    across them, that every query head of its KV head scores at least PLANTED_LOGIT, so each takes
+    about 1/len(positions[b]) of the softmax weight. A kernel that drops or repeats any one of them
+    then misses the reference by far more than the tolerance; over random keys alone a dropped row
+    moves the output by ~1/L, which bf16's tolerance no longer sees from L ~ 1000. The key lies along
+    the group's summed query direction u: a head's score is PLANTED_LOGIT * (q . u) / min over the
+    group of (q . u), taken as at least 1 (a head whose query opposes u just sees random keys)."""
+    q, k, table = inputs["q"], inputs["k_cache"], inputs["block_table"]
+    head_dim = q.shape[-1]
+    kv_heads = k.shape[1] if table is None else k.shape[2]
+    grouped = q.double().unflatten(1, (kv_heads, -1))  # [B, Hkv, g, D]
+    u = torch.nn.functional.normalize(grouped.sum(2), dim=-1)  # [B, Hkv, D]
+    reach = (grouped * u[:, :, None]).sum(-1).amin(-1).clamp(min=1.0)  # [B, Hkv]
+    keys = (PLANTED_LOGIT * math.sqrt(head_dim) / reach)[..., None] * u  # [B, Hkv, D]
+    for b, planted in enumerate(positions):
+        for p in planted:
+            if table is None:  # [B, Hkv, L, D]
+                k[b, :, p] = keys[b].to(k.dtype)
+            else:  # [pages, page_size, Hkv, D]
+                k[table[b, p // k.shape[1]], p % k.shape[1]] = keys[b].to(k.dtype)
 
 
 def make_inputs(case: DecodeCase, device):

@@ -9,7 +9,7 @@ from kernels import decode_attention, decode_plan, hw, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.decode_cases import (LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, check_output, make_case_tensors,
-                                make_inputs, quant_params, quantization_loss, variant_params)
+                                make_inputs, plant_dominant_keys, poisoned_out, quant_params, quantization_loss, variant_params)
 from suite.views import misaligned, padded_rows
 
 pytestmark = pytest.mark.decode
@@ -38,8 +38,8 @@ def _run_case(decode_variant, case, device, **kwargs):
 def _limits(device):
     # The interpreter runs every program on the CPU: keep its shapes small.
     if device.type == "cuda":
-        return dict(batch=16, max_len=5000, kv_heads=(1, 2, 4, 8), groups=(1, 2, 3, 4, 8))
-    return dict(batch=3, max_len=300, kv_heads=(1, 2), groups=(1, 2, 3, 4))
+        return dict(batch=16, max_len=5000, kv_heads=(1, 2, 4, 8), groups=(1, 2, 3, 4, 5, 8, 16))
+    return dict(batch=3, max_len=300, kv_heads=(1, 2), groups=(1, 2, 3, 4, 5))
 
 
 @st.composite
@@ -59,6 +59,39 @@ def decode_cases(draw, layout, batch, max_len, kv_heads, groups, quants=("none",
 def test_matches_reference(decode_variant, layout, device, data):
     case = data.draw(decode_cases(layout, **_limits(device)), label="case")
     _run_case(decode_variant, case, device)
+
+
+def _edges(length, page_size):
+    # the last and first position of every block a kernel may split at: 16- and 64-position steps
+    # and chunks, pages; and the sequence's own ends
+    sizes = (16, 64, page_size)
+    return sorted({0, length - 1} | {p for s in sizes for m in range(1, length // s + 1) for p in (m * s - 1, m * s)
+                                     if p < length})
+
+
+@given(data=st.data())
+def test_every_position_at_a_block_edge_is_attended(decode_variant, layout, device, data):
+    # The random cases above cannot see one missing or repeated row of a long sequence (see
+    # plant_dominant_keys): here up to 12 positions at block edges carry most of the softmax weight.
+    case = data.draw(decode_cases(layout, **_limits(device)), label="case")
+    inputs = make_inputs(case, device)
+    planted = [{0, n - 1} | set(data.draw(st.lists(st.sampled_from(_edges(n, case.page_size)), max_size=10),
+                                          label=f"edges of sequence {b}")) for b, n in enumerate(case.seq_lens)]
+    plant_dominant_keys(inputs, planted)
+    out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)  # poisoned
+    decode_variant[1](**inputs, out=out)()
+    check_output(out, inputs)
+
+
+def test_a_dropped_planted_row_fails_the_check(device):
+    # what the test above relies on: dropping one planted row of a 1000-position sequence misses
+    # the reference by more than bf16's tolerance (without planting, it would not)
+    case = DecodeCase((1000,), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout="contiguous")
+    inputs = make_inputs(case, device)
+    plant_dominant_keys(inputs, [{999} | set(_edges(1000, 16)[::20])])  # 999: the row dropped below
+    dropped = reference.decode_attention(**inputs | dict(seq_lens=inputs["seq_lens"] - 1))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        check_output(dropped.to(case.dtype), inputs)
 
 
 @pytest.mark.parametrize("variant", FUSED_DEQUANT)
@@ -140,9 +173,21 @@ def _bad(inputs, **changes):
     return {**inputs, **changes}
 
 
+def _strided_last(t):
+    # the same values and shape, the last dimension strided
+    return t.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
 BAD_INPUTS = {
     "q dtype": (lambda i: _bad(i, q=i["q"].float()), TypeError, "q has dtype"),
     "q rank": (lambda i: _bad(i, q=i["q"][0]), ValueError, "q must have 3 dimensions"),
+    "q last stride": (lambda i: _bad(i, q=_strided_last(i["q"])), ValueError,
+                      r"q must be contiguous in its last dimension, got strides \(256, 1, 4\)"),
+    "batch zero": (lambda i: _bad(i, q=i["q"][:0], seq_lens=i["seq_lens"][:0]), ValueError,
+                   "q has batch 0: decode needs at least one sequence"),
+    "k rank": (lambda i: _bad(i, k_cache=i["k_cache"][0]), ValueError, "k_cache must have 4 dimensions"),
+    "v last stride": (lambda i: _bad(i, v_cache=_strided_last(i["v_cache"])), ValueError,
+                      "v_cache must be contiguous in its last dimension"),
     "head dim": (lambda i: _bad(i, q=i["q"][..., :32].contiguous(), k_cache=i["k_cache"][..., :32].contiguous(),
                                 v_cache=i["v_cache"][..., :32].contiguous()), ValueError, "head dim 32"),
     "k dtype": (lambda i: _bad(i, k_cache=i["k_cache"].half()), TypeError, "k_cache has dtype"),
@@ -155,6 +200,9 @@ BAD_INPUTS = {
                              r"v_cache strides \(5200, 2600, 65, 1\) must equal k_cache strides \(5120, 2560, 64, 1\)"),
     "heads": (lambda i: _bad(i, q=i["q"][:, :3].contiguous()), ValueError, "not a multiple"),
     "seq_lens dtype": (lambda i: _bad(i, seq_lens=i["seq_lens"].long()), TypeError, "seq_lens has dtype"),
+    "seq_lens rank": (lambda i: _bad(i, seq_lens=i["seq_lens"][None]), ValueError, "seq_lens must have 1 dimensions"),
+    "seq_lens device": (lambda i: _bad(i, seq_lens=i["seq_lens"].to("meta")), ValueError,
+                        r"seq_lens is on meta, expected \w+(:\d)? \(same device as q\)"),
     "seq_lens shape": (lambda i: _bad(i, seq_lens=i["seq_lens"][:1]), ValueError, "seq_lens has shape"),
     "seq_lens stride": (lambda i: _bad(i, seq_lens=i["seq_lens"].repeat_interleave(2)[::2]), ValueError,
                         r"seq_lens must be contiguous in its last dimension, got strides \(2,\)"),
@@ -162,10 +210,18 @@ BAD_INPUTS = {
     "beyond capacity": (lambda i: _bad(i, seq_lens=i["seq_lens"] + 1000), ValueError, "exceeds the cache capacity"),
     "out shape": (lambda i: _bad(i, out=i["q"][:1].clone()), ValueError, "out has shape"),
     "out dtype": (lambda i: _bad(i, out=i["q"].float()), TypeError, "out has dtype"),
+    "out device": (lambda i: _bad(i, out=i["q"].to("meta")), ValueError, "out is on meta"),
+    "out last stride": (lambda i: _bad(i, out=_strided_last(i["q"])), ValueError,
+                        "out must be contiguous in its last dimension"),
 }
 PAGED_BAD_INPUTS = {
     "table dtype": (lambda i: _bad(i, block_table=i["block_table"].long()), TypeError, "block_table has dtype"),
     "table rows": (lambda i: _bad(i, block_table=i["block_table"][:1]), ValueError, "block_table has 1 rows"),
+    "table rank": (lambda i: _bad(i, block_table=i["block_table"][0]), ValueError,
+                   "block_table must have 2 dimensions"),
+    "table device": (lambda i: _bad(i, block_table=i["block_table"].to("meta")), ValueError, "block_table is on meta"),
+    "table stride": (lambda i: _bad(i, block_table=i["block_table"].repeat_interleave(2, 1)[:, ::2]), ValueError,
+                     "block_table must be contiguous in its last dimension"),
     "page out of range": (lambda i: _bad(i, block_table=i["block_table"] + 1000), ValueError,
                           r"block_table\[0, 0\] = \d+ is outside"),
     "negative page": (lambda i: _bad(i, block_table=i["block_table"] * 0 - 1), ValueError, "is outside"),
@@ -214,6 +270,23 @@ def test_cuda_persistent_bad_input_names_the_argument(device, bad):
         VARIANTS["cuda_persistent"](**mutate(make_inputs(case, device)))
 
 
+def test_split_kv_refuses_more_chunks_than_a_grid_holds(device):
+    # grid (B * Hkv, chunks of the capacity): a 2**20 + 1 position cache (a zero-stride view) in 16-position chunks
+    q = torch.randn(1, 2, 64, dtype=torch.bfloat16, device=device)
+    cache = torch.randn(1, 1, 1, 64, dtype=torch.bfloat16, device=device).expand(1, 1, 2**20 + 1, 64)
+    lens = torch.tensor([5], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"chunk 16: the cache's capacity of 1048577 positions takes 65537 chunks"):
+        VARIANTS["triton_split_kv"](q, cache, cache, lens, chunk=16)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_cuda_persistent_pipeline_depths(stages, layout, device):
+    # the launcher accepts 2-4 K/V stages (2 by default): each depth against the reference, across chunks
+    case = DecodeCase((700, 5, 129), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout=layout)
+    _run_case(("cuda_persistent", VARIANTS["cuda_persistent"]), case, device, stages=stages, chunk=128)
+
+
 def test_cuda_persistent_needs_a_cuda_tensor():  # refused before anything runs: no GPU needed
     inputs = make_inputs(_CASE, "cpu")
     with pytest.raises(ValueError, match="q is on cpu: cuda_persistent needs a CUDA tensor"):
@@ -258,7 +331,7 @@ def test_unused_block_table_entries_may_hold_any_value(decode_variant, device, g
     inputs = make_inputs(DecodeCase((97, 7, 54), 4, 2, 64, torch.bfloat16, "paged", page_size=16, spare=2), device)
     table = inputs["block_table"]  # pages per sequence: 7, 1, 4
     table[1, 1:], table[2, 4:] = 10**6, -10**6
-    out = decode_variant[1](**inputs)()
+    out = decode_variant[1](**inputs, out=poisoned_out(inputs))()
     check_output(out, inputs)
     tol = TOLERANCE[torch.bfloat16]
     torch.testing.assert_close(out, VARIANTS["sdpa"](**inputs, gather_in_launch=gather_in_launch)(), atol=tol,
