@@ -57,7 +57,9 @@ def _check_native(weights, h, k_cache, v_cache, fmt):
 
 def cuda_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):
     """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model] (out
-    when given). h: [B, d_model]; k/v: [B, Hkv, L_max, D]; seq_lens: [B] int32, advanced by `steps`."""
+    when given). h: [B, d_model]; k/v: [B, Hkv, L_max, D]; seq_lens: [B] int32, advanced by `steps`.
+    Lengths are checked against the capacity here, once: a later launch() must start from lengths that
+    still fit `steps` more (reset seq_lens between launches, as the benchmarks do); the kernel does not check."""
     w = weights
     fmt = check_decode(w, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     _check_native(w, h, k_cache, v_cache, fmt)

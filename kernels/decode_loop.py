@@ -149,7 +149,9 @@ def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=
                       block_k=BLOCK_N, out=None):
     """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model]
     (out when given). h: [B, d_model]; k/v: [B, Hkv, L_max, D] (or a kv_quant format with k/v_scale
-    [B, Hkv, L_max]); seq_lens: [B] int32, advanced by `steps` like every decode loop."""
+    [B, Hkv, L_max]); seq_lens: [B] int32, advanced by `steps` like every decode loop. Lengths are
+    checked against the capacity here, once: a later launch() must start from lengths that still fit
+    `steps` more (reset seq_lens between launches, as the benchmarks do); the kernel does not check."""
     w = weights
     fmt = check_decode(w, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     check_tensor("h", h, dtypes=ATTENTION_DTYPES)  # fp16/bf16 models; the eager loop also runs float32

@@ -206,7 +206,8 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
 def provenance(config):
     commit = "unknown (no git)"
     if shutil.which("git"):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        # -dirty: floors measured on uncommitted code must not cite the commit as if it had run
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                 cwd=config.rootpath).stdout.strip() or "unknown (not a git checkout)"
     info = gpu_info(config)
     return {"commit": commit, "date": datetime.date.today().isoformat(), "gpu": info["name"],

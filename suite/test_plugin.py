@@ -4,7 +4,9 @@ recorder and its end table are tested in test_perf.py, the gates' files in test_
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -363,3 +365,17 @@ def test_minimal_profile_draws_the_same_shapes_every_run():
     assert not settings.get_profile("full").derandomize
     assert not settings.get_profile("cpu").derandomize
     assert settings.get_profile("minimal").max_examples < settings.get_profile("full").max_examples
+
+
+def test_provenance_marks_uncommitted_code(tmp_path, monkeypatch):
+    # floors measured on a dirty tree must not cite the commit as if it had run
+    from suite import plugin
+    monkeypatch.setattr(plugin, "gpu_info", lambda config: {"name": "GPU", "torch": "t", "triton": "t"})
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "a.py").write_text("x = 1\n")
+    for args in (["init", "-q"], ["add", "a.py"], ["commit", "-qm", "a"]):
+        subprocess.run(git + args, check=True)
+    config = SimpleNamespace(rootpath=tmp_path)
+    clean = plugin.provenance(config)["commit"]
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert not clean.endswith("-dirty") and plugin.provenance(config)["commit"] == f"{clean}-dirty"
