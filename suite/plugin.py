@@ -264,3 +264,9 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"{what}: {path}")
     if recorder.update_path is not None:
         terminalreporter.write_line(f"expectations updated: {recorder.update_path}")
+        below = recorder.below_floors_in_force()
+        if below and not config.getoption("expectations_allow_lower"):
+            terminalreporter.write_line(f"{len(below)} measured below the floor in force, which the update kept "
+                                        "(a plain run fails them; --expectations-allow-lower lowers them):", red=True)
+            for verdict in below:
+                terminalreporter.write_line(f"  {verdict}")

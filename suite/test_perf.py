@@ -262,3 +262,12 @@ def test_a_launch_that_waits_on_the_gpu_in_a_held_round_is_released_and_marked()
     run_benchmark(bench, lambda: x.add_(1).sum().item(), device=x.device, rounds=2)
     assert bench.extra_info["host_in_timing"] and bench.extra_info["gate_stalls"] == 3  # with the warm-up round
     assert measure(lambda: x.add_(1).sum().item(), device=x.device, rounds=2).host_in_timing
+
+
+def test_an_update_says_which_gates_it_kept_above_the_run(tmp_path):
+    # a calibration run measuring below a floor in force keeps the floor (never lowered unless asked):
+    # the run lists those gates, since the next plain run will fail them
+    rec = gpu_recorder(tmp_path, updating=True)
+    rec.record(FakeBenchmark(), GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=1.2e-3)
+    below = rec.below_floors_in_force()
+    assert [(v.gate_id, v.metric, v.floor) for v in below] == [(GATE, SPEEDUP, 1.5)]
