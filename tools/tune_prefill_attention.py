@@ -16,7 +16,7 @@ import triton
 from kernels import prefill_attention as pa
 from kernels.checks import SharedMemoryTooSmall
 from kernels.sdpa_decode import BACKENDS
-from suite.prefill_cases import PrefillCase, make_inputs
+from suite.prefill_cases import PrefillCase, check_output, make_inputs
 from suite.timing import measure
 from tools._args import require_cuda, shape
 
@@ -60,10 +60,11 @@ def _triton_rows(case, inputs, device):
         kwargs = dict(tile=tile, num_stages=stages) if name == "triton_cp_async" else dict(tile=tile)
         try:
             launch = launcher(**inputs, **kwargs)
-            launch()
+            out = launch()
         except (triton.runtime.errors.OutOfResources, SharedMemoryTooSmall) as exc:  # too large for this GPU
             print(f"  skipped {name} {tile[0]}x{tile[1]} w{warps} s{stages}: {exc}", flush=True)
             continue
+        check_output(out, inputs)  # a configuration is timed only once it is right
         seconds = measure(launch, device=device, rounds=ROUNDS, cold=False)
         rows.append((case.flops() / seconds / 1e12, seconds, f"{name} {tile[0]}x{tile[1]} w{warps} s{stages}"))
         print(f"  {rows[-1][0]:6.0f} TFLOP/s  {rows[-1][2]}", flush=True)
