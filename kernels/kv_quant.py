@@ -56,7 +56,8 @@ def check_caches(dtype, device, k_cache, v_cache, k_scale, v_scale, device_of="q
     """Validate a KV cache pair (SPEC 7): the model dtype, or a format here with float32 scales of
     the cache's shape without D; unit stride in D; K and V (and their scales) strided alike.
     Returns the format."""
-    check_tensor("k_cache", k_cache, dtypes=(dtype,) + tuple(FORMATS.values()), ndim=4, device=device, device_of=device_of)
+    check_tensor("k_cache", k_cache, dtypes=(dtype,) + tuple(FORMATS.values()), ndim=4, device=device,
+                 device_of=device_of)
     check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndim=4, device=device, device_of=device_of)
     check_shape("v_cache", v_cache, k_cache.shape)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):

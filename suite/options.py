@@ -166,7 +166,8 @@ def validate(config):
             raise pytest.UsageError(f"{given} {value!r}: {error}")
     # flags that would otherwise do nothing, or keep what is not a measurement
     if config.getoption("expectations_allow_lower") and not config.getoption("expectations_update"):
-        raise pytest.UsageError("--expectations-allow-lower needs --expectations-update (it lets an update lower a floor)")
+        raise pytest.UsageError("--expectations-allow-lower needs --expectations-update "
+                                "(it lets an update lower a floor)")
     if config.getoption("quick"):
         kept = [flag for flag, dest in (("--expectations-update", "expectations_update"),
                                         ("--benchmark-autosave", "benchmark_autosave"),

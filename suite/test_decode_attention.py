@@ -9,7 +9,8 @@ from kernels import decode_attention, decode_plan, hw, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
 from suite.decode_cases import (LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, check_output, make_case_tensors,
-                                make_inputs, plant_dominant_keys, poisoned_out, quant_params, quantization_loss, variant_params)
+                                make_inputs, plant_dominant_keys, poisoned_out, quant_params, quantization_loss,
+                                variant_params)
 from suite.views import misaligned, padded_rows
 
 pytestmark = pytest.mark.decode

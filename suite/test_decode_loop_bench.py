@@ -39,7 +39,10 @@ def pytest_generate_tests(metafunc):
 def loop_seconds(decode, weights, tier, steps, device, rounds):
     """Median GPU seconds of another variant's loop on fresh inputs of the same tier (a baseline)."""
     inputs = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
-    return measure(bind(decode, weights, inputs, steps), device=device, rounds=rounds, before=inputs.reset)
+    launch = bind(decode, weights, inputs, steps)
+    inputs.poison()
+    check_loop(launch(), weights, inputs, steps)  # correctness before timing, baselines too
+    return measure(launch, device=device, rounds=rounds, before=inputs.reset)
 
 
 def test_decode_loop(benchmark, loop_name, tier_name, device, perf, rounds, pytestconfig):

@@ -56,6 +56,13 @@ def _sdpa_seconds(inputs, device, rounds):
     return {backend: seconds for backend, (_, seconds) in timed.items()}
 
 
+def _checked_seconds(inputs, device, rounds):
+    # the baseline, its own benchmark not run this session: correctness before timing too
+    launch = VARIANTS[BASELINE](**inputs, out=poisoned_out(inputs))
+    check_output(launch(), inputs)
+    return measure(timed_part(launch), device=device, rounds=rounds, cold=False)
+
+
 def test_prefill_attention(benchmark, variant, prefill_case, device, perf, rounds, pytestconfig):
     case = prefill_case
     gate_id = f"{WORKLOAD}/{variant}/{case}"
@@ -78,8 +85,7 @@ def test_prefill_attention(benchmark, variant, prefill_case, device, perf, round
         if variant == BASELINE:
             perf.set_baseline(WORKLOAD, str(case), seconds)
         elif variant != ANCHOR:
-            speedups["baseline"] = perf.baseline(WORKLOAD, str(case), lambda: measure(
-                VARIANTS[BASELINE](**inputs), device=device, rounds=rounds, cold=False))
+            speedups["baseline"] = perf.baseline(WORKLOAD, str(case), lambda: _checked_seconds(inputs, device, rounds))
     shape = dict(variant=variant, case=str(case), **({} if variant == ANCHOR else dict(tile=launch.tile)))
     perf.record(benchmark, gate_id, seconds, shape=shape,
                 flops=case.flops(), roofline_kind="matmul", speedups=speedups)
