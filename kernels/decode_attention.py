@@ -21,7 +21,9 @@ Quantized caches (int8, fp8, int4) are read as 16-bit units split into fp16 plan
 
 Each launcher checks its arguments (one device sync for the value checks), takes its launch (chunk,
 K/V step, programs, warps) from kernels/decode_plan.py, allocates output and workspace, and returns
-a zero-argument `launch()` so benchmarks time kernel launches only.
+a zero-argument `launch()` so benchmarks time kernel launches only. A launch() owns its workspace
+and merge counters: run it on one stream at a time; seq_lens may change between calls (the values
+were checked when bound; later ones must stay within the capacity and the checked table entries).
 """
 
 import math
