@@ -3,6 +3,8 @@ log-sum-exp, against float64 attention over the whole context; the page file; ba
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kernels import paged_offload
 from suite.offload_cases import ContextCase, check_context_output, make_context
@@ -42,6 +44,18 @@ def _run(case, variant, fmt, device, tmp_path, page_cache="warm"):
                          ids=lambda x: str(x))
 def test_matches_attention_over_the_whole_context(variant, fmt, batch, length, chunk, device, tmp_path):
     _run(ContextCase(batch, length, chunk, **SMALL), variant, fmt, device, tmp_path)
+
+
+@pytest.mark.parametrize("variant, fmt", _params())
+@given(data=st.data())
+def test_any_context_shape_matches(variant, fmt, device, tmp_path_factory, data):
+    # the fixed cases above hold D 64 and group 2: draw heads, D, dtype, lengths and chunks
+    kv_heads, group = data.draw(st.sampled_from((1, 2, 4)), label="kv_heads"), data.draw(st.sampled_from((1, 2, 4)))
+    case = ContextCase(data.draw(st.integers(1, 3), label="batch"), data.draw(st.integers(1, 200), label="length"),
+                       data.draw(st.sampled_from((1, 7, 16, 64, 100)), label="chunk"), q_heads=kv_heads * group,
+                       kv_heads=kv_heads, head_dim=data.draw(st.sampled_from((64, 128)), label="head_dim"),
+                       dtype=data.draw(st.sampled_from((torch.float16, torch.bfloat16)), label="dtype"))
+    _run(case, variant, fmt, device, tmp_path_factory.mktemp("pages"))
 
 
 def test_a_cold_page_file_gives_the_same_result(device, tmp_path):
