@@ -7,6 +7,8 @@ import weakref
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kernels import hw, kv_swap
 from suite.offload_cases import SwapCase, bind_case, check_round
@@ -33,6 +35,18 @@ def test_round_attends_and_swaps_exactly(variant, device):
     bound = bind_case(case, variant, device)
     for _ in range(2):  # a second round over the same slots and pages
         check_round(case, bound)
+
+
+@given(data=st.data())
+def test_any_swap_shape_attends_and_swaps_exactly(variant, device, data):
+    # the fixed cases hold one shape per device: draw the batch, lengths, pages, heads, D and dtype
+    kv_heads, group = data.draw(st.sampled_from((1, 2, 4)), label="kv_heads"), data.draw(st.sampled_from((1, 2, 4)))
+    case = SwapCase(batch=data.draw(st.integers(1, 3), label="batch"), length=data.draw(st.integers(1, 120)),
+                    swap_pages=data.draw(st.integers(1, 5), label="swap_pages"), q_heads=kv_heads * group,
+                    kv_heads=kv_heads, head_dim=data.draw(st.sampled_from((64, 128)), label="head_dim"),
+                    page_size=data.draw(st.sampled_from((1, 3, 8, 16)), label="page_size"),
+                    dtype=data.draw(st.sampled_from((torch.float16, torch.bfloat16)), label="dtype"))
+    check_round(case, bind_case(case, variant, device))
 
 
 def test_round_trip_is_bit_identical(variant, device):
