@@ -48,6 +48,23 @@ def test_host_timed_benchmarks_and_short_histories_are_not_judged():
     history = [_rows(("eager", us, True), ("new", us)) for us in STABLE[:2]] + \
               [_rows(("eager", us, True)) for us in STABLE[2:]]
     assert trend.drift([_rows(("eager", 300.0, True), ("new", 300.0))] * 2, history, 0.05) == []
+    # GPU-timed history, the newest run host-timed: not judged; the reverse: judged on the GPU-timed runs alone
+    gpu_history = [_rows(("eager", us)) for us in STABLE]
+    assert trend.drift([_rows(("eager", 300.0))] * 1 + [_rows(("eager", 300.0, True))], gpu_history, 0.05) == []
+    mixed = [_rows(("eager", 900.0, True))] * 3 + gpu_history[:3]
+    assert _verdicts([_rows(("eager", 300.0))] * 2, mixed) == {"eager": "slower"}
+    # a confirming run that was host-timed confirms nothing
+    assert _verdicts([_rows(("eager", 300.0, True)), _rows(("eager", 300.0))], gpu_history) == {"eager": "steady"}
+
+
+def test_runs_saved_before_host_timing_was_recorded_count_only_for_gpu_timed_benchmarks():
+    def unkeyed(gate, us):
+        return [dict(gate_id=gate, seconds=us * 1e-6, iqr=0.0, extra=dict(gate_id=gate))]
+    history = [unkeyed("k", us) + unkeyed("eager", 50.0) for us in STABLE[:3]] + \
+              [_rows(("k", us), ("eager", 100.0, True)) for us in STABLE[3:]]
+    recent = [_rows(("k", 120.0), ("eager", 100.0))] * 2
+    drifts = {d.gate_id: d for d in trend.drift(recent, history, 0.05)}
+    assert drifts["k"].runs == 6 and "eager" not in drifts  # eager: 3 unkeyed runs left out, 0 GPU-timed
 
 
 def _save(folder, name, when, gpu, us):
@@ -86,7 +103,24 @@ def test_cli_lists_without_failing_and_judges_a_named_run(saved, monkeypatch, ca
     assert "1 slower, 0 faster" in capsys.readouterr().out
     monkeypatch.setattr("sys.argv", ["trend", str(saved / "0006_x.json"), "--fail"])
     trend.main()  # nights 1-4 against 5-6: steady
-    assert "0 slower, 0 faster" in capsys.readouterr().out
+    assert "1 GPU-timed benchmarks against the median of 4 earlier runs" in capsys.readouterr().out
+    for named in (saved / "0008_x.json", Path(".benchmarks/h100/Linux-CPython-3.12-64bit/0008_x.json")):
+        monkeypatch.setattr("sys.argv", ["trend", str(named), "--fail"])  # absolute or relative: judged alike
+        with pytest.raises(SystemExit) as exit_info:
+            trend.main()
+        assert exit_info.value.code == 1 and "1 slower" in capsys.readouterr().out
+
+
+def test_cli_says_when_too_few_runs_leave_nothing_to_judge(saved, monkeypatch, capsys):
+    # nights 1-4: the newest 2 against 2 earlier runs, one short of a verdict
+    monkeypatch.setattr("sys.argv", ["trend", str(saved / "0004_x.json")])
+    with pytest.raises(SystemExit) as exit_info:
+        trend.main()
+    assert exit_info.value.code == 0 and "nothing judged: 4 saved runs of this GPU" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["trend", str(saved / "0004_x.json"), "--fail"])
+    with pytest.raises(SystemExit) as exit_info:
+        trend.main()
+    assert exit_info.value.code == 2
 
 
 def test_the_native_loop_regression_that_the_compare_missed_is_caught():

@@ -41,17 +41,24 @@ def drift(recent, history, min_change):
     """Drift of each GPU-timed benchmark of the newest run against history. recent: the newest runs'
     rows (report.load's), oldest first, each of which must have moved the same way beyond the
     threshold for a verdict (one run that landed on a slow machine is not a trend); history: the
-    rows of the runs before them. Benchmarks found in fewer than MIN_RUNS of history are not judged."""
+    rows of the runs before them. Benchmarks found in fewer than MIN_RUNS of history are not judged.
+    A host-timed row counts nowhere; runs saved before host_in_timing was recorded count only for
+    benchmarks no run records as host-timed."""
+    host_timed = {r["gate_id"] for run in history + recent for r in run if r["extra"].get("host_in_timing")}
+
+    def gpu_timed(r):
+        known = r["extra"].get("host_in_timing")
+        return known is False or (known is None and r["gate_id"] not in host_timed)
+
     past = {}
     for run in history:
-        for r in run:
-            if not r["extra"].get("host_in_timing"):
-                past.setdefault(r["gate_id"], []).append(r["seconds"])
-    confirming = [{r["gate_id"]: r["seconds"] for r in run} for run in recent[:-1]]
+        for r in filter(gpu_timed, run):
+            past.setdefault(r["gate_id"], []).append(r["seconds"])
+    confirming = [{r["gate_id"]: r["seconds"] for r in filter(gpu_timed, run)} for run in recent[:-1]]
     out = []
     for r in recent[-1]:
         medians = past.get(r["gate_id"], [])
-        if r["extra"].get("host_in_timing") or len(medians) < MIN_RUNS:
+        if not gpu_timed(r) or len(medians) < MIN_RUNS:
             continue
         reference = statistics.median(medians)
         spread = MAD_TO_SIGMA * statistics.median(abs(m - reference) for m in medians) / reference
@@ -68,15 +75,17 @@ def drift(recent, history, min_change):
     return out
 
 
-def runs_of(latest, runs):
-    """runs (report.saved_runs': oldest first) up to and including `latest`, in its folder and on its GPU."""
+def runs_of(latest):
+    """The saved runs up to and including `latest` in its own folder and on its GPU, oldest first (by
+    the time each run recorded)."""
     def when(path):
         return json.loads(Path(path).read_text()).get("datetime", "")
 
-    latest, newest = Path(latest), when(latest)
-    gpu = load(latest)[0].get("gpu", {}).get("name")
-    earlier = [p for p in runs if p.parent == latest.parent and p != latest and when(p) < newest
-               and load(p)[0].get("gpu", {}).get("name") == gpu]
+    latest = Path(latest).resolve()
+    newest, gpu = when(latest), load(latest)[0].get("gpu", {}).get("name")
+    earlier = sorted((p for p in latest.parent.glob("[0-9][0-9][0-9][0-9]_*.json")
+                      if p != latest and when(p) < newest and load(p)[0].get("gpu", {}).get("name") == gpu),
+                     key=lambda p: (when(p), p.name))
     return earlier + [latest]
 
 
@@ -97,8 +106,12 @@ def main():
     if not args.run and not runs:
         parser.error("no saved run under .benchmarks/")
     latest = Path(args.run) if args.run else runs[-1]
-    mine = runs_of(latest, runs)
+    mine = runs_of(latest)
     recent, history = mine[-args.confirm:], mine[:-args.confirm][-args.history:]
+    if len(recent) < args.confirm or len(history) < MIN_RUNS:  # nothing can be judged: say so, never "0 slower"
+        print(f"{latest}: nothing judged: {len(mine)} saved runs of this GPU in {latest.resolve().parent}, "
+              f"and a verdict needs {MIN_RUNS} earlier runs beside the newest {args.confirm} (--confirm)")
+        sys.exit(2 if args.fail else 0)
     drifts = drift([load(p)[1] for p in recent], [load(p)[1] for p in history], args.min_change)
     slower = sorted((d for d in drifts if d.verdict == "slower"), key=lambda d: -d.change)
     faster = sorted((d for d in drifts if d.verdict == "faster"), key=lambda d: d.change)
