@@ -141,10 +141,13 @@ class Kernel:
     and (value, ctype) arguments: ctype None for a driver struct such as a tensor map."""
 
     def __init__(self, function, name):
-        self.function, self.name, self.smem_limit = function, name, MAX_STATIC_SMEM
+        self.function, self.name = function, name
+        self.smem_limit = None  # dynamic bytes a launch may ask for without opting in: set on first use
 
     def _allow(self, smem):
         driver, _ = bindings()
+        if self.smem_limit is None:  # static and dynamic shared memory share the 48 KB a block gets unasked
+            self.smem_limit = MAX_STATIC_SMEM - self.static_smem()
         if smem > self.smem_limit:
             check(driver.cuFuncSetAttribute(
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),

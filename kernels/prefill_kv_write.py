@@ -39,6 +39,8 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
     """Validate a KV write (SPEC 7); returns (batch, kv_heads, head_dim, page_size, fmt). Syncs once."""
     check_tensor("k", k, dtypes=ATTENTION_DTYPES, ndim=3)
     tokens, kv_heads, head_dim = k.shape
+    if tokens < 1 or kv_heads < 1:
+        raise ValueError(f"k has shape {tuple(k.shape)}: a write needs at least one token and one KV head")
     check_head_dim("k", head_dim, HEAD_DIMS)
     check_tensor("v", v, dtypes=(k.dtype,), device=k.device, device_of="k")
     check_shape("v", v, k.shape)
@@ -58,6 +60,9 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.data_ptr() % 16:  # 16-byte stores (8-byte quantized), TMA stores
+            raise ValueError(f"{name}: address must be 16-byte aligned (cp.async, TMA), got {t.data_ptr():#x}")
     check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=k.device, device_of="k")
     check_unit_stride_last("cu_seqlens", cu_seqlens)
     batch = cu_seqlens.shape[0] - 1
@@ -143,6 +148,8 @@ def native_tma(k, v, cu_seqlens, block_table, k_cache, v_cache, *, k_scale=None,
     batch, kv_heads, head_dim, page_size, fmt = check_write_args(
         k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v_scale)
     quantized = fmt != "none"
+    if kv_heads > tensor_maps.MAX_BOX:  # a box holds every KV head of a token
+        raise ValueError(f"k: {kv_heads} KV heads exceed native_tma's {tensor_maps.MAX_BOX} (a TMA box side)")
     kernel = _kernel("kv_write_tma", k, head_dim, fmt)
     tokens = tile_tokens(page_size, kv_heads * head_dim * k.element_size())
     slots = k_cache.shape[0] * page_size

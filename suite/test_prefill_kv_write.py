@@ -41,7 +41,7 @@ def _run_case(kv_write_variant, case, device):
 def write_cases(draw, fmt):
     n = draw(st.integers(1, 6))
     return WriteCase(prompt_lens=tuple(draw(st.lists(st.integers(1, 700), min_size=n, max_size=n))),
-                     kv_heads=draw(st.sampled_from((1, 2, 4, 8))), head_dim=draw(st.sampled_from(HEAD_DIMS)),
+                     kv_heads=draw(st.sampled_from((1, 2, 4, 6, 8, 12))), head_dim=draw(st.sampled_from(HEAD_DIMS)),
                      dtype=draw(st.sampled_from((torch.float16, torch.bfloat16))),
                      page_size=draw(st.sampled_from(PAGE_SIZES)), quant=fmt,
                      spare_pages=draw(st.integers(0, 5)), q_heads=draw(st.sampled_from((0, 4))))
@@ -166,6 +166,10 @@ BAD_INPUTS = {  # what is wrong: (change to valid inputs, error, message)
     "block_table rows strided": (lambda i: i.update(block_table=_rows_twice_apart(i["block_table"])), ValueError,
                                  "block_table must be contiguous, got strides (8, 1)"),
     "cpu tensors": (lambda i: None, ValueError, "need a CUDA tensor"),
+    "no tokens": (lambda i: i.update(k=i["k"][:0], v=i["v"][:0], cu_seqlens=torch.tensor([0, 0], dtype=torch.int32)),
+                  ValueError, "k has shape (0, 2, 64): a write needs at least one token"),
+    "cache address": (lambda i: i.update(k_cache=misaligned(i["k_cache"])), ValueError,
+                      "k_cache: address must be 16-byte aligned (cp.async, TMA), got 0x"),
 }
 
 
