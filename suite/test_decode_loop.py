@@ -63,6 +63,15 @@ def test_matches_reference(loop_variant, device, data):
 
 
 @pytest.mark.parametrize("name", _params(["triton_persistent", "cuda_persistent"]))
+@pytest.mark.parametrize("group", [8, 16])
+def test_wide_query_groups(name, group, device):
+    # 8 and 16 query heads per KV head: the native loop's GROUP_MAX 8 and 16 builds (the mma tile's
+    # rows 8-15 carry data only past 8 heads), which the drawn groups (at most 4) never reach
+    weights = tiny_decoder.random_weights(group, 1, 64, torch.bfloat16, device)
+    _run_case((name, LOOP_VARIANTS[name]), weights, (37, 5), 3, device)
+
+
+@pytest.mark.parametrize("name", _params(["triton_persistent", "cuda_persistent"]))
 def test_long_prompts(name, device):
     # Many attention blocks per step and a partial last one, for the persistent kernels.
     lens = (300, 129, 1) if device.type == "cuda" else (90, 1)
