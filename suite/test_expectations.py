@@ -233,6 +233,16 @@ def test_expectations_from_a_saved_run(tmp_path, monkeypatch):
     assert exp.gates[gate]["provenance"]["gpu"] == "NVIDIA H100 80GB HBM3"
 
 
+def test_expectations_from_a_run_of_uncommitted_code_say_so(tmp_path, monkeypatch):
+    # run 0022 was saved from a tree with uncommitted changes: its floors must not cite the commit bare
+    from tools import expectations_from_run
+    run = next((REPO / ".benchmarks" / "h100" / "Linux-CPython-3.12-64bit").glob("0022_*.json"))
+    monkeypatch.setattr("sys.argv", ["x", str(run), "--expectations-dir", str(tmp_path), "--metrics", SPEEDUP])
+    expectations_from_run.main()
+    commits = {e["provenance"]["commit"] for e in Expectations.load(tmp_path, "h100").gates.values()}
+    assert commits == {"bd84a9585e11f8af588ff50072218518c1ce0b2c-dirty"}
+
+
 def test_expectations_from_a_saved_run_for_named_metrics_only(tmp_path, monkeypatch):
     from tools import expectations_from_run
     run = sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1]

@@ -3,9 +3,15 @@ naming its flag and, for choices, listing them, found before any GPU is looked f
 runs kernels refuses to start without a CUDA device, saying what was probed."""
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from suite.interpreter import INTERPRET_ENV
 
 GPU_TOOLS = ("tune_decode_attention", "tune_cuda_decode_attention", "tune_prefill_attention",
              "persistence_crossover", "paged_placement")
@@ -28,8 +34,8 @@ BAD = [  # (tool, argv, what stderr must say)
     ("paged_placement", ["--rounds", "0"], ["--rounds", "must be >= 1, got 0"]),
     ("paged_placement", ["--shapes", "64"], ["--shapes", "is not BATCHxLENGTH"]),
     ("paged_placement", ["--shapes", "16x1000"], ["--shapes", "not a multiple of --page-size 16"]),
-    ("decode_launches", ["--sms", "0"], ["--sms"]),
-    ("decode_launches", ["--page-size", "-16"], ["--page-size"]),
+    ("decode_launches", ["--sms", "0"], ["--sms", "must be >= 1, got 0"]),
+    ("decode_launches", ["--page-size", "-16"], ["--page-size", "must be >= 1, got -16"]),
     ("decode_launches", ["--gpu", "sm_1"], ["--gpu", "'sm_100', 'sm_120', 'sm_90'"]),
     ("decode_launches", ["--shapes", "B2-L1-x"], ["--shapes", "unknown ['B2-L1-x']"]),
     ("expectations_from_run", ["missing.json"], ["run: no such file: missing.json"]),
@@ -79,10 +85,14 @@ def test_a_gpu_tool_refuses_to_start_without_cuda(tool, defaults, monkeypatch, c
     assert code == 2 and f"{tool} needs a CUDA device: torch.cuda.is_available() is False" in err, err
 
 
-def test_decode_launches_needs_no_gpu(monkeypatch, capsys):
-    from tools import decode_launches
-
-    monkeypatch.setattr("sys.argv", ["decode_launches", "--shapes", "B1-L1024-uniform"])
-    decode_launches.main()
-    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
+def test_decode_launches_needs_no_gpu_and_refuses_the_interpreter(monkeypatch, capsys):
+    # in a process without the interpreter, as the README runs it: the launches the GPU would get
+    env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
+    listing = subprocess.run([sys.executable, "-m", "tools.decode_launches", "--shapes", "B1-L1024-uniform"], env=env,
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert listing.returncode == 0, listing.stderr
+    rows = [line.split()[:2] for line in listing.stdout.splitlines()[1:]]
     assert rows == [["B1-L1024-uniform", "contiguous"], ["B1-L1024-uniform", "paged"]]
+    if os.environ.get(INTERPRET_ENV) == "1":  # this process: the launcher would skip its fit to the GPU
+        code, err = run_main("decode_launches", ["--shapes", "B1-L1024-uniform"], monkeypatch, capsys)
+        assert code == 2 and f"run without {INTERPRET_ENV}=1" in err

@@ -16,7 +16,9 @@ import itertools
 import torch
 
 from kernels import decode_attention, hw
+from tools._args import positive_int
 from suite.decode_cases import seeded_lengths
+from suite.interpreter import INTERPRET_ENV
 from suite.kernel_ir import GPUS, capture_launch, compile_for, planned_for, resource_usage
 
 
@@ -75,19 +77,19 @@ def launches(sms, page_size, registers=False, shapes=None, gpu="sm_90"):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sms", type=int, default=132, help="SM count (H100 SXM: 132, B200: 148)")
-    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--sms", type=positive_int, default=132, help="SM count (H100 SXM: 132, B200: 148)")
+    parser.add_argument("--page-size", type=positive_int, default=16)
     parser.add_argument("--gpu", choices=sorted(GPUS), default="sm_90",
                         help="plan for this GPU's shared memory and compile for it (sm_120: GB10, with --sms 48)")
     parser.add_argument("--registers", action="store_true", help="compile each launch for --gpu: cap, registers, stack")
     parser.add_argument("--shapes", nargs="+", help="only these, e.g. B1-L4096-uniform B64-L1024-var")
     args = parser.parse_args()
-    if args.sms < 1 or args.page_size < 1:
-        parser.error("--sms and --page-size must be positive")
     known = {f"B{b}-L{n}-{kind}" for b in (1, 4, 16, 64) for n in (1024, 4096, 16384) for kind in ("uniform", "var")}
     if args.shapes and set(args.shapes) - known:
         parser.error(f"--shapes: unknown {sorted(set(args.shapes) - known)}; minimal shapes are B{{1,4,16,64}}-"
                      f"L{{1024,4096,16384}}-{{uniform,var}}")
+    if hw.interpreting():  # the launcher skips its register and shared-memory fit there: other launches
+        parser.error(f"run without {INTERPRET_ENV}=1: the launches it lists would not be the GPU's")
     columns = "shape               layout      grid  BLOCK_N  chunk  stages  warps"
     print(columns + ("  cap  regs  stack" if args.registers else ""))
     for (shape, layout), launch in launches(args.sms, args.page_size, args.registers, args.shapes, args.gpu).items():

@@ -63,7 +63,10 @@ def main():
     newest = max(range(len(runs)), key=lambda i: runs[i].get("datetime", ""))
     run, gpu = runs[newest], runs[newest]["machine_info"]["gpu"]
     measured, host_dependent = lowest(runs, args.metrics)
-    provenance = {"commit": args.commit or run["commit_info"].get("id"),
+    commit = run["commit_info"].get("id")
+    if commit and run["commit_info"].get("dirty"):  # as the plugin's provenance: not the commit as it ran
+        commit += "-dirty"
+    provenance = {"commit": args.commit or commit,
                   "date": run["datetime"][:10] if "datetime" in run else datetime.date.today().isoformat(),
                   "gpu": gpu["name"], "driver": gpu.get("driver"), "torch": gpu["torch"],
                   "triton": gpu["triton"], "run": args.runs[newest]}
