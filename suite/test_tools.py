@@ -49,6 +49,24 @@ BAD = [  # (tool, argv, what stderr must say)
     ("trend", ["--confirm", "-2"], ["--confirm", "must be >= 1, got -2"]),
     ("trend", [], ["no saved run under .benchmarks/"]),
 ]
+# what a tool says of a file that is not a saved run: (content, message)
+NOT_A_RUN = [
+    ("{not json", "not a saved run: not valid JSON"),
+    ("[1, 2]", "not a saved run: no list of benchmarks"),
+    ('{"benchmarks": []}', "not a saved run: no list of benchmarks"),
+    ('{"benchmarks": [{"name": "t", "stats": {"median": 1e-3, "iqr": 0}}]}', "not a saved run of this suite: machine_info has no gpu name"),
+    ('{"machine_info": {"gpu": {"name": "G"}}, "benchmarks": [{"name": "t"}]}', "benchmark 't' has no stats median"),
+]
+
+
+@pytest.mark.parametrize("tool", ["report", "trend", "expectations_from_run"])
+@pytest.mark.parametrize("content, says", NOT_A_RUN, ids=[says for _, says in NOT_A_RUN])
+def test_a_file_that_is_not_a_saved_run_is_a_usage_error_naming_it(tool, content, says, tmp_path, monkeypatch,
+                                                                  capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "0001_bad.json").write_text(content)
+    code, err = run_main(tool, ["0001_bad.json"], monkeypatch, capsys)
+    assert code == 2 and f"0001_bad.json: {says}" in err
 
 
 def run_main(tool, argv, monkeypatch, capsys):

@@ -14,11 +14,11 @@ between processes on one H100 host, so one run's value is not a floor for them.
 
 import argparse
 import datetime
-import json
 import os
 
 from suite.expectations import METRICS, hardware_key, update
 from suite.options import fraction
+from tools.report import ReportError, read_run
 
 
 def lowest(runs, metrics):
@@ -55,7 +55,10 @@ def main():
     missing = [path for path in args.runs if not os.path.isfile(path)]
     if missing:
         parser.error(f"run: no such file: {', '.join(missing)}")
-    runs = [json.load(open(path)) for path in args.runs]
+    try:
+        runs = [read_run(path) for path in args.runs]
+    except ReportError as exc:
+        parser.error(str(exc))
     keys = {path: hardware_key(run["machine_info"]["gpu"]["name"]) for path, run in zip(args.runs, runs)}
     if len(set(keys.values())) > 1:
         parser.error(f"runs: from different GPUs ({', '.join(f'{p}: {k}' for p, k in keys.items())}); "
@@ -63,13 +66,13 @@ def main():
     newest = max(range(len(runs)), key=lambda i: runs[i].get("datetime", ""))
     run, gpu = runs[newest], runs[newest]["machine_info"]["gpu"]
     measured, host_dependent = lowest(runs, args.metrics)
-    commit = run["commit_info"].get("id")
+    commit = run.get("commit_info", {}).get("id")
     if commit and run["commit_info"].get("dirty"):  # as the plugin's provenance: not the commit as it ran
         commit += "-dirty"
     provenance = {"commit": args.commit or commit,
                   "date": run["datetime"][:10] if "datetime" in run else datetime.date.today().isoformat(),
-                  "gpu": gpu["name"], "driver": gpu.get("driver"), "torch": gpu["torch"],
-                  "triton": gpu["triton"], "run": args.runs[newest]}
+                  "gpu": gpu["name"], "driver": gpu.get("driver"), "torch": gpu.get("torch"),
+                  "triton": gpu.get("triton"), "run": args.runs[newest]}
     if len(runs) > 1:
         provenance["runs"] = f"the lowest of {len(runs)}: {', '.join(args.runs)}"
     path = update(args.expectations_dir, keys[args.runs[0]], measured, margin=args.margin,

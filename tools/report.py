@@ -32,10 +32,28 @@ class ReportError(Exception):
     pass
 
 
+def read_run(path):
+    """A saved run's JSON, with what the tools read of it: ReportError naming the file otherwise."""
+    try:
+        run = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: not a saved run: not valid JSON ({exc})") from exc
+    if not isinstance(run, dict) or not isinstance(run.get("benchmarks"), list) or not run["benchmarks"]:
+        raise ReportError(f"{path}: not a saved run: no list of benchmarks")
+    if not isinstance(run.get("machine_info", {}).get("gpu", {}).get("name"), str):
+        raise ReportError(f"{path}: not a saved run of this suite: machine_info has no gpu name")
+    for b in run["benchmarks"]:
+        if not isinstance(b, dict) or not all(isinstance(b.get("stats", {}).get(s), (int, float))
+                                              for s in ("median", "iqr")):
+            raise ReportError(f"{path}: benchmark {b.get('name') if isinstance(b, dict) else b!r} has no "
+                              "stats median and iqr")
+    return run
+
+
 def load(path):
     """(machine info, [benchmark rows]) of a saved run; a row: gate_id, workload, seconds, iqr,
     extra_info. A benchmark saved without a gate_id (its test failed after timing) goes by its name."""
-    run = json.loads(Path(path).read_text())
+    run = read_run(path)
     rows = []
     for b in run["benchmarks"]:
         extra = b.get("extra_info", {})
@@ -234,7 +252,7 @@ def saved_runs(root=".benchmarks"):
     """Saved runs under root (autosave's <gpu>/<machine>/NNNN_*.json, trials left out), oldest first
     by the time each run recorded (a fresh checkout gives every file the same mtime)."""
     return sorted((p for p in Path(root).glob("*/*/[0-9][0-9][0-9][0-9]_*.json") if p.parent.name != TRIALS),
-                  key=lambda p: (json.loads(p.read_text()).get("datetime", ""), p.name))
+                  key=lambda p: (read_run(p).get("datetime", ""), p.name))
 
 
 def main():
@@ -254,7 +272,10 @@ def main():
             parser.error(f"{flag}: no such file: {path}")
     base = args.compare
     if args.latest:
-        runs = saved_runs()
+        try:
+            runs = saved_runs()
+        except ReportError as exc:
+            parser.error(str(exc))
         if not runs:
             parser.error("--latest: no saved run under .benchmarks/")
         args.run = runs[-1]

@@ -13,14 +13,13 @@ benchmarks are left out, as suite/compare.py leaves them out of the compare's fa
 """
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 from tools._args import positive_int
-from tools.report import load, saved_runs
+from tools.report import ReportError, load, read_run, saved_runs
 
 NOISE_SIGMAS = 4.0  # the run-to-run spread (robust sigma from the MAD) a change must exceed
 MAD_TO_SIGMA = 1.4826  # MAD x this = sigma for normally distributed medians
@@ -79,7 +78,7 @@ def runs_of(latest):
     """The saved runs up to and including `latest` in its own folder and on its GPU, oldest first (by
     the time each run recorded)."""
     def when(path):
-        return json.loads(Path(path).read_text()).get("datetime", "")
+        return read_run(path).get("datetime", "")
 
     latest = Path(latest).resolve()
     newest, gpu = when(latest), load(latest)[0].get("gpu", {}).get("name")
@@ -100,19 +99,23 @@ def main():
     args = parser.parse_args()
     if not 0 < args.min_change < 1:
         parser.error(f"--min-change {args.min_change}: must be in (0, 1)")
-    runs = saved_runs()
     if args.run and not Path(args.run).is_file():
         parser.error(f"run: no such file: {args.run}")
-    if not args.run and not runs:
-        parser.error("no saved run under .benchmarks/")
-    latest = Path(args.run) if args.run else runs[-1]
-    mine = runs_of(latest)
-    recent, history = mine[-args.confirm:], mine[:-args.confirm][-args.history:]
+    try:
+        runs = saved_runs()
+        if not args.run and not runs:
+            parser.error("no saved run under .benchmarks/")
+        latest = Path(args.run) if args.run else runs[-1]
+        mine = runs_of(latest)
+        recent, history = mine[-args.confirm:], mine[:-args.confirm][-args.history:]
+        recent_rows, history_rows = [load(p)[1] for p in recent], [load(p)[1] for p in history]
+    except ReportError as exc:
+        parser.error(str(exc))
     if len(recent) < args.confirm or len(history) < MIN_RUNS:  # nothing can be judged: say so, never "0 slower"
         print(f"{latest}: nothing judged: {len(mine)} saved runs of this GPU in {latest.resolve().parent}, "
               f"and a verdict needs {MIN_RUNS} earlier runs beside the newest {args.confirm} (--confirm)")
         sys.exit(2 if args.fail else 0)
-    drifts = drift([load(p)[1] for p in recent], [load(p)[1] for p in history], args.min_change)
+    drifts = drift(recent_rows, history_rows, args.min_change)
     slower = sorted((d for d in drifts if d.verdict == "slower"), key=lambda d: -d.change)
     faster = sorted((d for d in drifts if d.verdict == "faster"), key=lambda d: d.change)
     print(f"{latest}: {len(drifts)} GPU-timed benchmarks against the median of {len(history)} earlier runs of this "
