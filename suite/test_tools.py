@@ -54,7 +54,8 @@ NOT_A_RUN = [
     ("{not json", "not a saved run: not valid JSON"),
     ("[1, 2]", "not a saved run: no list of benchmarks"),
     ('{"benchmarks": []}', "not a saved run: no list of benchmarks"),
-    ('{"benchmarks": [{"name": "t", "stats": {"median": 1e-3, "iqr": 0}}]}', "not a saved run of this suite: machine_info has no gpu name"),
+    ('{"benchmarks": [{"name": "t", "stats": {"median": 1e-3, "iqr": 0}}]}',
+     "not a saved run of this suite: machine_info has no gpu name"),
     ('{"machine_info": {"gpu": {"name": "G"}}, "benchmarks": [{"name": "t"}]}', "benchmark 't' has no stats median"),
 ]
 
