@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from kernels import decode_graphs, decode_loop, tiny_decoder
-from suite.loop_cases import TIERS, bind, make_loop_inputs
+from suite.loop_cases import TIERS, bind, check_loop, make_loop_inputs
 from suite.timing import measure
 from tools._args import positive_int, require_cuda
 
@@ -31,6 +31,8 @@ def main():
             for variant, decode in decoders.items():
                 inputs = make_loop_inputs(weights, prompt_lens, args.steps, "cuda")
                 launch = bind(decode, weights, inputs, args.steps)
+                inputs.poison()
+                check_loop(launch(), weights, inputs, args.steps)  # timed only once it is right
                 tpot[variant] = measure(launch, device="cuda", rounds=10, before=inputs.reset) / args.steps
             model = f"d_model {weights.d_model}, Hkv {tier.kv_heads}, D {tier.head_dim}, P {tier.prompt}"
             print(f"{name:6s} ({model:34s}) {batch:5d}  {tpot['graphs'] * 1e6:14.1f}  "
