@@ -71,6 +71,10 @@ def test_compare_flags_only_changes_beyond_noise():
            dict(gate_id="e", seconds=1.0, iqr=0.0)]  # not in the base run
     verdicts = {c.label: c.verdict for c in report.compare(base, new)}
     assert verdicts == {"a": "within noise", "b": "slower", "c": "faster", "d (host-timed)": "slower"}
+    # the larger relative IQR of the two runs: a quiet base and a noisy new run hide a 10% change
+    quiet = [dict(gate_id="f", seconds=1.0, iqr=0.01)]
+    noisy = [dict(gate_id="f", seconds=1.1, iqr=0.22)]  # 20% of its median
+    assert [c.verdict for c in report.compare(quiet, noisy)] == ["within noise"]
 
 
 def test_compare_chart_on_recorded_runs(built):

@@ -104,6 +104,9 @@ def test_cli_lists_without_failing_and_judges_a_named_run(saved, monkeypatch, ca
     monkeypatch.setattr("sys.argv", ["trend", str(saved / "0006_x.json"), "--fail"])
     trend.main()  # nights 1-4 against 5-6: steady
     assert "1 GPU-timed benchmarks against the median of 4 earlier runs" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["trend", "--history", "3"])
+    trend.main()  # nights 4-6 against 7-8
+    assert "against the median of 3 earlier runs" in capsys.readouterr().out
     for named in (saved / "0008_x.json", Path(".benchmarks/h100/Linux-CPython-3.12-64bit/0008_x.json")):
         monkeypatch.setattr("sys.argv", ["trend", str(named), "--fail"])  # absolute or relative: judged alike
         with pytest.raises(SystemExit) as exit_info:
