@@ -121,8 +121,9 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
         else:
             rows = b.to(tl.int64) * stride_kx + pos.to(tl.int64) * stride_ky
             scale_rows = b.to(tl.int64) * stride_sx + pos.to(tl.int64) * stride_sy
-        rows += tl.cast(kvh, tl.int64) * stride_kh  # 64-bit: (Hkv - 1) * stride_kh may pass 2**31
-        scale_rows += tl.cast(kvh, tl.int64) * stride_sh
+        head = tl.cast(kvh, tl.int64)  # 64-bit: (Hkv - 1) * stride_kh may pass 2**31
+        rows += head * stride_kh
+        scale_rows += head * stride_sh
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :])
         if QUANT == "int4":
             k = k.to(tl.uint16)

@@ -187,9 +187,10 @@ def _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_ta
     # Row sums are kept per column and reduced once per chunk: no cross-warp sum per step.
     l_cols = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
     if not PAGED:  # a contiguous tile is a 64-bit base and 32-bit row offsets (quant_units checks they fit)
-        k_base = k_ptr + (b.to(tl.int64) * stride_kx + tl.cast(kvh, tl.int64) * stride_kh)
-        v_base = v_ptr + (b.to(tl.int64) * stride_kx + tl.cast(kvh, tl.int64) * stride_kh) * K_UNIT // V_UNIT
-        s_base = b.to(tl.int64) * stride_sx + tl.cast(kvh, tl.int64) * stride_sh
+        head = tl.cast(kvh, tl.int64)  # 64-bit: (Hkv - 1) * stride_kh may pass 2**31
+        k_base = k_ptr + (b.to(tl.int64) * stride_kx + head * stride_kh)
+        v_base = v_ptr + (b.to(tl.int64) * stride_kx + head * stride_kh) * K_UNIT // V_UNIT
+        s_base = b.to(tl.int64) * stride_sx + head * stride_sh
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end

@@ -1,12 +1,13 @@
 """`--benchmark-compare-fail` holds GPU time to its threshold, not the host's speed (SPEC 4).
 
 A benchmark whose host work is in its timed span (an eager loop of torch ops that outlasts the slack
-before its start event, a pageable copy, pages staged by the host) times the host: on one H100 host the eager decode loop's
-median moved by up to 1.8x between processes running the same code (eager-medium 24.2-40.9 ms over
-seven processes, 2026-11-27), and a nightly run with a 10% threshold failed on it. pytest-benchmark
-applies one threshold to every benchmark, so such benchmarks (`extra_info["host_in_timing"]`, set
-by suite.timing) are still compared and shown but never fail the comparison: their regressions
-are listed at the end of the run instead. Their ratio gates (expectations/) still apply.
+before its start event, a pageable copy, pages staged by the host) times the host: on one H100 host
+the eager decode loop's median moved by up to 1.8x between processes running the same code
+(eager-medium 24.2-40.9 ms over seven processes, 2026-11-27), and a nightly run with a 10% threshold
+failed on it. pytest-benchmark applies one threshold to every benchmark, so such benchmarks
+(`extra_info["host_in_timing"]`, set by suite.timing) are still compared and shown but never fail
+the comparison: their regressions are listed at the end of the run instead. Their ratio gates
+(expectations/) still apply.
 """
 
 import pytest

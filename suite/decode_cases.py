@@ -47,6 +47,13 @@ def check_output(out, inputs):
     torch.testing.assert_close(out.double(), reference.decode_attention(**inputs), atol=tol, rtol=tol)
 
 
+def checked(launch, inputs):
+    """launch, once its output has passed check_output: for launches timed outside a benchmark's own
+    test (baselines measured on demand, the tools' sweeps), correctness before timing too."""
+    check_output(launch(), inputs)
+    return launch
+
+
 def quantization_loss(out, inputs, exact):
     """Largest |out - attention over the unquantized caches `exact`|: what quantizing cost."""
     unquantized = reference.decode_attention(**{**inputs, **exact, "k_scale": None, "v_scale": None})

@@ -28,10 +28,13 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("layout", LAYOUTS)
 
 
-def _run_case(decode_variant, case, device, **kwargs):
+def _run_case(decode_variant, case, device, planted=None, **kwargs):
+    # planted: per sequence, positions given dominant keys (plant_dominant_keys)
     _, launcher = decode_variant
     inputs = make_inputs(case, device)
-    out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)  # poisoned
+    if planted is not None:
+        plant_dominant_keys(inputs, planted)
+    out = poisoned_out(inputs)
     launcher(**inputs, out=out, **kwargs)()
     check_output(out, inputs)
 
@@ -75,13 +78,9 @@ def test_every_position_at_a_block_edge_is_attended(decode_variant, layout, devi
     # The random cases above cannot see one missing or repeated row of a long sequence (see
     # plant_dominant_keys): here up to 12 positions at block edges carry most of the softmax weight.
     case = data.draw(decode_cases(layout, **_limits(device)), label="case")
-    inputs = make_inputs(case, device)
     planted = [{0, n - 1} | set(data.draw(st.lists(st.sampled_from(_edges(n, case.page_size)), max_size=10),
                                           label=f"edges of sequence {b}")) for b, n in enumerate(case.seq_lens)]
-    plant_dominant_keys(inputs, planted)
-    out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)  # poisoned
-    decode_variant[1](**inputs, out=out)()
-    check_output(out, inputs)
+    _run_case(decode_variant, case, device, planted=planted)
 
 
 def test_a_dropped_planted_row_fails_the_check(device):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels import kv_quant
-from suite.decode_cases import (NATIVE, VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs,
+from suite.decode_cases import (NATIVE, VARIANTS, DecodeCase, check_output, checked, make_case_tensors, make_inputs,
                                 poisoned_out, quant_params, quantization_loss, seeded_lengths)
 from suite.anchors import paged_read_floor, sdpa_backends
 from suite.timing import measure, run_benchmark
@@ -86,12 +86,6 @@ def pytest_generate_tests(metafunc):
             for v, layout in pairs], indirect=["decode_variant"])
 
 
-def _checked(launch, inputs):
-    # a baseline measured here, its own benchmark not run this session: correctness before timing too
-    check_output(launch(), inputs)
-    return launch
-
-
 def _fastest_sdpa(inputs, device, rounds, **options):
     """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs correctly."""
     timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend, **options),
@@ -131,7 +125,7 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
     if name in TRITON_COUNTERPART and device.type == "cuda":
         triton_name = TRITON_COUNTERPART[name]
         speedups["triton"] = perf.baseline(f"{WORKLOAD}/{triton_name}/{layout}", str(shape), lambda: measure(
-            _checked(VARIANTS[triton_name](**inputs, out=poisoned_out(inputs)), inputs), device=device, rounds=rounds))
+            checked(VARIANTS[triton_name](**inputs, out=poisoned_out(inputs)), inputs), device=device, rounds=rounds))
     if layout == "paged" and device.type == "cuda":  # below 1: the fraction of the paged-read floor reached
         speedups["paged_read"] = perf.baseline(f"{WORKLOAD}/paged_read", str(shape),
                                                lambda: paged_read_floor(inputs, device, rounds))
@@ -157,7 +151,7 @@ def test_decode_attention_quantized(benchmark, fmt, shape, device, perf, rounds)
 
     def bf16_seconds():
         bf16 = make_inputs(shape.case("contiguous", 1), device)
-        return measure(_checked(VARIANTS[QUANTIZED_VARIANT](**bf16, out=poisoned_out(bf16)), bf16),
+        return measure(checked(VARIANTS[QUANTIZED_VARIANT](**bf16, out=poisoned_out(bf16)), bf16),
                        device=device, rounds=rounds)
 
     baseline = perf.baseline(f"{WORKLOAD}/bf16", str(shape), bf16_seconds) if device.type == "cuda" else None

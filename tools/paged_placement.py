@@ -19,7 +19,7 @@ import torch
 
 from kernels import decode_attention, sdpa_decode
 from suite.anchors import paged_read_floor
-from suite.decode_cases import DecodeCase, check_output, make_inputs, seeded_lengths
+from suite.decode_cases import DecodeCase, checked, make_inputs, seeded_lengths
 from suite.timing import measure
 from tools._args import decode_shape, positive_int, require_cuda
 
@@ -35,11 +35,6 @@ def placements(table, page_bytes):
                        for part in consecutive.split(per_region)])
     return {"random": table, "random_2mb": local.view(batch, pages),
             "ascending": table.sort(dim=1).values.contiguous(), "consecutive": consecutive.view(batch, pages)}
-
-
-def _checked(launch, inputs):
-    check_output(launch(), inputs)  # every launch is timed only once it is right
-    return launch
 
 
 def main():
@@ -63,13 +58,13 @@ def main():
                           **{name: sdpa_decode.pad_paged(inputs[name], inputs["block_table"], length).contiguous()
                              for name in ("k_cache", "v_cache")})
         page_bytes = inputs["k_cache"][0].numel() * inputs["k_cache"].element_size()
-        times = {"sdpa": measure(_checked(sdpa_decode.sdpa(**inputs), inputs), device="cuda", rounds=args.rounds),
-                 "contiguous": measure(_checked(decode_attention.triton_persistent(**contiguous), contiguous),
+        times = {"sdpa": measure(checked(sdpa_decode.sdpa(**inputs), inputs), device="cuda", rounds=args.rounds),
+                 "contiguous": measure(checked(decode_attention.triton_persistent(**contiguous), contiguous),
                                        device="cuda", rounds=args.rounds)}
         floors = {}
         for name, table in placements(inputs["block_table"], page_bytes).items():
             placed = dict(inputs, block_table=table)
-            times[name] = measure(_checked(decode_attention.triton_persistent(**placed), placed), device="cuda",
+            times[name] = measure(checked(decode_attention.triton_persistent(**placed), placed), device="cuda",
                                   rounds=args.rounds)
             floors[name] = paged_read_floor(placed, torch.device("cuda"), args.rounds)
         print(f"B{batch}-L{length} ps{args.page_size}".ljust(14) + " ".join(

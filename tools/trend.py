@@ -102,7 +102,7 @@ def main():
     if args.run and not Path(args.run).is_file():
         parser.error(f"run: no such file: {args.run}")
     try:
-        runs = saved_runs()
+        runs = [] if args.run else saved_runs()
         if not args.run and not runs:
             parser.error("no saved run under .benchmarks/")
         latest = Path(args.run) if args.run else runs[-1]

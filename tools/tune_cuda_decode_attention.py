@@ -12,7 +12,7 @@ import itertools
 import torch
 
 from kernels import cuda_decode_attention, decode_attention, hw
-from suite.decode_cases import DecodeCase, check_output, make_inputs, seeded_lengths
+from suite.decode_cases import DecodeCase, checked, make_inputs, seeded_lengths
 from suite.timing import measure
 from tools._args import decode_shape, require_cuda
 
@@ -36,15 +36,13 @@ def main():
         case = DecodeCase(seeded_lengths(batch, length, args.var, seed=batch * length), 32, 8, 128, torch.bfloat16,
                           layout)
         inputs = make_inputs(case, "cuda")
-        triton = decode_attention.triton_persistent(**inputs)
-        check_output(triton(), inputs)  # every launch is timed only once it is right
-        triton_s = measure(triton, device="cuda", rounds=ROUNDS)
+        # every launch is timed only once it is right
+        triton_s = measure(checked(decode_attention.triton_persistent(**inputs), inputs), device="cuda", rounds=ROUNDS)
         results = []
         for stages, ctas, chunk in itertools.product(STAGES, CTAS_PER_SM, CHUNKS):
             launch = cuda_decode_attention.cuda_persistent(**inputs, stages=stages, num_programs=ctas * sms,
                                                            chunk=chunk)
-            check_output(launch(), inputs)
-            seconds = measure(launch, device="cuda", rounds=ROUNDS)
+            seconds = measure(checked(launch, inputs), device="cuda", rounds=ROUNDS)
             results.append((triton_s / seconds, seconds, f"stages={stages} ctas/SM={ctas} chunk={chunk}"))
         results.sort(key=lambda r: -r[0])
         print(f"B{batch} L{length} {layout} {'var' if args.var else 'uniform'}: triton {triton_s * 1e6:.1f} us; "

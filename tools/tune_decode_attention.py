@@ -9,7 +9,7 @@ import itertools
 import torch
 
 from kernels import decode_attention as da, decode_plan, hw
-from suite.decode_cases import DecodeCase, check_output, make_inputs, seeded_lengths
+from suite.decode_cases import DecodeCase, checked, make_inputs, seeded_lengths
 from suite.timing import measure
 from tools._args import decode_shape, require_cuda
 
@@ -41,8 +41,7 @@ def main():
                 setattr(decode_plan, name, config[name])
             launch = da.triton_persistent(**inputs, chunk=config["chunk"], block_k=config["BLOCK_N"],
                                           num_programs=config["PROGRAMS_PER_SM"] * hw.num_sms("cuda"))
-            check_output(launch(), inputs)  # a configuration is timed only once it is right
-            seconds = measure(launch, device="cuda", rounds=20)
+            seconds = measure(checked(launch, inputs), device="cuda", rounds=20)  # timed once it is right
             results.append((case.bytes_moved() / seconds / 1e9, seconds, values))
         results.sort(key=lambda r: -r[0])
         print(f"B{batch} L{length} {layout} {quant} ({'/'.join(names)}): " +
