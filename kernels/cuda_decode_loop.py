@@ -26,7 +26,7 @@ class _LoopArgs(ctypes.Structure):  # decode_loop.cu's LoopArgs, field for field
                 ("h_in", "w_qkv", "w_o", "gamma", "k", "v", "seq_lens", "out")] + \
         [("eps", ctypes.c_float), ("qk_scale", ctypes.c_float)] + \
         [(name, ctypes.c_int64) for name in ("stride_kb", "stride_kh", "stride_kl")] + \
-        [(name, ctypes.c_int32) for name in ("steps", "kv_heads", "group", "d_model", "width")]
+        [(name, ctypes.c_int32) for name in ("steps", "capacity", "kv_heads", "group", "d_model", "width")]
 
 
 def smem_bytes(head_dim, group, d_model, width):
@@ -58,8 +58,10 @@ def _check_native(weights, h, k_cache, v_cache, fmt):
 def cuda_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):
     """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model] (out
     when given). h: [B, d_model]; k/v: [B, Hkv, L_max, D]; seq_lens: [B] int32, advanced by `steps`.
-    Lengths are checked against the capacity here, once: a later launch() must start from lengths that
-    still fit `steps` more (reset seq_lens between launches, as the benchmarks do); the kernel does not check."""
+    Lengths are checked against the capacity L_max here (one sync), then by the kernel at every
+    launch (seq_lens not reset between launches, say; the benchmarks reset it): a sequence whose
+    `steps` more positions no longer fit in [0, L_max) runs none of them (nothing written, its
+    seq_len kept) and gets NaN in all its outputs [b, :, :]; the others run as ever."""
     w = weights
     fmt = check_decode(w, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     _check_native(w, h, k_cache, v_cache, fmt)
@@ -69,7 +71,7 @@ def cuda_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=No
     args = _LoopArgs(h.data_ptr(), w.w_qkv.data_ptr(), w.w_o.data_ptr(), w.gamma.data_ptr(), k_cache.data_ptr(),
                      v_cache.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), RMS_EPS,
                      math.log2(math.e) / math.sqrt(w.head_dim), k_cache.stride(0), k_cache.stride(1),
-                     k_cache.stride(2), steps, w.kv_heads, group, w.d_model, width)
+                     k_cache.stride(2), steps, k_cache.shape[2], w.kv_heads, group, w.d_model, width)
     defines = (("ELEM_BF16", int(h.dtype == torch.bfloat16)), ("GROUP_MAX", group_max(group)),
                ("HEAD_DIM", w.head_dim), ("STAGES", STAGES))
     kernel = cuda_build.kernel("decode_loop", "decode_loop_persistent", h.device.index, defines)

@@ -6,12 +6,14 @@
 
 `graph_decode` captures outside the returned launch(); launch() replays and returns the outputs
 [B, T, d_model]. Like any decode it advances seq_lens and the caches by T steps: restore seq_lens
-to replay the same T steps (the written cache positions are simply written again).
+to replay the same T steps (the written cache positions are simply written again). A replay from
+lengths not restored, past L_max - T, stops at the step that would append at position L_max: the
+steps are decode_step's, whose KV append indexes the cache, and torch's index kernel asserts (a
+device-side assert: the process's CUDA context is lost) before it writes, so no row lands outside
+the cache. The replay adds no check of its own: that would be GPU work in a baseline.
 priority: the graph's kernels run at this stream priority (kernels/graph_priority.py says why a
 replay on a high-priority stream alone does not).
 """
-
-import torch
 
 from kernels.graph_priority import PriorityGraph, capture
 from kernels.tiny_decoder import bind_quantized, check_decode, decode_out, decode_step

@@ -80,10 +80,10 @@ def _append_kv(qkv_ptr, cache_ptr, scale_ptr, row, scale_row, QUANT: tl.constexp
 
 # steps and the scale strides change with the test case, not with the code worth generating (see
 # kernels/decode_attention.py VARYING_INTS); the K/V strides stay specialized for the load widths.
-@triton.jit(do_not_specialize=("steps", "stride_sb", "stride_sh", "stride_sl"),
+@triton.jit(do_not_specialize=("steps", "capacity", "stride_sb", "stride_sh", "stride_sl"),
             do_not_specialize_on_alignment=("k_scale_ptr", "v_scale_ptr"))
 def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr,
-                 out_ptr, scratch_ptr, model_scratch_ptr, steps, eps, qk_scale,
+                 out_ptr, scratch_ptr, model_scratch_ptr, steps, capacity, eps, qk_scale,
                  stride_kb, stride_kh, stride_kl, stride_sb, stride_sh, stride_sl,
                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
                  QMAX: tl.constexpr,
@@ -95,16 +95,21 @@ def _decode_loop(h_ptr, w_qkv_ptr, w_o_ptr, gamma_ptr, k_ptr, v_ptr, k_scale_ptr
     WIDTH: tl.constexpr = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
     GROUP: tl.constexpr = Q_HEADS // KV_HEADS
     b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_DM)
+    in_model = offs < D_MODEL
+    seq_len = tl.load(seq_lens_ptr + b)
+    if (seq_len < 0) | (seq_len > capacity - steps):  # its steps would append outside the cache [0, capacity)
+        nan = tl.full([BLOCK_DM], float("nan"), tl.float32).to(out_ptr.dtype.element_ty)
+        for t in range(steps):  # nothing appended, seq_len kept: NaN outputs fail the caller's checks
+            tl.store(out_ptr + (b * steps + t) * D_MODEL + offs, nan, mask=in_model)
+        return
     h_row = scratch_ptr + b * (D_MODEL + WIDTH)
     qkv_row = h_row + D_MODEL
     x_row = model_scratch_ptr + b * (3 * D_MODEL)
     q_row = x_row + D_MODEL
     attn_row = q_row + D_MODEL
-    offs = tl.arange(0, BLOCK_DM)
-    in_model = offs < D_MODEL
     gamma = tl.load(gamma_ptr + offs, mask=in_model, other=0.0).to(tl.float32)
     tl.store(h_row + offs, tl.load(h_ptr + b * D_MODEL + offs, mask=in_model).to(tl.float32), mask=in_model)
-    seq_len = tl.load(seq_lens_ptr + b)
     for t in range(steps):
         tl.debug_barrier()  # h of the previous step is stored
         h = tl.load(h_row + offs, mask=in_model, other=0.0)
@@ -150,8 +155,10 @@ def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=
     """One launch for `steps` decode steps -> launch() returning outputs [B, steps, d_model]
     (out when given). h: [B, d_model]; k/v: [B, Hkv, L_max, D] (or a kv_quant format with k/v_scale
     [B, Hkv, L_max]); seq_lens: [B] int32, advanced by `steps` like every decode loop. Lengths are
-    checked against the capacity here, once: a later launch() must start from lengths that still fit
-    `steps` more (reset seq_lens between launches, as the benchmarks do); the kernel does not check."""
+    checked against the capacity L_max here (one sync), then by the kernel at every launch (seq_lens
+    not reset between launches, say; the benchmarks reset it): a sequence whose `steps` more
+    positions no longer fit in [0, L_max) runs none of them (nothing written, its seq_len kept) and
+    gets NaN in all its outputs [b, :, :]; the others run as ever."""
     w = weights
     fmt = check_decode(w, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     check_tensor("h", h, dtypes=ATTENTION_DTYPES)  # fp16/bf16 models; the eager loop also runs float32
@@ -169,7 +176,7 @@ def triton_persistent(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=
     model_scratch = torch.empty(batch, 3 * w.d_model, device=h.device, dtype=h.dtype)
     out = decode_out(w, h, steps, out)
     args = (h, w.w_qkv, w.w_o, w.gamma, k_cache, v_cache, k_scale, v_scale, seq_lens, out, scratch, model_scratch,
-            steps, RMS_EPS, math.log2(math.e) / math.sqrt(w.head_dim),
+            steps, k_cache.shape[2], RMS_EPS, math.log2(math.e) / math.sqrt(w.head_dim),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides)
     meta = dict(Q_HEADS=w.q_heads, KV_HEADS=w.kv_heads, HEAD_DIM=w.head_dim, QUANT=fmt,
                 QMAX=kv_quant.QMAX.get(fmt, 1.0),  # unused unquantized

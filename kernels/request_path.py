@@ -96,9 +96,8 @@ def bind(weights, prompts, steps, variant, *, tile=None):
     seq_lens = start_lens.clone()
     attention = "triton_cp_async" if variant == "baseline" else "triton_tma"
     prefill = _prefill(w, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm=variant == "optimized")
-    if variant == "baseline":
-        def decode():
-            return tiny_decoder.eager_decode(w, h_last, k_cache, v_cache, seq_lens, steps, out=out)
+    if variant == "baseline":  # bound once, like the persistent loop: its checks' sync is not a step's
+        decode = tiny_decoder.eager_loop(w, h_last, k_cache, v_cache, seq_lens, steps, out=out)
         streams = ()
     else:
         decode = decode_loop.triton_persistent(w, h_last, k_cache, v_cache, seq_lens, steps, out=out)

@@ -1,8 +1,8 @@
 """The tiny decoder of SPEC 1: one attention-only layer (RMSNorm, GQA, KV append).
 
 `prefill` fills a contiguous KV cache [B, Hkv, L_max, D] from each sequence's prompt (lengths
-differ); `eager_decode` is the decode-loop baseline: a host loop of torch ops, one step after
-another, each step's output the next step's input.
+differ); `eager_loop` binds the decode-loop baseline (`eager_decode` runs it once): a host loop of
+torch ops, one step after another, each step's output the next step's input.
 """
 
 from dataclasses import dataclass
@@ -188,14 +188,27 @@ def decode_out(weights, h, steps, out):
     return output(out, (h.shape[0], steps, weights.d_model), h.dtype, h.device)
 
 
-def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):
-    """The baseline: `steps` decode steps as a host loop of torch ops -> outputs [B, steps, d_model]
-    (written into out when given). Quantized caches (kernels/kv_quant.py) come with k_scale,
-    v_scale [B, Hkv, L_max]."""
+def eager_loop(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):
+    """The baseline, bound like the other loops: checked here (one sync) -> launch() running `steps`
+    decode steps as a host loop of torch ops, returning outputs [B, steps, d_model] (out when
+    given). Quantized caches (kernels/kv_quant.py) come with k_scale, v_scale [B, Hkv, L_max].
+    launch() adds no check: from lengths not reset (seq_lens past L_max - steps) it raises, as the
+    KV append's indexing refuses position L_max (IndexError on the CPU, a device-side assert on a
+    GPU, which ends the process's CUDA context), so no row lands outside the cache."""
     check_decode(weights, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     quantized = bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
     out = decode_out(weights, h, steps, out)
-    for t in range(steps):
-        h = decode_step(weights, h, k_cache, v_cache, seq_lens, quantized)
-        out[:, t] = h
-    return out
+
+    def launch():
+        x = h
+        for t in range(steps):
+            x = decode_step(weights, x, k_cache, v_cache, seq_lens, quantized)
+            out[:, t] = x
+        return out
+
+    return launch
+
+
+def eager_decode(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v_scale=None, out=None):
+    """eager_loop bound and launched once -> outputs [B, steps, d_model]."""
+    return eager_loop(weights, h, k_cache, v_cache, seq_lens, steps, k_scale=k_scale, v_scale=v_scale, out=out)()

@@ -10,7 +10,7 @@ import torch
 from kernels import cuda_decode_loop, decode_graphs, decode_loop, kv_quant, tiny_decoder
 from kernels.checks import SharedMemoryTooSmall
 from suite import reference
-from suite.timing import run_benchmark
+from suite.timing import measure, run_benchmark
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,15 @@ def time_loop(benchmark, launch, inputs, steps, device, rounds, perf):
     return seconds
 
 
+def loop_seconds(decode, weights, tier, steps, device, rounds):
+    """Median GPU seconds of another variant's loop on fresh inputs of the same tier (a baseline)."""
+    inputs = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
+    launch = bind(decode, weights, inputs, steps)
+    inputs.poison()
+    check_loop(launch(), weights, inputs, steps)  # correctness before timing, baselines too
+    return measure(launch, device=device, rounds=rounds, before=inputs.reset)
+
+
 NATIVE_LOOPS = ("cuda_persistent",)  # CUDA C++: needs a GPU, never runs in the interpreter
 
 
@@ -69,7 +78,7 @@ def needs_cuda(name):
 
 def loop_variants(graph_modes, max_capture, block_k=decode_loop.BLOCK_N):
     """name -> decode(weights, h, k, v, seq_lens, steps, **scales) returning launch()."""
-    variants = {"eager": lambda *args, **kw: lambda: tiny_decoder.eager_decode(*args, **kw)}
+    variants = {"eager": tiny_decoder.eager_loop}
     for mode in graph_modes:
         variants[f"graphs_{mode}"] = (lambda mode: lambda *args, **kw: decode_graphs.graph_decode(
             *args, mode=mode, max_capture=max_capture, **kw))(mode)
@@ -96,11 +105,12 @@ class LoopInputs:
         self.out.fill_(float("nan"))
 
 
-def make_loop_inputs(weights, prompt_lens, steps, device, fmt="none"):
-    """Fresh random prompts, prefilled; the caches quantized to fmt (kernels/kv_quant.py)."""
+def make_loop_inputs(weights, prompt_lens, steps, device, fmt="none", capacity=None):
+    """Fresh random prompts, prefilled; the caches quantized to fmt (kernels/kv_quant.py), holding
+    capacity positions (default: the longest prompt's and `steps` more)."""
     dtype = weights.w_qkv.dtype
     prompts = [torch.randn(n, weights.d_model, dtype=dtype, device=device) for n in prompt_lens]
-    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(weights, prompts, capacity=max(prompt_lens) + steps)
+    h, k_cache, v_cache, seq_lens = tiny_decoder.prefill(weights, prompts, capacity or max(prompt_lens) + steps)
     if fmt == "none":
         caches = dict(k_cache=k_cache, v_cache=v_cache)
     else:

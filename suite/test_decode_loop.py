@@ -3,7 +3,10 @@
 import dataclasses
 import gc
 import re
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +80,82 @@ def test_long_prompts(name, device):
     lens = (300, 129, 1) if device.type == "cuda" else (90, 1)
     weights = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
     _run_case((name, LOOP_VARIANTS[name]), weights, lens, 3, device)
+
+
+def _continued_reference(weights, prompts, pasts, steps):
+    """float64 outputs [B, steps, d_model] of `steps` decode steps from each prompt's last output, after
+    the positions its cache holds, pasts[b] = (k, v) [Hkv, S_b, D]: a launch from lengths not reset."""
+    out = []
+    for prompt, (k, v) in zip(prompts, pasts):
+        empty = torch.zeros(weights.kv_heads, 0, weights.head_dim, dtype=torch.float64, device=prompt.device)
+        x, seq = reference.decoder_layer(weights, prompt, empty, empty, tiny_decoder.RMS_EPS)[0][-1:], []
+        for _ in range(steps):
+            x, k, v = reference.decoder_layer(weights, x, k, v, tiny_decoder.RMS_EPS)
+            seq.append(x[0])
+        out.append(torch.stack(seq))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", _params(["triton_persistent", "cuda_persistent"]))
+def test_a_launch_from_lengths_not_reset_skips_the_sequences_that_no_longer_fit(name, device):
+    # Capacity 24, 2 steps a launch, launched twice. After the first, sequence 0 holds 23 positions:
+    # its 2 more would reach its next head's rows; sequence 2 holds 22 and fills the cache exactly;
+    # sequence 1's length is then set to -1 (a bad reset): its append would be sequence 0's last row.
+    steps, capacity = 2, 24
+    weights = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+    inputs = make_loop_inputs(weights, [21, 5, 20, 19], steps, device, capacity=capacity)
+    launch = bind(LOOP_VARIANTS[name], weights, inputs, steps)
+    inputs.poison()
+    check_loop(launch(), weights, inputs, steps)
+    inputs.seq_lens[1] = -1
+    lens = inputs.seq_lens.clone()
+    fits = (lens >= 0) & (lens + steps <= capacity)
+    assert fits.tolist() == [False, False, True, True]
+    before = {key: c.clone() for key, c in inputs.caches.items()}
+    inputs.poison()
+    inputs.out[~fits] = torch.randn_like(inputs.out[~fits])  # finite: only the kernel's NaN is NaN there
+    out = launch()
+    assert inputs.seq_lens.tolist() == torch.where(fits, lens + steps, lens).tolist()
+    assert out[~fits].isnan().all(), "a sequence that no longer fits has an output that is not NaN"
+    positions = torch.arange(capacity, device=device)
+    appended = fits[:, None] & (positions >= lens[:, None]) & (positions < (lens + steps)[:, None])  # [B, L]
+    for key, cache in inputs.caches.items():
+        kept = ~appended[:, None].expand(-1, cache.shape[1], -1)  # [B, Hkv, L]
+        assert torch.equal(cache[kept], before[key][kept]), f"{key}: a row no fitting sequence appends changed"
+    fitting, held = fits.nonzero().flatten().tolist(), lens.tolist()
+    pasts = [(before["k_cache"][b, :, : held[b]].double(), before["v_cache"][b, :, : held[b]].double())
+             for b in fitting]
+    expected = _continued_reference(weights, [inputs.prompts[b] for b in fitting], pasts, steps)
+    check_outputs(out[fits], expected, weights.w_qkv.dtype, steps)
+
+
+# Run in a child process: on a GPU the failure is a device-side assert, which ends the CUDA context.
+_LAUNCH_PAST_THE_CACHE = """
+import sys
+import torch
+from kernels import decode_graphs, tiny_decoder
+from suite.loop_cases import bind, loop_variants, make_loop_inputs
+name, device = sys.argv[1:]
+weights = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
+inputs = make_loop_inputs(weights, [21, 5], 2, device, capacity=24)
+launch = bind(loop_variants(decode_graphs.GRAPH_MODES, max_capture=4)[name], weights, inputs, 2)
+launch()
+print("first launch:", inputs.seq_lens.tolist(), flush=True)
+launch()  # from 23 positions of 24: the second step appends at position 24
+print("second launch:", inputs.seq_lens.tolist(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", _params(["eager", "graphs_full", "graphs_piecewise"]))
+def test_a_torch_loop_launched_past_the_cache_fails_loudly(name, device):
+    # The eager and graph loops check lengths when bound, not per launch: a launch from lengths not
+    # reset raises at the step whose KV append indexes position L_max, before writing it.
+    done = subprocess.run([sys.executable, "-c", _LAUNCH_PAST_THE_CACHE, name, device.type], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert "first launch: [23, 7]" in done.stdout, done.stderr[-2000:]
+    assert done.returncode != 0 and "second launch" not in done.stdout, "a launch past the cache ran to its end"
+    failure = "device-side assert triggered" if device.type == "cuda" else "index 24 is out of bounds"
+    assert failure in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("fmt", kv_quant.FORMATS)
@@ -307,8 +386,7 @@ LOOP_BAD_INPUTS = {  # what is wrong: (change to valid (weights, h, k, v, seq_le
 
 @pytest.mark.parametrize("bad", LOOP_BAD_INPUTS)
 def test_every_loop_checks_its_arguments(loop_variant, device, bad):
-    # tiny_decoder.check_decode, shared by every loop: refused before a step runs (eager's launch()
-    # checks when called, the others when bound).
+    # tiny_decoder.check_decode, shared by every loop: refused when bound, before a step runs.
     change, error, match = LOOP_BAD_INPUTS[bad]
     w = tiny_decoder.random_weights(4, 2, 64, torch.bfloat16, device)
     inputs = make_loop_inputs(w, [5, 9], 4, device)

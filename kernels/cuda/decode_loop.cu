@@ -20,11 +20,11 @@ constexpr int GEMV_ROWS_IN_FLIGHT = 32;
 struct LoopArgs {
     const u16 *h_in, *w_qkv, *w_o, *gamma;
     u16 *k, *v;     // caches [B, Hkv, L_max, D]
-    int* seq_lens;  // advanced by steps
+    int* seq_lens;  // advanced by steps, or kept where the steps no longer fit
     u16* out;       // [B, steps, d_model]
     float eps, qk_scale;
     long long stride_kb, stride_kh, stride_kl;
-    int steps, kv_heads, group, d_model, width;
+    int steps, capacity, kv_heads, group, d_model, width;  // capacity: L_max
 };
 
 // y = x @ W for one token: x float[K] in shared memory, W [K, N] row-major in global memory.
@@ -75,8 +75,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_loop_persistent(con
     if (dynamic_smem_bytes() < union_bytes + (MERGE_FLOATS + 3 * a.d_model + a.width) * 4 + a.d_model * 2)
         __trap();
 
-    for (int i = tid; i < a.d_model; i += THREADS) h[i] = elem_to_f32(a.h_in[(long long)b * a.d_model + i]);
     int seq_len = a.seq_lens[b];
+    if (seq_len < 0 || seq_len > a.capacity - a.steps) {  // its steps would append outside the cache
+        // nothing appended, seq_len kept: NaN outputs fail the caller's checks
+        const u16 nan = f32_to_elem(__int_as_float(0x7fc00000));
+        u16* out = a.out + (long long)b * a.steps * a.d_model;
+        for (int i = tid; i < a.steps * a.d_model; i += THREADS) out[i] = nan;
+        return;
+    }
+    for (int i = tid; i < a.d_model; i += THREADS) h[i] = elem_to_f32(a.h_in[(long long)b * a.d_model + i]);
     const long long cache_row0 = (long long)b * a.stride_kb;
     for (int t = 0; t < a.steps; ++t) {
         // RMSNorm
