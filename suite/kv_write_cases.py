@@ -78,6 +78,29 @@ def poison(inputs):
             inputs[name].fill_(POISON[inputs[name].dtype])
 
 
+def write_in_torch(inputs):
+    """A correct write, in plain torch (what the kernels must produce)."""
+    slots = reference.prompt_slots(inputs["cu_seqlens"], inputs["block_table"], inputs["k_cache"].shape[1])
+    fmt = kv_quant.format_of(inputs["k_cache"])
+    for name in ("k", "v"):
+        src = inputs[name][: len(slots)]
+        if fmt == "none":
+            inputs[f"{name}_cache"].flatten(0, 1)[slots] = src
+        else:
+            data, scale = kv_quant.quantize(src, fmt)
+            inputs[f"{name}_cache"].flatten(0, 1)[slots] = data
+            inputs[f"{name}_scale"].flatten(0, 1)[slots] = scale
+
+
+def checked(launch, inputs):
+    """launch, once its write into the caches (poisoned first) has passed check_write: every timed
+    write, a baseline measured on demand included, is checked first."""
+    poison(inputs)
+    launch()
+    check_write(inputs)
+    return launch
+
+
 def _bits(t):
     return t.view(BITS[t.element_size()])
 

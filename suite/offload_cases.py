@@ -92,6 +92,14 @@ def check_round(case, bound):
         assert torch.equal(cache[untouched], old[untouched]), "a page outside the swap changed"
 
 
+def bind_checked(case, variant, device):
+    """bind_case's Bound, once one round has passed check_round: every timed round, a baseline
+    measured on demand included, is checked first."""
+    bound = bind_case(case, variant, device)
+    check_round(case, bound)
+    return bound
+
+
 @dataclass(frozen=True)
 class ContextCase:
     """paged_kv_offload: B sequences of `length` tokens whose KV lives in host memory, streamed

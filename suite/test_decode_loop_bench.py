@@ -7,8 +7,8 @@ is timed: every round restores the prompt lengths (untimed) and starts with the 
 import pytest
 
 from kernels import decode_graphs, tiny_decoder
-from suite.loop_cases import (DTYPE, bind, check_loop, loop_variants, make_loop_inputs, needs_cuda, steps_of, tiers,
-                              time_loop)
+from suite.loop_cases import (DTYPE, bind, check_loop, loop_seconds, loop_variants, make_loop_inputs, needs_cuda,
+                              steps_of, tiers, time_loop)
 from suite.timing import measure
 
 pytestmark = pytest.mark.decode
@@ -34,15 +34,6 @@ def pytest_generate_tests(metafunc):
         names = [pytest.param(n, marks=[pytest.mark.requires_cuda] if needs_cuda(n) else []) for n in variants(config)]
         metafunc.parametrize("loop_name", names)
         metafunc.parametrize("tier_name", list(tiers(config)))
-
-
-def loop_seconds(decode, weights, tier, steps, device, rounds):
-    """Median GPU seconds of another variant's loop on fresh inputs of the same tier (a baseline)."""
-    inputs = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
-    launch = bind(decode, weights, inputs, steps)
-    inputs.poison()
-    check_loop(launch(), weights, inputs, steps)  # correctness before timing, baselines too
-    return measure(launch, device=device, rounds=rounds, before=inputs.reset)
 
 
 def test_decode_loop(benchmark, loop_name, tier_name, device, perf, rounds, pytestconfig):

@@ -10,12 +10,13 @@ import torch
 from suite import kv_locality
 from suite.timing import measure, run_benchmark
 
-pytestmark = [pytest.mark.offload, pytest.mark.requires_cuda]
+pytestmark = pytest.mark.offload
 
 WORKLOAD = "kv_locality"
 BASELINE = "pageable"
 
 
+@pytest.mark.requires_cuda
 @pytest.mark.parametrize("source", [pytest.param(s, marks=[pytest.mark.requires_numa_remote] if s == "pinned_remote"
                                                  else []) for s in kv_locality.SOURCES])
 def test_kv_locality(benchmark, source, device, perf, rounds, pytestconfig):
@@ -23,12 +24,7 @@ def test_kv_locality(benchmark, source, device, perf, rounds, pytestconfig):
     gate_id = f"{WORKLOAD}/{source}/{rows}x{cols}"
     perf.skip_if_not_applicable(gate_id)
     src, dst = kv_locality.allocate(source, rows, cols, device)  # allocation and placement: untimed
-    launch = kv_locality.copies(src, dst, iters)
-    launch()
-    torch.cuda.synchronize()
-    # bit for bit, compared on the GPU: a multi-threaded CPU pass over the pinned source just before
-    # timing cut its H2D rate from 51 to 31-43 GB/s (IQR 14-29%) on the H100 machine
-    assert torch.equal(dst.view(torch.int16), src.to(dst.device).view(torch.int16))
+    launch = kv_locality.checked(kv_locality.copies(src, dst, iters), src, dst)  # correctness before timing
     # pinned and device sources copy asynchronously: each round is held until all `iters` copies are
     # enqueued, so the host's dispatch cost per copy stays out of the link's GB/s; a pageable
     # copy makes the host stage every byte, and that cost is what pageable measures
@@ -40,9 +36,21 @@ def test_kv_locality(benchmark, source, device, perf, rounds, pytestconfig):
     device_copy = source == "hbm"
     if source == BASELINE:
         perf.set_baseline(WORKLOAD, f"{rows}x{cols}", seconds)
-    speedups = {} if source == BASELINE else {"baseline": perf.baseline(WORKLOAD, f"{rows}x{cols}", lambda: measure(
-        kv_locality.copies(*kv_locality.allocate(BASELINE, rows, cols, device), iters), device=device,
-        rounds=rounds, cold=False))}
+
+    def baseline_seconds():
+        base_src, base_dst = kv_locality.allocate(BASELINE, rows, cols, device)
+        return measure(kv_locality.checked(kv_locality.copies(base_src, base_dst, iters), base_src, base_dst),
+                       device=device, rounds=rounds, cold=False)
+
+    speedups = {} if source == BASELINE else {"baseline": perf.baseline(WORKLOAD, f"{rows}x{cols}", baseline_seconds)}
     perf.record(benchmark, gate_id, seconds, shape=dict(source=source, rows=rows, cols=cols, iters=iters),
                 bytes_moved=iters * slab * (2 if device_copy else 1), roofline_kind="copy" if device_copy else "h2d",
                 speedups=speedups)
+
+
+def test_checked_refuses_a_copy_that_never_arrives():
+    # no GPU needed: a pageable slab into host memory; the second call proves checked() poisons dst first
+    src, dst = kv_locality.allocate(BASELINE, 4, 64, "cpu")
+    kv_locality.checked(kv_locality.copies(src, dst, 1), src, dst)
+    with pytest.raises(AssertionError, match="differs from its source"):
+        kv_locality.checked(lambda: None, src, dst)

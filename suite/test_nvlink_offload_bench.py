@@ -12,7 +12,7 @@ round's attention and pages are checked before timing."""
 import pytest
 
 from kernels import hw, kv_swap
-from suite.offload_cases import SwapCase, bind_case, check_round, peer_of
+from suite.offload_cases import SwapCase, bind_checked, peer_of
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.offload
@@ -36,8 +36,7 @@ def test_nvlink_offload(benchmark, variant, device, perf, rounds):
     case = DEFAULT if device.type == "cuda" else SMOKE
     gate_id = f"{WORKLOAD}/{variant}/{case}"
     perf.skip_if_not_applicable(gate_id)
-    bound = bind_case(case, variant, device)
-    check_round(case, bound)  # correctness before timing
+    bound = bind_checked(case, variant, device)  # correctness before timing
     seconds = run_benchmark(benchmark, bound.round, device=device, rounds=rounds)
     metrics, speedups, rate = {}, {}, "smoke (no GPU)"
     if device.type == "cuda":
@@ -54,7 +53,7 @@ def test_nvlink_offload(benchmark, variant, device, perf, rounds):
             perf.set_baseline(WORKLOAD, str(case), seconds)
         else:
             speedups["baseline"] = perf.baseline(WORKLOAD, str(case), lambda: measure(
-                bind_case(case, BASELINE, device).round, device=device, rounds=rounds))
+                bind_checked(case, BASELINE, device).round, device=device, rounds=rounds))
     perf.record(benchmark, gate_id, seconds, shape=dict(case.__dict__, dtype=str(case.dtype), variant=variant),
                 speedups=speedups, rate=rate, metrics=metrics)
 

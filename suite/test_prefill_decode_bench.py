@@ -1,8 +1,9 @@
 """Request-path benchmarks (SPEC 2.5), per decode tier: the whole request's GPU time (prefill then
 T steps), TTFT (the prefill alone) and TPOT (the decode alone, per step), optimized vs baseline.
 
-Each variant's decode outputs are checked against the float64 reference before timing. Every
-timed round restores the prompt lengths first (untimed); rounds start with the L2 flushed."""
+Each variant's decode outputs, and the baseline's when measured on demand, are checked against the
+float64 reference before timing. Every timed round restores the prompt lengths first (untimed);
+rounds start with the L2 flushed."""
 
 import pytest
 import torch
@@ -33,10 +34,9 @@ def test_prefill_decode(benchmark, request_variant, tier_name, device, perf, rou
     perf.skip_if_not_applicable(gate_id)
     weights = tiny_decoder.random_weights(tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, device)
     prompts = [torch.randn(n, weights.d_model, dtype=DTYPE, device=device) for n in tier.prompt_lens()]
-    request = request_path.bind(weights, prompts, steps, request_variant,
-                                tile=None if device.type == "cuda" else SMOKE_TILE)
-    request.out.fill_(float("nan"))  # poisoned: every step must write every element
-    check_outputs(request(), reference.decode_loop(weights, prompts, steps, tiny_decoder.RMS_EPS), DTYPE, steps)
+    expected = reference.decode_loop(weights, prompts, steps, tiny_decoder.RMS_EPS)
+    request = _checked_request(weights, prompts, steps, request_variant, expected,  # correctness before timing
+                               tile=None if device.type == "cuda" else SMOKE_TILE)
     seconds = run_benchmark(benchmark, request, device=device, rounds=rounds, before=request.reset)
     speedups, rate = {}, "smoke (no GPU)"
     if device.type == "cuda":
@@ -48,7 +48,8 @@ def test_prefill_decode(benchmark, request_variant, tier_name, device, perf, rou
         if request_variant == BASELINE:
             perf.set_baseline(WORKLOAD, key, (seconds, ttft, tpot))
         else:
-            base = perf.baseline(WORKLOAD, key, lambda: _baseline_times(weights, prompts, steps, device, rounds))
+            base = perf.baseline(WORKLOAD, key,
+                                 lambda: _baseline_times(weights, prompts, steps, expected, device, rounds))
             speedups["baseline"] = base[0]
             benchmark.extra_info.update(ttft_speedup_vs_baseline=base[1] / ttft,
                                         tpot_speedup_vs_baseline=base[2] / tpot)
@@ -57,9 +58,18 @@ def test_prefill_decode(benchmark, request_variant, tier_name, device, perf, rou
                 speedups=speedups, rate=rate)
 
 
-def _baseline_times(weights, prompts, steps, device, rounds):
-    """(request, TTFT, TPOT) seconds of the baseline on the same prompts."""
-    request = request_path.bind(weights, prompts, steps, BASELINE)
+def _checked_request(weights, prompts, steps, variant, expected, tile=None):
+    """The variant's request, once its outputs (poisoned first: every step must write every element)
+    have passed check_outputs against `expected`, the reference's on the same weights and prompts."""
+    request = request_path.bind(weights, prompts, steps, variant, tile=tile)
+    request.out.fill_(float("nan"))
+    check_outputs(request(), expected, DTYPE, steps)
+    return request
+
+
+def _baseline_times(weights, prompts, steps, expected, device, rounds):
+    """(request, TTFT, TPOT) seconds of the baseline on the same prompts, checked first."""
+    request = _checked_request(weights, prompts, steps, BASELINE, expected)
     whole = measure(request, device=device, rounds=rounds, before=request.reset)
     ttft = measure(request.prefill, device=device, rounds=rounds)
     return whole, ttft, measure(request.decode, device=device, rounds=rounds, before=request.reset) / steps

@@ -7,11 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels import kv_quant
 from kernels.prefill_kv_write import HEAD_DIMS, VARIANTS, check_write_args, tile_tokens
 from suite import reference
 from suite.decode_cases import quant_params
-from suite.kv_write_cases import BITS, POISON, WriteCase, check_write, make_inputs, poison
+from suite.kv_write_cases import BITS, POISON, WriteCase, check_write, make_inputs, poison, write_in_torch
 from suite.views import misaligned, token_strided
 
 pytestmark = pytest.mark.prefill
@@ -67,25 +66,11 @@ def test_strided_qkv_view(kv_write_variant, device):
 
 # --- the oracle: it passes a correct write and catches wrong ones (runs without a GPU) ---
 
-def _write_in_torch(inputs):
-    """A correct write, in plain torch (what the kernels must produce)."""
-    slots = reference.prompt_slots(inputs["cu_seqlens"], inputs["block_table"], inputs["k_cache"].shape[1])
-    fmt = kv_quant.format_of(inputs["k_cache"])
-    for name in ("k", "v"):
-        src = inputs[name][: len(slots)]
-        if fmt == "none":
-            inputs[f"{name}_cache"].flatten(0, 1)[slots] = src
-        else:
-            data, scale = kv_quant.quantize(src, fmt)
-            inputs[f"{name}_cache"].flatten(0, 1)[slots] = data
-            inputs[f"{name}_scale"].flatten(0, 1)[slots] = scale
-
-
 @pytest.mark.parametrize("fmt", ["none", "int8", "fp8"])
 def test_oracle_catches_wrong_writes(fmt):
     case = WriteCase((5, 40), kv_heads=2, head_dim=64, dtype=torch.bfloat16, page_size=16, quant=fmt)
     inputs = make_inputs(case, "cpu")
-    _write_in_torch(inputs)
+    write_in_torch(inputs)
     check_write(inputs)  # a correct write passes
     slots = reference.prompt_slots(inputs["cu_seqlens"], inputs["block_table"], 16)
     cache = inputs["k_cache"].flatten(0, 1)

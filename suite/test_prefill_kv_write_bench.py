@@ -1,15 +1,16 @@
 """prefill_kv_write benchmarks (SPEC 2.4): GB/s (K, V read + the cache written) against the
 measured copy roofline, native_tma's speedup over native_cp_async (the baseline).
 
-Each benchmark checks its write against the prompt before timing; --validate also re-poisons the
-cache before every timed round and checks it after, outside the timed region."""
+Each benchmark checks its write against the prompt before timing, as it does the baseline's when it
+measures that on demand; --validate also re-poisons the cache before every timed round and checks it
+after, outside the timed region."""
 
 import pytest
 import torch
 
 from kernels.prefill_kv_write import VARIANTS
 from suite.decode_cases import quant_params, seeded_lengths
-from suite.kv_write_cases import WriteCase, check_write, make_inputs, poison
+from suite.kv_write_cases import WriteCase, check_write, checked, make_inputs, poison, write_in_torch
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.prefill
@@ -47,9 +48,7 @@ def test_prefill_kv_write(benchmark, variant, write_case, device, perf, rounds, 
     gate_id = f"{WORKLOAD}/{variant}{fmt}/{case}"
     perf.skip_if_not_applicable(gate_id)
     inputs = make_inputs(case, device)
-    launch = VARIANTS[variant](**inputs)
-    launch()
-    check_write(inputs)  # correctness before timing
+    launch = checked(VARIANTS[variant](**inputs), inputs)  # correctness before timing
     validated = []
 
     def validate_and_poison():
@@ -65,7 +64,8 @@ def test_prefill_kv_write(benchmark, variant, write_case, device, perf, rounds, 
         benchmark.extra_info["validated_rounds"] = len(validated)
 
     def baseline_seconds():
-        return measure(VARIANTS[BASELINE](**make_inputs(case, device)), device=device, rounds=rounds)
+        fresh = make_inputs(case, device)
+        return measure(checked(VARIANTS[BASELINE](**fresh), fresh), device=device, rounds=rounds)
 
     if variant == BASELINE:
         perf.set_baseline(WORKLOAD, f"{case.quant}/{case}", seconds)
@@ -75,3 +75,11 @@ def test_prefill_kv_write(benchmark, variant, write_case, device, perf, rounds, 
                                                          tokens=sum(case.prompt_lens)),
                 bytes_moved=case.bytes_moved(), roofline_kind="copy",
                 speedups=None if baseline is None else {"baseline": baseline})
+
+
+def test_checked_refuses_a_launch_that_writes_nothing():
+    # no GPU needed: a correct write in plain torch passes; the second call proves checked() poisons first
+    inputs = make_inputs(_case(2, 40, True), "cpu")
+    checked(lambda: write_in_torch(inputs), inputs)
+    with pytest.raises(AssertionError, match="differ from the prompt"):
+        checked(lambda: None, inputs)

@@ -4,17 +4,18 @@ Loop: TPOT per backend (triton: the persistent decode-loop kernel; graphs: the C
 with triton_split_kv's fused dequantization; cuda: the native persistent loop, bf16 caches), with
 the speedup vs the same backend on the bf16 cache. Attention: triton_persistent alone at the
 tier's shape, GB/s counting the bytes really moved. Both check correctness first (against the
-reference on the cache as stored) and record the accuracy quantization costs vs unquantized.
+reference on the cache as stored), the bf16 baseline too when measured on demand, and record the
+accuracy quantization costs vs unquantized.
 """
 
 import pytest
 
 from kernels import decode_loop, kv_quant, tiny_decoder
 from suite import reference
-from suite.decode_cases import (VARIANTS, DecodeCase, check_output, make_case_tensors, make_inputs, poisoned_out,
+from suite.decode_cases import (VARIANTS, DecodeCase, checked, make_case_tensors, make_inputs, poisoned_out,
                                 quant_params, quantization_loss)
-from suite.loop_cases import (DTYPE, bind, check_loop, loop_variants, make_loop_inputs, relative_errors, steps_of,
-                              tiers, time_loop)
+from suite.loop_cases import (DTYPE, bind, check_loop, loop_seconds, loop_variants, make_loop_inputs, relative_errors,
+                              steps_of, tiers, time_loop)
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
@@ -77,12 +78,8 @@ def test_right_sized_decode_loop(benchmark, tier_name, fmt, backend, device, per
         benchmark.extra_info["accuracy_loss_rel"] = max(relative_errors(out, unquantized))
         benchmark.extra_info["reference_error_rel"] = max(relative_errors(out, expected))
     seconds = time_loop(benchmark, launch, inputs, steps, device, rounds, perf)
-
-    def bf16_seconds():
-        plain = make_loop_inputs(weights, tier.prompt_lens(), steps, device)
-        return measure(bind(decode, weights, plain, steps), device=device, rounds=rounds, before=plain.reset)
-
-    speedups = _vs_bf16(perf, device, f"loop-{backend}/{tier_name}", fmt, seconds, bf16_seconds)
+    speedups = _vs_bf16(perf, device, f"loop-{backend}/{tier_name}", fmt, seconds,
+                        lambda: loop_seconds(decode, weights, tier, steps, device, rounds))
     perf.record(benchmark, gate_id, seconds, shape=dict(tier.__dict__, tier=tier_name, quantization=fmt,
                                                          backend=backend, steps=steps),
                 speedups=speedups, rate=f"TPOT {1e3 * seconds / steps:.3f} ms")
@@ -97,17 +94,18 @@ def test_right_sized_decode_attention(benchmark, tier_name, fmt, device, perf, r
     case = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous", quant=fmt)
     knobs = dict(block_k=pytestconfig.getoption("block_k"), num_programs=pytestconfig.getoption("num_programs"))
     inputs, exact = make_case_tensors(case, device)
-    launch = VARIANTS["triton_persistent"](**inputs, **knobs, out=poisoned_out(inputs))
-    out = launch()
-    check_output(out, inputs)  # tight: against the reference on the dequantized cache
+    out = poisoned_out(inputs)
+    # tight: against the reference on the dequantized cache
+    launch = checked(VARIANTS["triton_persistent"](**inputs, **knobs, out=out), inputs)
     if fmt != "none":
         benchmark.extra_info["accuracy_loss_max_abs"] = quantization_loss(out, inputs, exact)
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
 
     def bf16_seconds():
-        plain = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous")
-        return measure(VARIANTS["triton_persistent"](**make_inputs(plain, device), **knobs), device=device,
-                       rounds=rounds)
+        plain = make_inputs(DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous"),
+                            device)
+        return measure(checked(VARIANTS["triton_persistent"](**plain, **knobs, out=poisoned_out(plain)), plain),
+                       device=device, rounds=rounds)
 
     speedups = _vs_bf16(perf, device, f"attention/{tier_name}", fmt, seconds, bf16_seconds)
     perf.record(benchmark, gate_id, seconds, shape=dict(tier=tier_name, quantization=fmt, seq_lens_sum=sum(lengths),
