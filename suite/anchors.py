@@ -14,13 +14,25 @@ from suite import reference
 from suite.timing import measure
 
 
+# What torch raises when the backend forced on it cannot run the inputs (mask, GQA, dtype...): CUDA's
+# "No available kernel. Aborting execution.", the CPU's "No viable backend for
+# scaled_dot_product_attention was found." Any other error is a failure, not a decline.
+DECLINES = ("No available kernel", "No viable backend")
+
+
+def declined(error):
+    """Whether RuntimeError `error` is SDPA's refusal of a backend for these inputs."""
+    return any(message in str(error) for message in DECLINES)
+
+
 def timed_part(launch):
     return getattr(launch, "timed", launch)
 
 
 def sdpa_backends(make_launch, check, device, rounds, cold=True):
     """{backend: (launch, seconds)} of every SDPA backend that runs make_launch(backend) correctly
-    (check(out) before timing; seconds 0.0 without a GPU)."""
+    (check(out) before timing; seconds 0.0 without a GPU). A backend that declines the inputs is left
+    out; any other error propagates."""
     timed = {}
     for backend in BACKENDS:
         launch = make_launch(backend)
@@ -28,7 +40,9 @@ def sdpa_backends(make_launch, check, device, rounds, cold=True):
             with warnings.catch_warnings():  # torch warns why a backend declines before it raises
                 warnings.simplefilter("ignore", UserWarning)
                 out = launch()
-        except RuntimeError:  # this backend does not support the inputs (mask, GQA, dtype...)
+        except RuntimeError as error:
+            if not declined(error):
+                raise
             continue
         check(out)  # correctness before timing, every backend
         timed[backend] = (launch, measure(timed_part(launch), device=device, rounds=rounds, cold=cold)

@@ -150,7 +150,8 @@ def plant_dominant_keys(inputs, positions):
     then misses the reference by far more than the tolerance; over random keys alone a dropped row
     moves the output by ~1/L, which bf16's tolerance no longer sees from L ~ 1000. The key lies along
     the group's summed query direction u: a head's score is PLANTED_LOGIT * (q . u) / min over the
-    group of (q . u), taken as at least 1 (a head whose query opposes u just sees random keys)."""
+    group of (q . u), taken as at least 1 (a head whose query opposes u just sees random keys).
+    A quantized cache stores the key quantized, with its row's scale (scores then ~PLANTED_LOGIT)."""
     q, k, table = inputs["q"], inputs["k_cache"], inputs["block_table"]
     head_dim = q.shape[-1]
     kv_heads = k.shape[1] if table is None else k.shape[2]
@@ -158,12 +159,32 @@ def plant_dominant_keys(inputs, positions):
     u = torch.nn.functional.normalize(grouped.sum(2), dim=-1)  # [B, Hkv, D]
     reach = (grouped * u[:, :, None]).sum(-1).amin(-1).clamp(min=1.0)  # [B, Hkv]
     keys = (PLANTED_LOGIT * math.sqrt(head_dim) / reach)[..., None] * u  # [B, Hkv, D]
+    fmt = kv_quant.format_of(k)
+    rows, scales = (keys.to(k.dtype), None) if fmt == "none" else kv_quant.quantize(keys, fmt)  # scales [B, Hkv]
     for b, planted in enumerate(positions):
         for p in planted:
             if table is None:  # [B, Hkv, L, D]
-                k[b, :, p] = keys[b].to(k.dtype)
+                at = b, slice(None), p
             else:  # [pages, page_size, Hkv, D]
-                k[table[b, p // k.shape[1]], p % k.shape[1]] = keys[b].to(k.dtype)
+                at = table[b, p // k.shape[1]], p % k.shape[1]
+            k[at] = rows[b]
+            if scales is not None:
+                inputs["k_scale"][at] = scales[b]
+
+
+def block_edges(length, page_size=None):
+    """Positions of a length-long sequence where one dropped or repeated row shows, whatever blocks a
+    kernel splits it in: its ends, and either side of the first edge of every power-of-two block of
+    16 positions or more (K/V steps, chunks) shorter than it, and of its pages' (page_size). The
+    first edge of a block of s is an edge of blocks of s and less only: one per kind of edge."""
+    sizes = {2 ** e for e in range(4, length.bit_length())} | ({page_size} if page_size else set())
+    return {0, length - 1} | {p for s in sizes if s < length for p in (s - 1, s)}
+
+
+def plant_block_edges(inputs, case: DecodeCase):
+    """plant_dominant_keys at block_edges of each of case's sequences (and its pages' when paged)."""
+    page_size = case.page_size if case.layout == "paged" else None
+    plant_dominant_keys(inputs, [block_edges(n, page_size) for n in case.seq_lens])
 
 
 def make_inputs(case: DecodeCase, device):

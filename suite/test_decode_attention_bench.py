@@ -1,12 +1,13 @@
 """Decode attention benchmarks (SPEC 2.1): GPU time, GB/s, % of the read roofline, speedup vs SDPA.
 
-Each benchmark first checks its own output against the float64 reference, then times cold
-(L2 flushed before every round). Speedups are against the SDPA anchor on the contiguous cache
-at the same shape, with the fastest SDPA backend that runs it. Paged variants also record
-speedup_vs_paged_read: the time of a bare read of the same pages (kernels/paged_read.py, the
-fastest of its tilings) over theirs, the fraction of what the pages' placement allows; and
-speedup_vs_gathered_sdpa: against SDPA that gathers the pages in every call, what a user of a
-paged cache runs with torch alone.
+Each benchmark first checks its own output against the float64 reference, on inputs with dominant
+keys planted at block edges (decode_cases.plant_block_edges: over random keys alone one dropped or
+repeated row hides from L ~ 1000), then times cold (L2 flushed before every round). Speedups are
+against the SDPA anchor on the contiguous cache at the same shape, with the fastest SDPA backend
+that runs it. Paged variants also record speedup_vs_paged_read: the time of a bare read of the
+same pages (kernels/paged_read.py, the fastest of its tilings) over theirs, the fraction of what the
+pages' placement allows; and speedup_vs_gathered_sdpa: against SDPA that gathers the pages in every
+call, what a user of a paged cache runs with torch alone.
 """
 
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ import pytest
 import torch
 
 from kernels import kv_quant
-from suite.decode_cases import (NATIVE, VARIANTS, DecodeCase, check_output, checked, make_case_tensors, make_inputs,
-                                poisoned_out, quant_params, quantization_loss, seeded_lengths)
+from suite import reference
+from suite.decode_cases import (LAYOUTS, NATIVE, PLANTED_LOGIT, VARIANTS, DecodeCase, block_edges, check_output,
+                                checked, make_case_tensors, make_inputs, plant_block_edges, poisoned_out, quant_params,
+                                quantization_loss, seeded_lengths)
 from suite.anchors import paged_read_floor, sdpa_backends
 from suite.timing import measure, run_benchmark
 
@@ -86,6 +89,14 @@ def pytest_generate_tests(metafunc):
             for v, layout in pairs], indirect=["decode_variant"])
 
 
+def _planted_inputs(case, device):
+    # what is checked is what is timed: nothing in a timed path (the variants' kernels, quantized
+    # scales included, and SDPA's) branches on a value, so the planted rows change no time
+    inputs = make_inputs(case, device)
+    plant_block_edges(inputs, case)
+    return inputs
+
+
 def _fastest_sdpa(inputs, device, rounds, **options):
     """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs correctly."""
     timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend, **options),
@@ -100,7 +111,7 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
     gate_id = f"{WORKLOAD}/{name}/{layout}/{shape}"
     perf.skip_if_not_applicable(gate_id)
     case = shape.case(layout, pytestconfig.getoption("page_size"))
-    inputs = make_inputs(case, device)
+    inputs = _planted_inputs(case, device)
     if name == ANCHOR:  # SDPA allocates what it returns: an out= would time a copy into it too
         backend, launch, _ = _fastest_sdpa(inputs, device, rounds)
         benchmark.extra_info["sdpa_backend"] = backend
@@ -110,7 +121,7 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
 
     def anchor_seconds():
-        anchor_inputs = inputs if layout == "contiguous" else make_inputs(shape.case("contiguous", 1), device)
+        anchor_inputs = inputs if layout == "contiguous" else _planted_inputs(shape.case("contiguous", 1), device)
         return _fastest_sdpa(anchor_inputs, device, rounds)[2]
 
     if name == ANCHOR:  # no speedup for the anchor itself; it is the variants' baseline
@@ -147,10 +158,15 @@ def test_decode_attention_quantized(benchmark, fmt, shape, device, perf, rounds)
     out = launch()
     check_output(out, inputs)  # tight: against the reference on the dequantized cache
     benchmark.extra_info["accuracy_loss_max_abs"] = quantization_loss(out, inputs, exact)
+    # the loss over random keys, as recorded before; then the check that sees one dropped row, on the
+    # inputs timed (each planted key quantized with its row's scale)
+    plant_block_edges(inputs, case)
+    out.fill_(float("nan"))
+    check_output(launch(), inputs)
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
 
     def bf16_seconds():
-        bf16 = make_inputs(shape.case("contiguous", 1), device)
+        bf16 = _planted_inputs(shape.case("contiguous", 1), device)
         return measure(checked(VARIANTS[QUANTIZED_VARIANT](**bf16, out=poisoned_out(bf16)), bf16),
                        device=device, rounds=rounds)
 
@@ -158,3 +174,41 @@ def test_decode_attention_quantized(benchmark, fmt, shape, device, perf, rounds)
     perf.record(benchmark, gate_id, seconds, shape=dict(variant=QUANTIZED_VARIANT, quantization=fmt,
                                                          layout="contiguous", case=str(shape)),
                 bytes_moved=case.bytes_moved(), speedups=None if baseline is None else {"bf16": baseline})
+
+
+def test_block_edges_are_the_ends_and_the_first_edge_of_every_block():
+    assert block_edges(100, 54) == {0, 15, 16, 31, 32, 53, 54, 63, 64, 99}
+    assert block_edges(16) == {0, 15}
+    assert len(block_edges(max(s.seq_len for s in FULL))) == 22
+
+
+@pytest.mark.parametrize("change", ["dropped", "repeated"])
+def test_a_wrong_row_at_any_planted_edge_fails_the_check(change, device):
+    # what the pre-timing checks rely on, at the benchmarks' longest sequence and bf16 (the loosest
+    # tolerance): attention with one planted row left out or read twice misses the reference
+    shape = Shape(1, max(s.seq_len for s in FULL), False, q_heads=4, kv_heads=1)  # the benchmarks' group
+    case = shape.case("contiguous", 1)
+    inputs = _planted_inputs(case, device)
+    q, k, v, seq_lens = inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"]
+    for p in sorted(block_edges(shape.seq_len)):
+        head, tail = (p, p + 1) if change == "dropped" else (p + 1, p)  # rows [:head], then [tail:]
+        wrong = reference.decode_attention(q, *(torch.cat([t[:, :, :head], t[:, :, tail:]], 2) for t in (k, v)),
+                                           seq_lens + head - tail)
+        with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+            check_output(wrong.to(case.dtype), inputs)
+
+
+@pytest.mark.parametrize("fmt", kv_quant.QUANTIZATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_keys_are_planted_at_the_block_edges_alone(fmt, layout, device):
+    # quantized caches as the quantized benchmark plants them: each key stored quantized with its
+    # row's scale, which int4 holds to 1/14 of its largest element (a score of 10 to within ~1)
+    case = DecodeCase((300, 77), 8, 2, 128, torch.bfloat16, layout, 16, quant=fmt)
+    inputs = make_case_tensors(case, device)[0]
+    plant_block_edges(inputs, case)
+    k = inputs["k_cache"] if fmt == "none" else reference.dequantize_kv(inputs["k_cache"], inputs["k_scale"])
+    for b, n in enumerate(case.seq_lens):
+        keys = reference.gather_kv(k, n, b, inputs["block_table"]).double()  # [Hkv, n, D]
+        scores = inputs["q"][b].double().unflatten(0, (case.kv_heads, -1)) @ keys.transpose(1, 2) / 128 ** 0.5
+        planted = scores.flatten(0, 1).amin(0) >= PLANTED_LOGIT - 2  # [n]: random keys score ~N(0, 1)
+        assert set(planted.nonzero().flatten().tolist()) == block_edges(n, 16 if layout == "paged" else None)
