@@ -29,6 +29,7 @@ FILE_TIMER = "kernel-suite-file-timer"
 SLOWEST_FILES = 12
 MOST_JIT_TESTS = 10
 CLOCK_BEFORE = pytest.StashKey[str]()
+PROFILE_BEFORE = pytest.StashKey[str]()
 
 # minimal draws the same examples every run (derandomize), so a runner's Triton disk cache serves
 # its builds from the second night on; full and the CPU run keep exploring new shapes.
@@ -68,6 +69,7 @@ def pytest_configure(config):
     if config.getoption("benchmark_storage") == DEFAULT_STORAGE:
         config.option.benchmark_storage = f"{DEFAULT_STORAGE}/{key}"
     on_gpu = torch.cuda.is_available()
+    config.stash[PROFILE_BEFORE] = settings.get_current_profile_name()
     settings.load_profile(config.getoption("profile") if on_gpu else "cpu")
     given = config.getoption("expectations_dir")
     if given != options.EXPECTATIONS_DIR and not expectations_dir(config).is_dir():
@@ -82,6 +84,14 @@ def pytest_configure(config):
                                           config.getoption("expectations_update"), config.getoption("quick"))
     config.stash[CLOCK_BEFORE] = nvidia_smi("clocks.sm") if on_gpu else "n/a"
     config.pluginmanager.register(FileTimer(), FILE_TIMER)
+
+
+def pytest_unconfigure(config):
+    # hypothesis' profile is the process's: an inner pytest run (the plugin's own tests) would otherwise
+    # leave every later test of the outer run on its profile (a full run went on with minimal's examples)
+    profile = config.stash.get(PROFILE_BEFORE, None)
+    if profile is not None:
+        settings.load_profile(profile)
 
 
 class FileTimer:

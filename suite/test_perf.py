@@ -1,5 +1,6 @@
 """The perf recorder (SPEC 4, 5): metrics into extra_info, gates and their failures, the end-of-run
-table, and which of a benchmark's times and ratios are partly the host's (suite.timing)."""
+table, which of a benchmark's times and ratios are partly the host's (suite.timing), and, through
+pytest-benchmark's own fixture, that the statistic it saves is the GPU time of cold rounds."""
 
 import copy
 import json
@@ -16,7 +17,10 @@ from suite.expectations import Expectations
 from suite.perf import PerfRecorder
 from suite.roofline import Roofline
 from suite.test_expectations import GATE, SPEEDUP, write
+from suite.test_plugin import inner  # noqa: F401 (the fixture of inner pytest runs with the repository's pytest.ini)
 from suite.timing import HOST_SLACK_CYCLES, WARMUP_CALLS, HostGate, RoundStart, Seconds, measure, run_benchmark
+
+pytest_plugins = ["pytester"]
 
 
 class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's fixture
@@ -262,6 +266,126 @@ def test_a_launch_that_waits_on_the_gpu_in_a_held_round_is_released_and_marked()
     run_benchmark(bench, lambda: x.add_(1).sum().item(), device=x.device, rounds=2)
     assert bench.extra_info["host_in_timing"] and bench.extra_info["gate_stalls"] == 3  # with the warm-up round
     assert measure(lambda: x.add_(1).sum().item(), device=x.device, rounds=2).host_in_timing
+
+
+# --- run_benchmark through pytest-benchmark's own fixture, in an inner pytest run ---
+
+SMOKE_SLEEP_S = 0.02
+# GPU test of the stored statistic: ~2 ms of GPU work (torch.cuda._sleep spins this many SM cycles,
+# 2.0 ms at the H100's 1980 MHz), then 10 ms of host time inside every timed call. A host clock stores
+# >= 10 ms (the call) or >= 12 ms (the call, then a sync); the GPU's clock the ~2 ms alone.
+SLEEP_CYCLES = 4_000_000
+HOST_DELAY_S = 0.01
+# The stored median against the same kernel on a bare event pair just before and after: both spans hold
+# the kernel and the same few-us launch from a queued stream (0.2% of 2 ms), and the spin lasts cycles /
+# SM clock, which a one-SM spin holds at boost. 5% allows a clock step of ~100 MHz between them and
+# still lies 5x below the nearest host-timed value.
+GPU_TIME_REL = 0.05
+# GPU test of the flush: a quarter of the L2 (12.5 MiB on an H100, in 400 programs of 32 KB) read with
+# the L2 flushed before every round, and warm (the last round left it all in L2). H100: cold ~8 us (the
+# same tiling read 16 MiB cold in 9.18 us, an empty grid takes 3.2 us under this clock:
+# notes/decode_attention.md), so >= 3.2 + 4.1 us at the 3.18 TB/s read roofline; warm reads L2, >= 5.5
+# TB/s (H100 PCIe, Chips and Cheese 2023; the SXM clocks higher), so <= 3.2 + 2.4 us. The ratio is >= 1.3
+# by these bounds; 1.2 leaves room for a slower L2 and is ~10x the noise of 30-round medians (1-2%). A
+# flush that left the buffer in L2 gives 1.0.
+COLD_OVER_WARM = 1.2
+
+SMOKE = f"""
+    import time
+
+    from suite.timing import run_benchmark
+
+    def test_smoke(benchmark):
+        run_benchmark(benchmark, lambda: time.sleep({SMOKE_SLEEP_S}), device="cpu", rounds=5)
+"""
+
+GPU_TIMED = f"""
+    import time
+
+    import torch
+
+    from suite.timing import run_benchmark
+
+    def sleep_seconds(reps=5):
+        # queued behind a sleep, as a held round's kernel is when the gate opens: no enqueue is timed
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        times = []
+        for _ in range(reps):
+            torch.cuda._sleep({HOST_SLACK_CYCLES})
+            start.record()
+            torch.cuda._sleep({SLEEP_CYCLES})
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[reps // 2]
+
+    def test_sleep(benchmark):
+        def launch():
+            torch.cuda._sleep({SLEEP_CYCLES})
+            time.sleep({HOST_DELAY_S})
+
+        before = sleep_seconds()
+        seconds = run_benchmark(benchmark, launch, device="cuda", rounds=10, cover_enqueue=True)
+        benchmark.extra_info.update(returned_s=seconds, gpu_s=[before, sleep_seconds()])
+"""
+
+COLD_AND_WARM = """
+    import pytest
+    import torch
+
+    from kernels import hw
+    from kernels.stream_read import BLOCK, stream_read
+    from suite.timing import run_benchmark
+
+    @pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+    def test_read(benchmark, cold):
+        words = torch.randint(-2**31, 2**31 - 1, (hw.l2_bytes("cuda") // 16,), dtype=torch.int32, device="cuda")
+        run_benchmark(benchmark, stream_read(words, BLOCK, 1), device="cuda", rounds=30, cold=cold)
+"""
+
+
+@pytest.fixture
+def benchmark_run(inner, tmp_path):  # noqa: F811 (inner is the imported fixture)
+    """Runs the inner tests; returns what --benchmark-json saved, by test name."""
+
+    def run(source):
+        inner.makepyfile(source)
+        out = tmp_path / "run.json"
+        result = inner.runpytest("-p", "suite.plugin", f"--benchmark-json={out}")
+        assert result.ret == 0, result.stdout.str()
+        return {saved["name"]: saved for saved in json.loads(out.read_text())["benchmarks"]}
+
+    return run
+
+
+def test_a_smoke_run_stores_one_round_of_host_time_and_says_so(benchmark_run):
+    (saved,) = benchmark_run(SMOKE).values()
+    assert saved["extra_info"]["clock"] == "host (smoke run, no GPU)"
+    assert saved["stats"]["rounds"] == 1 and saved["stats"]["median"] >= SMOKE_SLEEP_S
+
+
+@pytest.mark.requires_cuda
+def test_the_stored_median_is_gpu_time_without_the_hosts(benchmark_run):
+    saved = benchmark_run(GPU_TIMED)["test_sleep"]
+    extra, median = saved["extra_info"], saved["stats"]["median"]
+    low, high = min(extra["gpu_s"]), max(extra["gpu_s"])
+    assert high < HOST_DELAY_S / 2, f"the kernel took {high * 1e3:.2f} ms: too close to the host's delay to tell"
+    assert (extra["clock"], extra["round_start"], extra["host_in_timing"]) == (
+        "cuda_event", "held until the host enqueued the round", False)
+    assert median == extra["returned_s"]  # run_benchmark returns the statistic pytest-benchmark saved
+    assert low * (1 - GPU_TIME_REL) <= median <= high * (1 + GPU_TIME_REL), (
+        f"stored median {median * 1e3:.3f} ms, the kernel alone {low * 1e3:.3f}-{high * 1e3:.3f} ms, "
+        f"the host {HOST_DELAY_S * 1e3:.1f} ms more per call")
+
+
+@pytest.mark.requires_cuda
+def test_rounds_are_cold_unless_asked_warm(benchmark_run):
+    saved = benchmark_run(COLD_AND_WARM)
+    cold, warm = saved["test_read[cold]"], saved["test_read[warm]"]
+    assert (cold["extra_info"]["l2"], warm["extra_info"]["l2"]) == ("flushed before every round", "warm")
+    ratio = cold["stats"]["median"] / warm["stats"]["median"]
+    assert ratio >= COLD_OVER_WARM, (f"cold {cold['stats']['median'] * 1e6:.2f} us, warm "
+                                     f"{warm['stats']['median'] * 1e6:.2f} us: the flush left the buffer in L2")
 
 
 def test_an_update_says_which_gates_it_kept_above_the_run(tmp_path):

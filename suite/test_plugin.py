@@ -367,6 +367,20 @@ def test_minimal_profile_draws_the_same_shapes_every_run():
     assert settings.get_profile("minimal").max_examples < settings.get_profile("full").max_examples
 
 
+def test_an_inner_run_leaves_the_outer_runs_hypothesis_profile(inner):
+    # the profile is the process's: an inner run that kept its own would set every later test's examples
+    outer = settings.get_current_profile_name()
+    unlike = "full" if outer != "full" else "minimal"  # the inner run loads "cpu" here, --profile's on a GPU
+    settings.load_profile(unlike)
+    try:
+        inner.makepyfile("def test_x():\n    pass\n")
+        result = inner.runpytest("-p", "suite.plugin", "--profile", "minimal" if unlike == "full" else "full")
+        assert result.ret == 0, result.stdout.str()
+        assert settings.get_current_profile_name() == unlike
+    finally:
+        settings.load_profile(outer)
+
+
 def test_provenance_marks_uncommitted_code(tmp_path, monkeypatch):
     # floors measured on a dirty tree must not cite the commit as if it had run
     from suite import plugin
