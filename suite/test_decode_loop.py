@@ -17,7 +17,8 @@ from kernels import cuda_build, decode_graphs, decode_loop, kv_quant, tiny_decod
 from kernels.checks import SharedMemoryTooSmall
 from suite import reference
 from suite.decode_cases import quant_params
-from suite.loop_cases import DTYPE, TIERS, bind, check_loop, check_outputs, loop_variants, make_loop_inputs, needs_cuda
+from suite.loop_cases import (DTYPE, EPS, TIERS, bind, check_loop, check_outputs, loop_variants, make_loop_inputs,
+                              needs_cuda, step_errors)
 from suite.views import misaligned, padded_rows
 
 pytestmark = pytest.mark.decode
@@ -226,6 +227,22 @@ def test_check_fails_on_one_unwritten_step_or_element():
         check_outputs(zeroed, expected, DTYPE, tier.steps)
     with pytest.raises(AssertionError, match="sequence 0 step 40: relative error nan"):
         check_outputs(poisoned, expected, DTYPE, tier.steps)
+
+
+def test_check_fails_on_one_wrong_element():
+    # One element of the medium tier's last step off by one rms of its step: the step's norm moves by
+    # 1/sqrt(d_model) = 0.044 of itself, inside its bound (0.125); the element's own bound is not.
+    tier = TIERS["medium"]
+    w = tiny_decoder.random_weights(tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "cpu")
+    prompts = [torch.randn(n, w.d_model, dtype=DTYPE) for n in (9, 30)]
+    expected = reference.decode_loop(w, prompts, tier.steps, tiny_decoder.RMS_EPS)
+    last = expected[1, -1]
+    i = int(last.abs().argmin())
+    wrong = expected.to(DTYPE)
+    wrong[1, -1, i] += last.pow(2).mean().sqrt().item()
+    assert step_errors(wrong, expected)[1, -1] < 2 * EPS[DTYPE] * tier.steps ** 0.5  # the normwise check passes it
+    with pytest.raises(AssertionError, match=f"sequence 1 step {tier.steps - 1} element {i}: "):
+        check_outputs(wrong, expected, DTYPE, tier.steps)
 
 
 def test_eager_in_float32_is_the_reference(device):
