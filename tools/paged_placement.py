@@ -19,7 +19,7 @@ import torch
 
 from kernels import decode_attention, sdpa_decode
 from suite.anchors import paged_read_floor
-from suite.decode_cases import DecodeCase, checked, make_inputs, seeded_lengths
+from suite.decode_cases import DecodeCase, checked, make_inputs, plant_block_edges, seeded_lengths
 from suite.timing import measure
 from tools._args import decode_shape, positive_int, require_cuda
 
@@ -54,6 +54,7 @@ def main():
         case = DecodeCase(seeded_lengths(batch, length, False, seed=0), 32, 8, 128, torch.bfloat16, "paged",
                           args.page_size)
         inputs = make_inputs(case, "cuda")
+        plant_block_edges(inputs, case)  # checks that see one dropped row (placements other than random move them)
         contiguous = dict(inputs, block_table=None,
                           **{name: sdpa_decode.pad_paged(inputs[name], inputs["block_table"], length).contiguous()
                              for name in ("k_cache", "v_cache")})

@@ -12,7 +12,7 @@ import itertools
 import torch
 
 from kernels import cuda_decode_attention, decode_attention, hw
-from suite.decode_cases import DecodeCase, checked, make_inputs, seeded_lengths
+from suite.decode_cases import DecodeCase, checked, make_inputs, plant_block_edges, seeded_lengths
 from suite.timing import measure
 from tools._args import decode_shape, require_cuda
 
@@ -36,6 +36,7 @@ def main():
         case = DecodeCase(seeded_lengths(batch, length, args.var, seed=batch * length), 32, 8, 128, torch.bfloat16,
                           layout)
         inputs = make_inputs(case, "cuda")
+        plant_block_edges(inputs, case)  # checks that see one dropped row
         # every launch is timed only once it is right
         triton_s = measure(checked(decode_attention.triton_persistent(**inputs), inputs), device="cuda", rounds=ROUNDS)
         results = []

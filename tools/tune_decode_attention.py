@@ -9,7 +9,7 @@ import itertools
 import torch
 
 from kernels import decode_attention as da, decode_plan, hw
-from suite.decode_cases import DecodeCase, checked, make_inputs, seeded_lengths
+from suite.decode_cases import DecodeCase, checked, make_inputs, plant_block_edges, seeded_lengths
 from suite.timing import measure
 from tools._args import decode_shape, require_cuda
 
@@ -34,6 +34,7 @@ def main():
         case = DecodeCase(seeded_lengths(batch, length, False, seed=0), 32, 8, 128, torch.bfloat16, layout,
                           quant=quant)
         inputs = make_inputs(case, "cuda")
+        plant_block_edges(inputs, case)  # checks that see one dropped row
         results = []
         for values in itertools.product(*SWEEP.values()):
             config = dict(zip(names, values))
