@@ -7,7 +7,7 @@ import torch
 
 from kernels import decode_attention, kv_quant, kv_swap
 from suite import reference
-from suite.decode_cases import TOLERANCE, DecodeCase, check_output, make_inputs
+from suite.decode_cases import TOLERANCE, DecodeCase, check_output, make_inputs, plant_dominant_keys
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,23 @@ class ContextCase:
         return f"B{self.batch}-L{self.length}-chunk{self.chunk}"
 
 
+def chunk_edges(length, chunk):
+    """Positions of a context where one dropped or repeated row shows, whatever its chunks: its ends, and
+    either side of its first chunk boundary and of its last chunk's start."""
+    last = (length - 1) // chunk * chunk
+    return {0, length - 1} | {p for boundary in (chunk, last) if 0 < boundary < length for p in (boundary - 1, boundary)}
+
+
 def make_context(case, device):
-    """Fresh random q [B, Hq, D] and k, v [B, L, Hkv, D] (never zeros), all on `device`: the
-    variants store k, v in host memory themselves."""
+    """Fresh random q [B, Hq, D] and k, v [B, L, Hkv, D] (never zeros), all on `device`, with dominant keys
+    planted at chunk_edges (decode_cases.plant_dominant_keys: over random keys one row of L moves the
+    output by ~1/L, inside the tolerance from L ~ 100 in bf16). The variants store k, v in host memory
+    themselves."""
     q = torch.randn(case.batch, case.q_heads, case.head_dim, dtype=case.dtype, device=device)
     k, v = (torch.randn(case.batch, case.length, case.kv_heads, case.head_dim, dtype=case.dtype, device=device)
             for _ in "kv")
+    plant_dominant_keys(dict(q=q, k_cache=k.transpose(1, 2), block_table=None),  # a [B, Hkv, L, D] view of k
+                        [chunk_edges(case.length, case.chunk)] * case.batch)
     return q, k, v
 
 
