@@ -7,7 +7,8 @@ import torch
 
 from kernels import decode_attention, kv_quant, kv_swap
 from suite import reference
-from suite.decode_cases import TOLERANCE, DecodeCase, check_output, make_inputs, plant_dominant_keys
+from suite.decode_cases import (TOLERANCE, DecodeCase, check_output, make_inputs, plant_block_edges,
+                                plant_dominant_keys)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ def peer_of(device):
 
 
 def bind_case(case, variant, device):
-    """Fresh inputs (never zeros), the decode step (triton_persistent, paged) and the variant's round."""
+    """Fresh inputs (never zeros; dominant keys at block edges: decode_cases.plant_block_edges), the decode
+    step (triton_persistent, paged) and the variant's round."""
     inputs = make_inputs(case.decode_case(), device)
+    plant_block_edges(inputs, case.decode_case())
     spare = spare_pages(inputs)
     out_pages, in_pages = spare[: case.swap_pages], spare[case.swap_pages:]
     out = torch.empty_like(inputs["q"])
