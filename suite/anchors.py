@@ -25,6 +25,18 @@ def declined(error):
     return any(message in str(error) for message in DECLINES)
 
 
+def unless_declined(launch):
+    """launch()'s output, or None where torch declines the SDPA backend forced on it for these inputs."""
+    try:
+        with warnings.catch_warnings():  # torch warns why a backend declines before it raises
+            warnings.simplefilter("ignore", UserWarning)
+            return launch()
+    except RuntimeError as error:
+        if not declined(error):
+            raise
+        return None
+
+
 def timed_part(launch):
     return getattr(launch, "timed", launch)
 
@@ -36,13 +48,8 @@ def sdpa_backends(make_launch, check, device, rounds, cold=True):
     timed = {}
     for backend in BACKENDS:
         launch = make_launch(backend)
-        try:
-            with warnings.catch_warnings():  # torch warns why a backend declines before it raises
-                warnings.simplefilter("ignore", UserWarning)
-                out = launch()
-        except RuntimeError as error:
-            if not declined(error):
-                raise
+        out = unless_declined(launch)
+        if out is None:
             continue
         check(out)  # correctness before timing, every backend
         timed[backend] = (launch, measure(timed_part(launch), device=device, rounds=rounds, cold=cold)

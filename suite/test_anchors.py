@@ -1,6 +1,7 @@
 """The SDPA anchors' backends (suite/anchors.py): a backend torch declines is left out, any other
-error propagates, and every backend that runs holds the decode check on planted keys."""
+error propagates, and every backend that runs holds the decode and prefill checks on planted keys."""
 
+import itertools
 import warnings
 
 import pytest
@@ -8,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kernels.prefill_attention import VARIANTS as PREFILL_VARIANTS
 from kernels.sdpa_decode import BACKENDS, sdpa
-from suite.anchors import declined, sdpa_backends
-from suite.decode_cases import DecodeCase, check_output, make_inputs, plant_block_edges, seeded_lengths
+from suite import decode_cases, prefill_cases
+from suite.anchors import declined, sdpa_backends, unless_declined
+from suite.decode_cases import DecodeCase, seeded_lengths
+from suite.prefill_cases import PrefillCase
 
-pytestmark = pytest.mark.decode
+pytestmark = [pytest.mark.decode, pytest.mark.prefill]  # the anchors of both
 
 CPU = torch.device("cpu")  # the backends' choice alone: nothing timed
 DECLINING = {"cudnn": "No available kernel. Aborting execution.",
@@ -54,34 +58,48 @@ def test_torch_declines_as_the_anchors_expect(device):
     assert declined(raised.value), raised.value
 
 
-def _planted_cases(device):
+def _planted_decode(device):
     # on a GPU the benchmarks' longest sequences and both dtypes; in the interpreter's CPU, small ones
     if device.type == "cuda":
         shapes = [(16, 16384, 32, 8, 128), (64, 4096, 32, 8, 64)]
     else:
         shapes = [(2, 200, 4, 2, 64)]
-    return [DecodeCase(seeded_lengths(b, n, variable, seed=n), hq, hkv, d, dtype, "contiguous", 1)
-            for b, n, hq, hkv, d in shapes for variable in (False, True) for dtype in (torch.bfloat16, torch.float16)]
+    for b, n, hq, hkv, d in shapes:
+        for variable, dtype in itertools.product((False, True), (torch.bfloat16, torch.float16)):
+            case = DecodeCase(seeded_lengths(b, n, variable, seed=n), hq, hkv, d, dtype, "contiguous", 1)
+            inputs = decode_cases.make_inputs(case, device)
+            decode_cases.plant_block_edges(inputs, case)
+            yield (lambda backend, inputs=inputs: sdpa(**inputs, backend=backend)), inputs, decode_cases.check_output
 
 
+def _planted_prefill(device):
+    # on a GPU the benchmarks' longest prompts, alone and four of variable length, their heads, both
+    # dtypes; in the interpreter's CPU, small ones
+    if device.type == "cuda":
+        lens, heads = [(16384,), seeded_lengths(4, 8192, True, seed=4 * 8192)], (32, 8, 128)
+    else:
+        lens, heads = [(300, 77)], (4, 2, 64)
+    for n, dtype in itertools.product(lens, (torch.bfloat16, torch.float16)):
+        case = PrefillCase(n, *heads, dtype)
+        inputs = prefill_cases.make_inputs(case, device)
+        prefill_cases.plant_block_edges(inputs, case)
+        yield ((lambda backend, inputs=inputs: PREFILL_VARIANTS["sdpa"](**inputs, backend=backend,
+                                                                        out=decode_cases.poisoned_out(inputs))),
+               inputs, prefill_cases.check_output)
+
+
+@pytest.mark.parametrize("planted", [pytest.param(_planted_decode, id="decode"),
+                                     pytest.param(_planted_prefill, id="prefill")])
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_every_sdpa_backend_holds_the_check_on_planted_keys(backend, device):
-    # The benchmarks check every backend on planted inputs before timing it. Planted scores are 10 or
-    # more, which bf16 holds to 1/256 of themselves: the math backend computes scores in float32
-    # unless torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp is set (the suite never sets it).
+def test_every_sdpa_backend_holds_the_check_on_planted_keys(backend, planted, device):
+    # The benchmarks check every backend on planted inputs before timing it. Planted scores are ~10,
+    # which bf16 holds to 1/256 of themselves: the math backend computes scores in float32 unless
+    # torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp is set (the suite never sets it).
     ran = 0
-    for case in _planted_cases(device):
-        inputs = make_inputs(case, device)
-        plant_block_edges(inputs, case)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                out = sdpa(**inputs, backend=backend)()
-        except RuntimeError as error:
-            if not declined(error):
-                raise
-            continue
-        check_output(out, inputs)
-        ran += 1
+    for make_launch, inputs, check in planted(device):
+        out = unless_declined(make_launch(backend))
+        if out is not None:
+            check(out, inputs)
+            ran += 1
     if not ran:
         pytest.skip(f"SDPA's {backend} backend declines every case on {device.type}")

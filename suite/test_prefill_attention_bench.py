@@ -3,17 +3,20 @@ session's bf16 matmul roofline; speedups vs the SDPA anchor (its fastest backend
 Hopper), vs SDPA's FlashAttention-2 and cuDNN backends by name, and vs triton_cp_async (the
 baseline).
 
-Each benchmark checks its output against the float64 reference before timing. Compute-bound:
-timed warm (no L2 flush)."""
+Each benchmark checks its output against the float64 reference before timing, on inputs with
+dominant keys planted at block edges (prefill_cases.plant_block_edges: over random keys alone a key row
+missed or repeated for queries far beyond it hides from a few thousand positions), then times those
+inputs. Compute-bound: timed warm (no L2 flush)."""
 
 import pytest
 import torch
 
 from kernels.prefill_attention import VARIANTS
 from suite.anchors import sdpa_backends, timed_part
-from suite.decode_cases import poisoned_out, seeded_lengths
+from suite.decode_cases import PLANTED_LOGIT, block_edges, poisoned_out, seeded_lengths
 from suite.options import parse_tile
-from suite.prefill_cases import PrefillCase, check_output, make_inputs, variant_params
+from suite.prefill_cases import (PrefillCase, check_close, check_output, make_inputs, plant_block_edges, rows_attention,
+                                 variant_params)
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.prefill
@@ -49,6 +52,14 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("prefill_case", cases, ids=str)
 
 
+def _planted_inputs(case, device):
+    # what is checked is what is timed: nothing in a timed path (the Triton kernels, SDPA's backends)
+    # branches on a value, so the planted rows change no time
+    inputs = make_inputs(case, device)
+    plant_block_edges(inputs, case)
+    return inputs
+
+
 def _sdpa_seconds(inputs, device, rounds):
     """{backend: seconds} of every SDPA backend that runs these inputs correctly."""
     timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend, out=poisoned_out(inputs)),
@@ -67,7 +78,7 @@ def test_prefill_attention(benchmark, variant, prefill_case, device, perf, round
     case = prefill_case
     gate_id = f"{WORKLOAD}/{variant}/{case}"
     perf.skip_if_not_applicable(gate_id)
-    inputs = make_inputs(case, device)
+    inputs = _planted_inputs(case, device)
     knobs = {}
     if variant != ANCHOR:
         tile = pytestconfig.getoption("tma_tile_size") if variant == "triton_tma" else None
@@ -89,3 +100,63 @@ def test_prefill_attention(benchmark, variant, prefill_case, device, perf, round
     shape = dict(variant=variant, case=str(case), **({} if variant == ANCHOR else dict(tile=launch.tile)))
     perf.record(benchmark, gate_id, seconds, shape=shape,
                 flops=case.flops(), roofline_kind="matmul", speedups=speedups)
+
+
+WRONG_KEYS = {  # change: (planted position p, prompt length n) -> the key positions a kernel then reads
+    "dropped": lambda p, n: [*range(p), *range(p + 1, n)],
+    "repeated": lambda p, n: [*range(p + 1), *range(p, n)],
+}
+
+
+def _longest_case():
+    # the benchmarks' longest prompt after another one (cu_seqlens offsets it), their GQA group, bf16
+    # (the loosest tolerance)
+    return PrefillCase((1000, max(prompt for _, prompt, _ in FULL)), 4, 1, 128, torch.bfloat16)
+
+
+@pytest.mark.parametrize("change", WRONG_KEYS)
+def test_a_wrong_row_at_any_planted_edge_fails_the_check(change, device):
+    # what the pre-timing checks rely on: the prompt's last 16 queries (the smallest BLOCK_M's tile) see
+    # every planted key and every random one, so weight any one least; with one planted row left out or
+    # read twice they still miss the reference (by 4.8 times bf16's tolerance or more in 30 draws; over
+    # random keys alone the same rows stay within 0.3 of it)
+    case = _longest_case()
+    start, n = case.prompt_lens
+    inputs = _planted_inputs(case, device)
+    tail = range(n - 16, n)
+    right = rows_attention(inputs, start, tail, range(n))
+    for p in sorted(block_edges(n)):
+        with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+            check_close(rows_attention(inputs, start, tail, WRONG_KEYS[change](p, n)).to(case.dtype), right)
+
+
+def test_a_row_of_the_previous_prompt_fails_the_check(device):
+    # a cu_seqlens boundary misread: the last tile also reading the previous prompt's last row, which is
+    # planted (one direction per KV head across the batch), misses the reference (12 times the tolerance
+    # or more in 30 draws)
+    case = _longest_case()
+    start, n = case.prompt_lens
+    inputs = _planted_inputs(case, device)
+    tail = range(n - 16, n)
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        check_close(rows_attention(inputs, start, tail, [-1, *range(n)]).to(case.dtype),
+                    rows_attention(inputs, start, tail, range(n)))
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["separate", "fused_qkv"])
+def test_keys_are_planted_at_the_block_edges_alone(fused_qkv, device):
+    # every query (each head of the KV head's group) scores each planted key it sees PLANTED_LOGIT +
+    # ~N(0, 1/4), any other key ~N(0, 1): planted keys are the block edges, each scored within 3 of
+    # PLANTED_LOGIT by every query after it (6 sigma); views of one fused qkv are planted in place
+    case = PrefillCase((300, 77), 8, 2, 128, torch.bfloat16, fused_qkv=fused_qkv)
+    inputs = _planted_inputs(case, device)
+    offsets = inputs["cu_seqlens"].tolist()
+    for b, n in enumerate(case.prompt_lens):
+        q, k = (inputs[name][offsets[b]:offsets[b + 1]].double() for name in "qk")
+        grouped = q.unflatten(1, (case.kv_heads, -1))  # [n, Hkv, g, D]
+        scores = torch.einsum("ihgd,jhd->hgij", grouped, k) / case.head_dim ** 0.5  # [Hkv, g, n queries, n keys]
+        seen = torch.ones(n, n, dtype=torch.bool, device=device).tril()  # [query, key]: the key at or before it
+        mean = (scores * seen).sum((0, 1, 2)) / (seen.sum(0) * case.q_heads)  # [n keys]
+        planted = sorted((mean >= PLANTED_LOGIT / 2).nonzero().flatten().tolist())
+        assert planted == sorted(block_edges(n))
+        assert scores[..., planted].masked_select(seen[:, planted]).min() >= PLANTED_LOGIT - 3
