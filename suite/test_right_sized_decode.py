@@ -4,16 +4,16 @@ Loop: TPOT per backend (triton: the persistent decode-loop kernel; graphs: the C
 with triton_split_kv's fused dequantization; cuda: the native persistent loop, bf16 caches), with
 the speedup vs the same backend on the bf16 cache. Attention: triton_persistent alone at the
 tier's shape, GB/s counting the bytes really moved. Both check correctness first (against the
-reference on the cache as stored), the bf16 baseline too when measured on demand, and record the
-accuracy quantization costs vs unquantized.
+reference on the cache as stored; attention also on keys planted at block edges, as timed), the bf16
+baseline too when measured on demand, and record the accuracy quantization costs vs unquantized.
 """
 
 import pytest
 
 from kernels import decode_loop, kv_quant, tiny_decoder
 from suite import reference
-from suite.decode_cases import (VARIANTS, DecodeCase, checked, make_case_tensors, make_inputs, poisoned_out,
-                                quant_params, quantization_loss)
+from suite.decode_cases import (VARIANTS, DecodeCase, checked, make_case_tensors, make_inputs, plant_block_edges,
+                                poisoned_out, quant_params, quantization_loss)
 from suite.loop_cases import (DTYPE, bind, check_loop, loop_seconds, loop_variants, make_loop_inputs, relative_errors,
                               steps_of, tiers, time_loop)
 from suite.timing import measure, run_benchmark
@@ -99,11 +99,17 @@ def test_right_sized_decode_attention(benchmark, tier_name, fmt, device, perf, r
     launch = checked(VARIANTS["triton_persistent"](**inputs, **knobs, out=out), inputs)
     if fmt != "none":
         benchmark.extra_info["accuracy_loss_max_abs"] = quantization_loss(out, inputs, exact)
+    # the loss over random keys, as recorded before; then the check that sees one dropped row, on the
+    # inputs timed (each planted key quantized with its row's scale)
+    plant_block_edges(inputs, case)
+    out.fill_(float("nan"))
+    checked(launch, inputs)
     seconds = run_benchmark(benchmark, launch, device=device, rounds=rounds)
 
     def bf16_seconds():
-        plain = make_inputs(DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous"),
-                            device)
+        plain_case = DecodeCase(lengths, tier.q_heads, tier.kv_heads, tier.head_dim, DTYPE, "contiguous")
+        plain = make_inputs(plain_case, device)
+        plant_block_edges(plain, plain_case)
         return measure(checked(VARIANTS["triton_persistent"](**plain, **knobs, out=poisoned_out(plain)), plain),
                        device=device, rounds=rounds)
 
