@@ -12,4 +12,4 @@ if interpreter.enable_if_no_gpu(torch.cuda.is_available()):
     interpreter.check_numpy()
     interpreter.fix_casts()
 
-pytest_plugins = ["suite.plugin"]
+pytest_plugins = ["suite.plugin", "pytester"]  # pytester: the plugin's own tests run inner pytest sessions

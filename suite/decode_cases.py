@@ -181,6 +181,12 @@ def block_edges(length, page_size=None):
     return {0, length - 1} | {p for s in sizes if s < length for p in (s - 1, s)}
 
 
+def every_block_edge(length, sizes):
+    """Sorted positions either side of every multiple of each block size in sizes, and the ends: where
+    the property tests draw the positions they plant."""
+    return sorted({0, length - 1} | {p for s in sizes for m in range(s, length, s) for p in (m - 1, m)})
+
+
 def plant_block_edges(inputs, case: DecodeCase):
     """plant_dominant_keys at block_edges of each of case's sequences (and its pages' when paged)."""
     page_size = case.page_size if case.layout == "paged" else None

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from kernels import decode_attention, decode_plan, hw, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
-from suite.decode_cases import (LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, check_output, make_case_tensors,
-                                make_inputs, plant_dominant_keys, poisoned_out, quant_params, quantization_loss,
-                                variant_params)
+from suite.decode_cases import (LAYOUTS, TOLERANCE, VARIANTS, DecodeCase, check_output, every_block_edge,
+                                make_case_tensors, make_inputs, plant_dominant_keys, poisoned_out, quant_params,
+                                quantization_loss, variant_params)
 from suite.views import misaligned, padded_rows
 
 pytestmark = pytest.mark.decode
@@ -66,11 +66,8 @@ def test_matches_reference(decode_variant, layout, device, data):
 
 
 def _edges(length, page_size):
-    # the last and first position of every block a kernel may split at: 16- and 64-position steps
-    # and chunks, pages; and the sequence's own ends
-    sizes = (16, 64, page_size)
-    return sorted({0, length - 1} | {p for s in sizes for m in range(1, length // s + 1) for p in (m * s - 1, m * s)
-                                     if p < length})
+    # every block a kernel may split at: 16- and 64-position steps and chunks, pages
+    return every_block_edge(length, (16, 64, page_size))
 
 
 @given(data=st.data())

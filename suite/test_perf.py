@@ -17,10 +17,7 @@ from suite.expectations import Expectations
 from suite.perf import PerfRecorder
 from suite.roofline import Roofline
 from suite.test_expectations import GATE, SPEEDUP, write
-from suite.test_plugin import inner  # noqa: F401 (the fixture of inner pytest runs with the repository's pytest.ini)
 from suite.timing import HOST_SLACK_CYCLES, WARMUP_CALLS, HostGate, RoundStart, Seconds, measure, run_benchmark
-
-pytest_plugins = ["pytester"]
 
 
 class FakeBenchmark:  # all that PerfRecorder.record uses of pytest-benchmark's fixture
@@ -345,7 +342,7 @@ COLD_AND_WARM = """
 
 
 @pytest.fixture
-def benchmark_run(inner, tmp_path):  # noqa: F811 (inner is the imported fixture)
+def benchmark_run(inner, tmp_path):
     """Runs the inner tests; returns what --benchmark-json saved, by test name."""
 
     def run(source):

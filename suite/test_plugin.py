@@ -17,23 +17,10 @@ from suite.expectations import hardware_key
 from suite.plugin import device_name
 from suite.test_expectations import GATE, SPEEDUP, write
 
-pytest_plugins = ["pytester"]
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-# --- the plugin end to end, in an inner pytest run with the repository's own pytest.ini ---
-
-@pytest.fixture
-def inner(pytester, monkeypatch):
-    # An inner run shares this process's modules, and its test files may stub suite.perf's launch
-    # counter at module level: put it back at teardown, or every later launch count of this process
-    # raises (a nightly run in one process lost every decode loop's count so on 2026-11-27).
-    import suite.perf
-    monkeypatch.setattr(suite.perf, "count_launches", suite.perf.count_launches)
-    pytester.syspathinsert(REPO)
-    pytester.makefile(".ini", pytest=(REPO / "pytest.ini").read_text())
-    return pytester
+# --- the plugin end to end, in an inner pytest run (suite/conftest.py's `inner`) ---
 
 
 def test_hardware_markers_skip_naming_feature_and_probe(inner):

@@ -12,7 +12,7 @@ from kernels import prefill_attention
 from kernels.checks import HEAD_DIMS, SharedMemoryTooSmall
 from kernels.prefill_attention import VARIANTS, check_prefill_args, triton_cp_async
 from suite import reference
-from suite.decode_cases import block_edges, poisoned_out
+from suite.decode_cases import block_edges, every_block_edge, poisoned_out
 from suite.prefill_cases import (PrefillCase, check_close, check_output, make_inputs, plant_block_edges,
                                  plant_dominant_keys, rows_attention, variant_params)
 from suite.views import misaligned, token_strided
@@ -61,18 +61,14 @@ def test_matches_reference(prefill_variant, device, data):
     _run_case(prefill_variant, data.draw(prefill_cases(**_limits(device)), label="case"), device)
 
 
-def _edges(length):
-    # either side of every multiple of 16 (the edges of any tile's query and key blocks), and the ends
-    return sorted({0, length - 1} | {p for m in range(16, length, 16) for p in (m - 1, m)})
-
-
 @given(data=st.data())
 def test_every_position_at_a_block_edge_is_attended(prefill_variant, device, data):
     # The random cases above cannot see one key row missed or repeated for queries far beyond it (see
     # plant_dominant_keys): here up to 12 positions per prompt at block edges carry most of the softmax
     # weight of every query after them.
     case = data.draw(prefill_cases(**_limits(device)), label="case")
-    planted = [{0, n - 1} | set(data.draw(st.lists(st.sampled_from(_edges(n)), max_size=10),
+    edges = [every_block_edge(n, (16,)) for n in case.prompt_lens]  # any tile's query and key blocks
+    planted = [{0, n - 1} | set(data.draw(st.lists(st.sampled_from(edges[b]), max_size=10),
                                           label=f"edges of prompt {b}")) for b, n in enumerate(case.prompt_lens)]
     _run_case(prefill_variant, case, device, planted=planted)
 
