@@ -411,7 +411,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     k_cache, v_cache = unit_view(k_cache, k_unit), unit_view(v_cache, v_unit)
     hoisted = plan.table_pages(chunk, k_cache.shape[1]) if paged and (k_unit, v_unit) == (1, 1) else 0
     if deep_pipeline:
-        num_stages = plan.LONG_PAGED_TILE_STAGES
+        num_stages = plan.LONG_TILE_STAGES
     else:
         num_stages = plan.PAGED_ONE_WAVE_STAGES if paged and one_wave and not hoisted else plan.NUM_STAGES
     if paged:
@@ -481,7 +481,8 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
     most_per_sm = None
     while True:
         launch = plan.plan_persistent(dims, hw.num_sms(q.device), k_cache.shape[1] if block_table is not None else None,
-                                      shared_per_sm=hw.shared_memory_per_sm(q.device), chunk=chunk, block_k=block_k,
+                                      shared_per_sm=hw.shared_memory_per_sm(q.device),
+                                      dram_gbps=hw.peak_dram_gbps(q.device), chunk=chunk, block_k=block_k,
                                       num_programs=num_programs, num_warps=num_warps, max_programs_per_sm=most_per_sm)
         bound = _bind(_persistent, lambda _: (launch.grid,),
                       lambda out: (counters, out, out.stride(0), out.stride(1), batch),

@@ -49,7 +49,7 @@ MAX_TABLE_PAGES = 256
 # 107 us, B4-L16384 var 46 vs 54 us); with more tiles than programs 3 stages were as fast or faster
 # (B64-L4096 376 vs 387 us).
 PAGED_ONE_WAVE_STAGES = 5
-# Equal paged tiles of LONG_PAGED_TILE positions or more, hoisted tables, one program per SM and one
+# Equal paged tiles of LONG_TILE positions or more, hoisted tables, one program per SM and one
 # tile per program: a third K/V buffer (4 stages; three 32 KB buffers at 64-position steps, 104 KB a
 # build) keeps more of the randomly placed rows in flight. H100, 16-position pages, five interleaved
 # medians (.dbg/s10/bench_stages2.py), 3 vs 4 stages: B16-L4096 96.7 vs 95.0 us, B4-L16384 98.3 vs
@@ -60,8 +60,16 @@ PAGED_ONE_WAVE_STAGES = 5
 # other steps x stages (32 x 4-8, 64 x 3-6, 128 x 2-3: 95.2-103.9 us at B16-L4096 against 95.0).
 # Only where an SM has SM_SHARED bytes (H100, H200, B200): smaller ones (consumer Blackwell such as
 # GB10 has about 100 KB per SM) may not hold such a build.
-LONG_PAGED_TILE = 4096
-LONG_PAGED_TILE_STAGES = 4
+LONG_TILE = 4096
+LONG_TILE_STAGES = 4
+# Equal contiguous tiles of LONG_TILE positions or more take the same 4 stages where the GPU's
+# peak DRAM bandwidth per SM (hw.peak_dram_gbps / SMs) reaches DEEP_GBPS_PER_SM: each SM must keep
+# more bytes in flight to draw its share. H200 (37 GB/s per SM), three interleaved medians, 3 vs 4
+# stages, us (SDPA): B16-L4096 69.0 vs 66.8 (68.7), B16-L16384 255.0 vs 243.3 (245.8), B64-L4096 253.1
+# vs 245.9 (247.5), B64-L16384 983.3 vs 950.3 (956.5); one-warp B64-L1024 66.7 vs 67.9 and B16-L1024
+# 22.5 vs 22.4 (shorter tiles: left at 3). H100 (25 GB/s per SM): level or slower (B16-L4096 94.4 vs
+# 94.8, B16-L16384 349.0 vs 352.9), so it stays at 3 there.
+DEEP_GBPS_PER_SM = 30
 # Persistent grid = SM count x this at most for fp16/bf16 caches, except where tiles take
 # SHORT_BLOCK_N steps on up to SHORT_PROGRAMS_PER_SM per SM (below). 3 CTAs fit an SM at <= 72 KB of
 # shared memory and <= 168 registers x 128 threads each (suite/kernel_ir.py prints what a build
@@ -209,14 +217,15 @@ class PersistentLaunch(NamedTuple):
     one_wave: bool  # every tile on a program of its own
     programs_per_sm: int  # what the register cap must let share an SM
     merge_rows: int  # partials per warp in each step of the merge
-    deep_pipeline: bool  # LONG_PAGED_TILE_STAGES, not the cache format's default
+    deep_pipeline: bool  # LONG_TILE_STAGES, not the cache format's default
 
 
-def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, chunk=None, block_k=None,
-                    num_programs=None, num_warps=None, max_programs_per_sm=None):
-    """triton_persistent's launch for dims on sms SMs of shared_per_sm bytes of shared memory each
-    (page_size: a paged cache's); the knobs given are checked and kept, the rest chosen, with at most
-    max_programs_per_sm programs per SM (the launcher's, where an SM holds fewer of its build)."""
+def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_gbps=None, chunk=None,
+                    block_k=None, num_programs=None, num_warps=None, max_programs_per_sm=None):
+    """triton_persistent's launch for dims on sms SMs of shared_per_sm bytes of shared memory each and
+    dram_gbps of peak DRAM bandwidth (None: unknown, planned as an H100) (page_size: a paged cache's);
+    the knobs given are checked and kept, the rest chosen, with at most max_programs_per_sm programs
+    per SM (the launcher's, where an SM holds fewer of its build)."""
     if num_warps is not None and num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
     if max_programs_per_sm is not None and (not isinstance(max_programs_per_sm, int) or max_programs_per_sm < 1):
@@ -259,8 +268,11 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, chunk
     per_sm = triton.cdiv(grid, sms)
     merge_rows = SINGLE_MERGE_ROWS_PER_WARP if dims.batch == 1 and per_sm == 1 else MERGE_ROWS_PER_WARP
     block_k = resolve_block_k(block_k, chunk, dims.quant)
-    deep = (paged and uniform and dims.quant == "none" and table_pages(chunk, page_size) > 0 and tiles <= grid
-            and per_sm == 1 and min(chunk, dims.max_len) >= LONG_PAGED_TILE and block_k <= BLOCK_N
-            and shared_per_sm >= SM_SHARED)
-    return PersistentLaunch(chunk, block_k, grid, NUM_WARPS if num_warps is None else num_warps, tiles <= grid,
-                            per_sm, merge_rows, deep)
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    long_tiles = (uniform and dims.quant == "none" and min(chunk, dims.max_len) >= LONG_TILE
+                  and block_k <= BLOCK_N and shared_per_sm >= SM_SHARED)
+    if paged:
+        deep = long_tiles and table_pages(chunk, page_size) > 0 and tiles <= grid and per_sm == 1
+    else:
+        deep = long_tiles and num_warps > 1 and dram_gbps is not None and dram_gbps / sms >= DEEP_GBPS_PER_SM
+    return PersistentLaunch(chunk, block_k, grid, num_warps, tiles <= grid, per_sm, merge_rows, deep)

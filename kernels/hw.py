@@ -58,6 +58,17 @@ def shared_memory_per_block(device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
+def peak_dram_gbps(device):
+    """The GPU's peak DRAM bandwidth in GB/s from its memory clock and bus width (double data rate),
+    as triton.testing.get_dram_gbps computes it; None without a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return props["mem_clock_rate"] * 1e3 * props["mem_bus_width"] * 2 / 8 / 1e9  # kHz, bits
+
+
 def l2_bytes(device) -> int:
     return torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
 

@@ -126,15 +126,21 @@ def buffered_tiles(ttgir, rows, cols, dtype="bf16"):
 
 
 @contextlib.contextmanager
-def planned_for(gpu):
-    """Launchers plan for the named GPU's shared memory (GPUS) while this is open."""
-    real = hw.shared_memory_per_sm, hw.shared_memory_per_block
+def planned_for(gpu, dram_gbps=None):
+    """Launchers plan for the named GPU's shared memory (GPUS) and dram_gbps of peak DRAM bandwidth
+    (None: unknown) while this is open."""
+    real = hw.shared_memory_per_sm, hw.shared_memory_per_block, hw.peak_dram_gbps
     _, per_sm, per_block = GPUS[gpu]
     hw.shared_memory_per_sm, hw.shared_memory_per_block = (lambda device: per_sm), (lambda device: per_block)
+    hw.peak_dram_gbps = lambda device: dram_gbps
     try:
         yield GPUS[gpu][0]
     finally:
-        hw.shared_memory_per_sm, hw.shared_memory_per_block = real
+        hw.shared_memory_per_sm, hw.shared_memory_per_block, hw.peak_dram_gbps = real
+
+
+FAST_LONG = "contiguous, long equal tiles, one per SM, fast memory"
+FAST_LONG_SHORT_STEPS = "contiguous, long equal tiles, short steps, fast memory"
 
 
 def decode_attention_builds(gpu="sm_90"):
@@ -148,10 +154,12 @@ def decode_attention_builds(gpu="sm_90"):
     unequal tiles than 3 programs per SM hold (4 per SM), paged with more equal tiles than one wave
     of 3 per SM (4 per SM); paged on one program (many tiles per program); paged with one-position
     pages, whose tiles have too many pages to hoist their block-table entries (one table load per
-    step); and paged with equal tiles of LONG_PAGED_TILE positions, one per SM (a deeper pipeline).
+    step); paged with equal tiles of LONG_TILE positions, one per SM (a deeper pipeline); and on
+    memory of DEEP_GBPS_PER_SM per SM (an H200's), contiguous equal tiles of LONG_TILE positions, one
+    per SM and, in short steps, two per SM (deeper pipelines too).
     Planned and compiled for the named GPU (GPUS), on hw.num_sms("cpu") SMs; the case names say what
     an H100 gets (a smaller SM may plan them differently)."""
-    from kernels import decode_attention
+    from kernels import decode_attention, decode_plan
     from suite.decode_cases import DecodeCase, make_inputs
 
     result = {}
@@ -169,11 +177,14 @@ def decode_attention_builds(gpu="sm_90"):
                                                 (900, 700, 500, 300, 850, 650, 450, 250), "contiguous", None, 16),
                                                ("paged, table per step, one wave", three, "paged", None, 1),
                                                ("paged, long equal tiles, one per SM", (4096,) * 2, "paged", None,
-                                                16)):
+                                                16),
+                                               (FAST_LONG, (4096,) * 2, "contiguous", None, 16),
+                                               (FAST_LONG_SHORT_STEPS, (4096,) * 8, "contiguous", None, 16)):
         case = DecodeCase(lens, 8, 2, 128, torch.bfloat16, layout, page_size=page)
         inputs = make_inputs(case, "cpu")
         grids = []
-        with planned_for(gpu) as target:
+        fast = name in (FAST_LONG, FAST_LONG_SHORT_STEPS)
+        with planned_for(gpu, decode_plan.DEEP_GBPS_PER_SM * hw.num_sms("cpu") if fast else None) as target:
             kernel, args, meta = capture_launch(
                 decode_attention, "_persistent",
                 lambda: decode_attention.triton_persistent(**inputs, num_programs=programs)(), grids, target)

@@ -14,7 +14,7 @@ import pytest
 from kernels import decode_plan
 from kernels.prefill_attention import TILE
 from suite.interpreter import INTERPRET_ENV
-from suite.kernel_ir import GPUS
+from suite.kernel_ir import FAST_LONG, FAST_LONG_SHORT_STEPS, GPUS
 
 SMALL_SM = "sm_120"
 
@@ -40,16 +40,18 @@ def test_persistent_builds_prefetch_and_fit():
     # The K and V tiles need two buffers (a prefetch). Paged tiles hoist their block-table entries,
     # so 3 stages give two, as for a contiguous cache. A tile with too many pages to hoist loads its
     # table every step, and the pipeliner gives that load a stage of its own: one-wave launches of
-    # those use 5 stages. Long equal paged tiles alone on their SM take a third buffer (4 stages).
+    # those use 5 stages. Long equal paged tiles alone on their SM take a third buffer (4 stages), and
+    # so do long equal contiguous tiles on fast memory (one or two per SM).
     builds = _builds("sm_90")["decode_attention"]
     da = decode_plan
     per_step, deep = "paged, table per step, one wave", "paged, long equal tiles, one per SM"
+    deeper = {deep, FAST_LONG, FAST_LONG_SHORT_STEPS}
     assert {c: b["table_pages"] > 0 for c, b in builds.items()} == {c: c.startswith("paged") and c != per_step
                                                                     for c in builds}
-    stages = {per_step: da.PAGED_ONE_WAVE_STAGES, deep: da.LONG_PAGED_TILE_STAGES}
+    stages = {per_step: da.PAGED_ONE_WAVE_STAGES} | {c: da.LONG_TILE_STAGES for c in deeper}
     assert {c: b["stages"] for c, b in builds.items()} == {c: stages.get(c, da.NUM_STAGES) for c in builds}
     for case, build in builds.items():
-        buffers = 3 if case == deep else 2
+        buffers = 3 if case in deeper else 2
         assert build["kv_buffers"] == [buffers] * 2, f"{case}: K and V tiles have not {buffers} buffers: {build}"
     assert builds["paged, one wave, 3 per SM"]["programs_per_sm"] == 3
     # more equal tiles than programs: short steps, paged on up to SHORT_PROGRAMS_PER_SM programs per SM
@@ -62,7 +64,9 @@ def test_persistent_builds_prefetch_and_fit():
     one_warp = builds["contiguous, equal tiles, short steps, one warp"]  # short tiles, one wave of 4 per SM
     assert (one_warp["block_n"], one_warp["warps"], one_warp["programs_per_sm"]) == (da.SHORT_BLOCK_N, 1, 4), one_warp
     assert {b["warps"] for c, b in builds.items() if not c.endswith("one warp")} == {da.NUM_WARPS}
-    assert builds[deep]["programs_per_sm"] == 1
+    assert builds[deep]["programs_per_sm"] == builds[FAST_LONG]["programs_per_sm"] == 1
+    fast_short = builds[FAST_LONG_SHORT_STEPS]
+    assert (fast_short["block_n"], fast_short["programs_per_sm"]) == (da.SHORT_BLOCK_N, 2), fast_short
 
 
 @pytest.mark.decode

@@ -142,9 +142,9 @@ def test_one_sequence_merges_many_partials(layout, device):
 
 
 def test_long_paged_tiles_take_a_deeper_pipeline(device):
-    # Equal paged tiles of LONG_PAGED_TILE positions, one per SM: LONG_PAGED_TILE_STAGES (on an
+    # Equal paged tiles of LONG_TILE positions, one per SM: LONG_TILE_STAGES (on an
     # H100-class GPU, three K/V buffers), each sequence split in two and merged.
-    chunk = decode_plan.LONG_PAGED_TILE
+    chunk = decode_plan.LONG_TILE
     case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout="paged")
     inputs = make_inputs(case, device)
     dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],

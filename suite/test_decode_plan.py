@@ -83,7 +83,7 @@ def test_minimal_launches_on_an_h100():
     # 4096-position paged tiles, one per SM: a third K/V buffer
     assert {key for key, launch in launches.items() if launch[3] != da.NUM_STAGES} == {
         ("B16-L4096-uniform", "paged"), ("B4-L16384-uniform", "paged")}
-    assert launches["B4-L16384-uniform", "paged"][:4] == (128, da.BLOCK_N, 4096, da.LONG_PAGED_TILE_STAGES)
+    assert launches["B4-L16384-uniform", "paged"][:4] == (128, da.BLOCK_N, 4096, da.LONG_TILE_STAGES)
 
 
 def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():
@@ -97,6 +97,36 @@ def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():
     assert not plan_persistent(_dims(16, 8, [16384] * 16), 132, page_size=16).deep_pipeline  # 4 programs per SM
     assert not plan_persistent(_dims(2, 8, [4096, 4000]), 132, page_size=16, chunk=4096).deep_pipeline  # unequal
     assert not plan_persistent(long_tiles, 132, page_size=8, chunk=4096).deep_pipeline  # 512 pages: table per step
+
+
+H100_DRAM_GBPS, H200_DRAM_GBPS = 3352, 4814  # hw.peak_dram_gbps on the device tool's H100 and H200
+
+
+def test_long_contiguous_tiles_take_a_deeper_pipeline_only_on_fast_memory():
+    # 4096+ positions per equal tile, at least DEEP_GBPS_PER_SM of peak DRAM bandwidth per SM
+    long_tiles, fast = _dims(16, 8, [4096] * 16), dict(dram_gbps=H200_DRAM_GBPS)
+    assert H100_DRAM_GBPS / 132 < decode_plan.DEEP_GBPS_PER_SM <= H200_DRAM_GBPS / 132
+    assert plan_persistent(long_tiles, 132, **fast).deep_pipeline
+    assert plan_persistent(_dims(64, 8, [16384] * 64), 132, **fast)[1:] == (
+        decode_plan.SHORT_BLOCK_N, 256, decode_plan.NUM_WARPS, False, 2, decode_plan.MERGE_ROWS_PER_WARP, True)
+    assert not plan_persistent(long_tiles, 132, dram_gbps=H100_DRAM_GBPS).deep_pipeline
+    assert not plan_persistent(long_tiles, 132).deep_pipeline  # bandwidth unknown: an H100's plan
+    assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, **fast).deep_pipeline  # short tiles
+    assert not plan_persistent(_dims(64, 8, [1024] * 64), 132, **fast).deep_pipeline  # one-warp programs
+    assert not plan_persistent(_dims(2, 8, [4096, 4000]), 132, chunk=4096, **fast).deep_pipeline  # unequal
+    assert not plan_persistent(long_tiles, 132, block_k=128, **fast).deep_pipeline  # 4 x 64 KB buffers
+    assert not plan_persistent(long_tiles, 132, shared_per_sm=100 * 1024, **fast).deep_pipeline  # smaller SMs
+    assert not plan_persistent(long_tiles._replace(quant="int8"), 132, **fast).deep_pipeline
+
+
+def test_minimal_launches_on_an_h200():
+    # The same launches as an H100's but for 4 stages at the contiguous shapes of 4096+ positions per tile
+    h100 = decode_launches.launches(sms=132, page_size=16)
+    h200 = decode_launches.launches(sms=132, page_size=16, dram_gbps=H200_DRAM_GBPS)
+    deep = {(shape, "contiguous") for shape in ("B4-L16384-uniform", "B16-L4096-uniform", "B16-L16384-uniform",
+                                                "B64-L4096-uniform", "B64-L16384-uniform")}
+    assert {key for key in h100 if h100[key] != h200[key]} == deep
+    assert all(h200[key] == (*h100[key][:3], decode_plan.LONG_TILE_STAGES, *h100[key][4:]) for key in deep)
 
 
 def test_plan_keeps_to_the_programs_an_sm_holds():

@@ -37,6 +37,7 @@ BAD = [  # (tool, argv, what stderr must say)
     ("decode_launches", ["--sms", "0"], ["--sms", "must be >= 1, got 0"]),
     ("decode_launches", ["--page-size", "-16"], ["--page-size", "must be >= 1, got -16"]),
     ("decode_launches", ["--gpu", "sm_1"], ["--gpu", "'sm_100', 'sm_120', 'sm_90'"]),
+    ("decode_launches", ["--dram-gbps", "0"], ["--dram-gbps", "must be >= 1, got 0"]),
     ("decode_launches", ["--shapes", "B2-L1-x"], ["--shapes", "unknown ['B2-L1-x']"]),
     ("expectations_from_run", ["missing.json"], ["run: no such file: missing.json"]),
     ("expectations_from_run", ["missing.json", "--metrics", "bogus"], ["--metrics", "'speedup_vs_anchor'"]),

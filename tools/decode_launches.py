@@ -4,8 +4,10 @@ for an H100-sized SM nothing compiled). With --registers each launch is also com
 (suite/kernel_ir.py, no GPU either, a few minutes): its register cap (the launcher's, "-" for
 none), registers per thread and stack bytes (spills show as a stack). --gpu sm_120 plans for a
 100 KB SM (GB10: --sms 48), which compiles the builds: how many share an SM decides the launch.
+--dram-gbps plans for a GPU of that peak DRAM bandwidth (H200: 4814; unset: planned as an H100).
 
-    python -m tools.decode_launches [--sms 132] [--gpu sm_90] [--page-size 16] [--registers] [--shapes B1-L4096-uniform ...]
+    python -m tools.decode_launches [--sms 132] [--gpu sm_90] [--dram-gbps 4814] [--page-size 16] [--registers]
+        [--shapes B1-L4096-uniform ...]
 
 Run it without TRITON_INTERPRET: the interpreter replaces the kernel whose launch this captures.
 """
@@ -39,11 +41,12 @@ def _inputs(lens, layout, page_size):
     return common | dict(k_cache=cache, v_cache=cache, block_table=table)
 
 
-def launches(sms, page_size, registers=False, shapes=None, gpu="sm_90"):
+def launches(sms, page_size, registers=False, shapes=None, gpu="sm_90", dram_gbps=None):
     """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps)} over the minimal profile's decode shapes
     (or those named in `shapes`) on the named GPU (suite.kernel_ir.GPUS); registers: each compiled for
-    it, with (cap, registers, stack bytes). Off an H100-sized SM the launcher's builds are compiled
-    anyway: how many share an SM decides the launch."""
+    it, with (cap, registers, stack bytes), on a GPU of dram_gbps peak DRAM bandwidth (None: an H100's
+    plan). Off an H100-sized SM the launcher's builds are compiled anyway: how many share an SM decides
+    the launch."""
     real_sms, real_resources = hw.num_sms, decode_attention.build_resources
     hw.num_sms = lambda device: sms
     if not registers and GPUS[gpu][1:] == GPUS["sm_90"][1:]:
@@ -58,7 +61,7 @@ def launches(sms, page_size, registers=False, shapes=None, gpu="sm_90"):
             for layout in ("contiguous", "paged"):
                 inputs = _inputs(lens, layout, page_size)
                 grids = []
-                with planned_for(gpu) as target:
+                with planned_for(gpu, dram_gbps) as target:
                     kernel, args, meta = capture_launch(decode_attention, "_persistent",
                                                         lambda: decode_attention.triton_persistent(**inputs)(), grids,
                                                         target)
@@ -81,6 +84,8 @@ def main():
     parser.add_argument("--page-size", type=positive_int, default=16)
     parser.add_argument("--gpu", choices=sorted(GPUS), default="sm_90",
                         help="plan for this GPU's shared memory and compile for it (sm_120: GB10, with --sms 48)")
+    parser.add_argument("--dram-gbps", type=positive_int, help="peak DRAM GB/s (H100 SXM 3352, H200 4814); "
+                        "unset: planned as an H100")
     parser.add_argument("--registers", action="store_true", help="compile each launch for --gpu: cap, registers, stack")
     parser.add_argument("--shapes", nargs="+", help="only these, e.g. B1-L4096-uniform B64-L1024-var")
     args = parser.parse_args()
@@ -92,7 +97,8 @@ def main():
         parser.error(f"run without {INTERPRET_ENV}=1: the launches it lists would not be the GPU's")
     columns = "shape               layout      grid  BLOCK_N  chunk  stages  warps"
     print(columns + ("  cap  regs  stack" if args.registers else ""))
-    for (shape, layout), launch in launches(args.sms, args.page_size, args.registers, args.shapes, args.gpu).items():
+    for (shape, layout), launch in launches(args.sms, args.page_size, args.registers, args.shapes, args.gpu,
+                                            args.dram_gbps).items():
         grid, block_n, chunk, stages, warps = launch[:5]
         line = f"{shape:19s} {layout:10s} {grid:5d} {block_n:8d} {chunk:6d} {stages:7d} {warps:6d}"
         if args.registers:
