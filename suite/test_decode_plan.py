@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import decode_plan
+from kernels import decode_plan, hw
 from kernels.decode_attention import DecodeDims
 from kernels.decode_plan import PersistentLaunch, plan_persistent
 from suite.interpreter import INTERPRET_ENV
@@ -111,6 +111,7 @@ def test_long_contiguous_tiles_take_a_deeper_pipeline_only_on_fast_memory():
         decode_plan.SHORT_BLOCK_N, 256, decode_plan.NUM_WARPS, False, 2, decode_plan.MERGE_ROWS_PER_WARP, True)
     assert not plan_persistent(long_tiles, 132, dram_gbps=H100_DRAM_GBPS).deep_pipeline
     assert not plan_persistent(long_tiles, 132).deep_pipeline  # bandwidth unknown: an H100's plan
+    assert hw.peak_dram_gbps("cpu") is None  # the interpreter's launches: unknown
     assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, **fast).deep_pipeline  # short tiles
     assert not plan_persistent(_dims(64, 8, [1024] * 64), 132, **fast).deep_pipeline  # one-warp programs
     assert not plan_persistent(_dims(2, 8, [4096, 4000]), 132, chunk=4096, **fast).deep_pipeline  # unequal
