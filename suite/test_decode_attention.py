@@ -155,6 +155,28 @@ def test_long_paged_tiles_take_a_deeper_pipeline(device):
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
 
 
+def test_long_contiguous_tiles_take_a_deeper_pipeline_on_fast_memory(device, monkeypatch):
+    # Equal contiguous tiles of LONG_TILE positions where DRAM serves DEEP_GBPS_PER_SM per SM (an
+    # H200's, set here on any GPU): LONG_TILE_STAGES, each sequence split in two and merged.
+    sms, chunk = hw.num_sms(device), decode_plan.LONG_TILE
+    monkeypatch.setattr(hw, "peak_dram_gbps", lambda _: decode_plan.DEEP_GBPS_PER_SM * sms)
+    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout="contiguous")
+    inputs = make_inputs(case, device)
+    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
+                                              None, None)
+    shared = hw.shared_memory_per_sm(device)  # an SM smaller than an H100's keeps NUM_STAGES
+    launch = decode_plan.plan_persistent(dims, sms, shared_per_sm=shared, dram_gbps=hw.peak_dram_gbps(device),
+                                         chunk=chunk)
+    assert launch.deep_pipeline == (shared >= decode_plan.SM_SHARED)
+    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
+
+
+@pytest.mark.requires_cuda
+def test_the_gpu_reports_its_peak_dram_bandwidth():
+    # 0 or junk would silently plan every GPU as an H100 (DEEP_GBPS_PER_SM): H100 SXM 3352, H200 4814
+    assert 100 < hw.peak_dram_gbps("cuda") < 50_000
+
+
 @pytest.mark.parametrize("variant", variant_params(FUSED_DEQUANT))
 @pytest.mark.parametrize("page_size,chunk,hoisted", [(1, 512, 0), (3, 64, 32), (5, 128, 32), (16, 128, 128)])
 def test_block_table_hoisted_or_loaded_per_step(variant, page_size, chunk, hoisted, device):
