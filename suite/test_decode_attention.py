@@ -141,32 +141,19 @@ def test_one_sequence_merges_many_partials(layout, device):
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_programs=sms)
 
 
-def test_long_paged_tiles_take_a_deeper_pipeline(device):
-    # Equal paged tiles of LONG_TILE positions, one per SM: LONG_TILE_STAGES (on an
-    # H100-class GPU, three K/V buffers), each sequence split in two and merged.
-    chunk = decode_plan.LONG_TILE
-    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout="paged")
+def test_long_equal_tiles_take_a_deeper_pipeline(layout, device, monkeypatch):
+    # Equal tiles of LONG_TILE positions: LONG_TILE_STAGES (three K/V buffers) where the SM is
+    # H100-sized, paged ones alone on their SM, contiguous ones where DRAM serves DEEP_GBPS_PER_SM per
+    # SM (an H200's, set here on any GPU); each sequence split in two and merged.
+    sms, chunk = hw.num_sms(device), decode_plan.LONG_TILE
+    monkeypatch.setattr(hw, "peak_dram_gbps", lambda _: decode_plan.DEEP_GBPS_PER_SM * sms)
+    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout=layout)
     inputs = make_inputs(case, device)
     dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
                                               inputs["block_table"], None)
     shared = hw.shared_memory_per_sm(device)  # an SM smaller than an H100's keeps NUM_STAGES
-    launch = decode_plan.plan_persistent(dims, hw.num_sms(device), case.page_size, shared_per_sm=shared, chunk=chunk)
-    assert launch.deep_pipeline == (shared >= decode_plan.SM_SHARED)
-    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
-
-
-def test_long_contiguous_tiles_take_a_deeper_pipeline_on_fast_memory(device, monkeypatch):
-    # Equal contiguous tiles of LONG_TILE positions where DRAM serves DEEP_GBPS_PER_SM per SM (an
-    # H200's, set here on any GPU): LONG_TILE_STAGES, each sequence split in two and merged.
-    sms, chunk = hw.num_sms(device), decode_plan.LONG_TILE
-    monkeypatch.setattr(hw, "peak_dram_gbps", lambda _: decode_plan.DEEP_GBPS_PER_SM * sms)
-    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout="contiguous")
-    inputs = make_inputs(case, device)
-    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
-                                              None, None)
-    shared = hw.shared_memory_per_sm(device)  # an SM smaller than an H100's keeps NUM_STAGES
-    launch = decode_plan.plan_persistent(dims, sms, shared_per_sm=shared, dram_gbps=hw.peak_dram_gbps(device),
-                                         chunk=chunk)
+    launch = decode_plan.plan_persistent(dims, sms, case.page_size if layout == "paged" else None,
+                                         shared_per_sm=shared, dram_gbps=hw.peak_dram_gbps(device), chunk=chunk)
     assert launch.deep_pipeline == (shared >= decode_plan.SM_SHARED)
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
 
