@@ -74,8 +74,12 @@ def test_oracle_catches_wrong_writes(fmt):
     check_write(inputs)  # a correct write passes
     slots = reference.prompt_slots(inputs["cu_seqlens"], inputs["block_table"], 16)
     cache = inputs["k_cache"].flatten(0, 1)
+    # One code off at the row's largest value, which every format stores exactly (+-QMAX once scaled):
+    # elsewhere a bf16 input can sit on a rounding tie, where either neighbour is a correct rounding
+    # (1 draw in ~100 flipped the last bit of such an fp8 code and passed).
+    largest = int(inputs["k"][7, 1].abs().argmax())
     wrong = {
-        "a value off": lambda: cache.view(BITS[cache.element_size()])[slots[7], 1, 3].bitwise_xor_(1),
+        "a value off": lambda: cache.view(BITS[cache.element_size()])[slots[7], 1, largest].sub_(1),
         "a token missing": lambda: cache[slots[44]].fill_(POISON[cache.dtype]),
         "a row beyond the prompt": lambda: cache[slots[44] + 1].copy_(cache[slots[44]]),
     }
