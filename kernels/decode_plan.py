@@ -70,6 +70,17 @@ LONG_TILE_STAGES = 4
 # 22.5 vs 22.4 (shorter tiles: left at 3). H100 (25 GB/s per SM): level or slower (B16-L4096 94.4 vs
 # 94.8, B16-L16384 349.0 vs 352.9), so it stays at 3 there.
 DEEP_GBPS_PER_SM = 30
+# On such memory, equal fp16/bf16 tiles of LONG_STEP_TILE positions or more, one per SM (contiguous, or
+# paged with hoisted tables), take K/V steps of LONG_BLOCK_N positions at NUM_STAGES: two 64 KB buffers
+# keep more bytes in flight than three of 32 KB. H200, three interleaved medians of 30 cold rounds,
+# us, plan (64-position steps, 4 stages at 4096+ positions) vs 128-position steps at 3 stages (SDPA on a
+# contiguous cache): paged B4-L4096 25.8 vs 24.6 (27.2), B4-L16384 75.1 vs 69.4 (72.6), B16-L1024 24.0
+# vs 22.9 (24.3), B16-L4096 73.0 vs 67.9 (68.2); contiguous B4-L4096 24.2 vs 23.8 (28.0), B4-L16384 68.3
+# vs 67.7 (71.8), B16-L1024 22.5 vs 22.0 (24.1), B16-L4096 66.8 vs 66.3 (68.3), B16-L16384 243.3 vs
+# 243.0 (246.0). 128 x 2 and 4 stages, 256 x 2, and 8 warps were slower (.dbg/s21/sweep2.log). On the
+# H100, paged B16-L4096 at 128 x 3 was no faster than 64 x 4 (notes/decode_attention.md, tenth session).
+LONG_BLOCK_N = 128
+LONG_STEP_TILE = 1024
 # Persistent grid = SM count x this at most for fp16/bf16 caches, except where tiles take
 # SHORT_BLOCK_N steps on up to SHORT_PROGRAMS_PER_SM per SM (below). 3 CTAs fit an SM at <= 72 KB of
 # shared memory and <= 168 registers x 128 threads each (suite/kernel_ir.py prints what a build
@@ -236,6 +247,7 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_
 
     paged = page_size is not None
     uniform = dims.min_len == dims.max_len
+    fast_memory = dram_gbps is not None and dram_gbps / sms >= DEEP_GBPS_PER_SM and shared_per_sm >= SM_SHARED
     if chunk is None and uniform:
         per_sm = 1 if dims.quant == "none" else QUANT_EQUAL_TILES_PER_SM
         chunk = max(choose_chunk(dims, sms, per_sm, longest_equal_tile(dims, page_size)),
@@ -243,13 +255,13 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_
     chunk = resolve_chunk(chunk, dims, sms, paged)
     max_tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.capacity, chunk)
     tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths
+    hoisted = dims.quant == "none" and paged and table_pages(chunk, page_size) > 0
     if num_programs is None:
         per_sm = at_most(PROGRAMS_PER_SM if dims.quant == "none" else QUANT_PROGRAMS_PER_SM)
         short_per_sm = at_most(SHORT_PROGRAMS_PER_SM)
         # Paged tiles count as equal only with their table hoisted: per-row table loads make a tile
         # latency-bound, and it gained from every program (H100, B16-L16384: 384 us on 396 programs
         # vs 402 on 264).
-        hoisted = dims.quant == "none" and paged and table_pages(chunk, page_size) > 0
         equal = uniform and (not paged or hoisted)
         num_programs = choose_programs(tiles, sms, per_sm, equal)
         if block_k is None and dims.quant == "none" and (not paged or hoisted) and tiles > num_programs:
@@ -266,13 +278,17 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     grid = min(num_programs, max_tiles)
     per_sm = triton.cdiv(grid, sms)
+    if (block_k is None and num_warps in (None, NUM_WARPS) and fast_memory and uniform and dims.quant == "none"
+            and (not paged or hoisted) and tiles <= grid and per_sm == 1
+            and min(chunk, dims.max_len) >= LONG_STEP_TILE):
+        block_k = LONG_BLOCK_N
     merge_rows = SINGLE_MERGE_ROWS_PER_WARP if dims.batch == 1 and per_sm == 1 else MERGE_ROWS_PER_WARP
     block_k = resolve_block_k(block_k, chunk, dims.quant)
     num_warps = NUM_WARPS if num_warps is None else num_warps
     long_tiles = (uniform and dims.quant == "none" and min(chunk, dims.max_len) >= LONG_TILE
                   and block_k <= BLOCK_N and shared_per_sm >= SM_SHARED)
     if paged:
-        deep = long_tiles and table_pages(chunk, page_size) > 0 and tiles <= grid and per_sm == 1
+        deep = long_tiles and hoisted and tiles <= grid and per_sm == 1
     else:
-        deep = long_tiles and num_warps > 1 and dram_gbps is not None and dram_gbps / sms >= DEEP_GBPS_PER_SM
+        deep = long_tiles and num_warps > 1 and fast_memory
     return PersistentLaunch(chunk, block_k, grid, num_warps, tiles <= grid, per_sm, merge_rows, deep)

@@ -140,7 +140,9 @@ def planned_for(gpu, dram_gbps=None):
 
 
 FAST_LONG = "contiguous, long equal tiles, one per SM, fast memory"
+FAST_LONG_PAGED = "paged, long equal tiles, one per SM, fast memory"
 FAST_LONG_SHORT_STEPS = "contiguous, long equal tiles, short steps, fast memory"
+FAST_MEMORY = (FAST_LONG, FAST_LONG_PAGED, FAST_LONG_SHORT_STEPS)
 
 
 def decode_attention_builds(gpu="sm_90"):
@@ -155,8 +157,8 @@ def decode_attention_builds(gpu="sm_90"):
     of 3 per SM (4 per SM); paged on one program (many tiles per program); paged with one-position
     pages, whose tiles have too many pages to hoist their block-table entries (one table load per
     step); paged with equal tiles of LONG_TILE positions, one per SM (a deeper pipeline); and on
-    memory of DEEP_GBPS_PER_SM per SM (an H200's), contiguous equal tiles of LONG_TILE positions, one
-    per SM and, in short steps, two per SM (deeper pipelines too).
+    memory of DEEP_GBPS_PER_SM per SM (an H200's), equal tiles of LONG_TILE positions, one per SM
+    (both layouts: long steps) and contiguous ones in short steps, two per SM (a deeper pipeline).
     Planned and compiled for the named GPU (GPUS), on hw.num_sms("cpu") SMs; the case names say what
     an H100 gets (a smaller SM may plan them differently)."""
     from kernels import decode_attention, decode_plan
@@ -179,11 +181,12 @@ def decode_attention_builds(gpu="sm_90"):
                                                ("paged, long equal tiles, one per SM", (4096,) * 2, "paged", None,
                                                 16),
                                                (FAST_LONG, (4096,) * 2, "contiguous", None, 16),
+                                               (FAST_LONG_PAGED, (4096,) * 2, "paged", None, 16),
                                                (FAST_LONG_SHORT_STEPS, (4096,) * 8, "contiguous", None, 16)):
         case = DecodeCase(lens, 8, 2, 128, torch.bfloat16, layout, page_size=page)
         inputs = make_inputs(case, "cpu")
         grids = []
-        fast = name in (FAST_LONG, FAST_LONG_SHORT_STEPS)
+        fast = name in FAST_MEMORY
         with planned_for(gpu, decode_plan.DEEP_GBPS_PER_SM * hw.num_sms("cpu") if fast else None) as target:
             kernel, args, meta = capture_launch(
                 decode_attention, "_persistent",

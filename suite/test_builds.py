@@ -14,7 +14,7 @@ import pytest
 from kernels import decode_plan
 from kernels.prefill_attention import TILE
 from suite.interpreter import INTERPRET_ENV
-from suite.kernel_ir import FAST_LONG, FAST_LONG_SHORT_STEPS, GPUS
+from suite.kernel_ir import FAST_LONG, FAST_LONG_PAGED, FAST_LONG_SHORT_STEPS, GPUS
 
 SMALL_SM = "sm_120"
 
@@ -41,11 +41,12 @@ def test_persistent_builds_prefetch_and_fit():
     # so 3 stages give two, as for a contiguous cache. A tile with too many pages to hoist loads its
     # table every step, and the pipeliner gives that load a stage of its own: one-wave launches of
     # those use 5 stages. Long equal paged tiles alone on their SM take a third buffer (4 stages), and
-    # so do long equal contiguous tiles on fast memory (one or two per SM).
+    # so do long equal contiguous tiles two per SM on fast memory; alone on their SM there, both
+    # layouts take two buffers of LONG_BLOCK_N positions.
     builds = _builds("sm_90")["decode_attention"]
     da = decode_plan
     per_step, deep = "paged, table per step, one wave", "paged, long equal tiles, one per SM"
-    deeper = {deep, FAST_LONG, FAST_LONG_SHORT_STEPS}
+    deeper, long_steps = {deep, FAST_LONG_SHORT_STEPS}, {FAST_LONG, FAST_LONG_PAGED}
     assert {c: b["table_pages"] > 0 for c, b in builds.items()} == {c: c.startswith("paged") and c != per_step
                                                                     for c in builds}
     stages = {per_step: da.PAGED_ONE_WAVE_STAGES} | {c: da.LONG_TILE_STAGES for c in deeper}
@@ -60,11 +61,13 @@ def test_persistent_builds_prefetch_and_fit():
     assert builds["contiguous, equal tiles, short steps"]["block_n"] == da.SHORT_BLOCK_N
     unequal = builds["contiguous, unequal tiles, short steps"]  # a program per tile, one wave
     assert (unequal["block_n"], unequal["programs_per_sm"]) == (da.SHORT_BLOCK_N, da.SHORT_PROGRAMS_PER_SM), unequal
-    assert {b["block_n"] for c, b in builds.items() if "short steps" not in c} == {da.BLOCK_N}
+    assert {b["block_n"] for c, b in builds.items() if "short steps" not in c and c not in long_steps} == {da.BLOCK_N}
+    assert {c: (b["block_n"], b["programs_per_sm"]) for c, b in builds.items() if c in long_steps} == {
+        c: (da.LONG_BLOCK_N, 1) for c in long_steps}
     one_warp = builds["contiguous, equal tiles, short steps, one warp"]  # short tiles, one wave of 4 per SM
     assert (one_warp["block_n"], one_warp["warps"], one_warp["programs_per_sm"]) == (da.SHORT_BLOCK_N, 1, 4), one_warp
     assert {b["warps"] for c, b in builds.items() if not c.endswith("one warp")} == {da.NUM_WARPS}
-    assert builds[deep]["programs_per_sm"] == builds[FAST_LONG]["programs_per_sm"] == 1
+    assert builds[deep]["programs_per_sm"] == 1
     fast_short = builds[FAST_LONG_SHORT_STEPS]
     assert (fast_short["block_n"], fast_short["programs_per_sm"]) == (da.SHORT_BLOCK_N, 2), fast_short
 

@@ -141,20 +141,40 @@ def test_one_sequence_merges_many_partials(layout, device):
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_programs=sms)
 
 
-def test_long_equal_tiles_take_a_deeper_pipeline(layout, device, monkeypatch):
-    # Equal tiles of LONG_TILE positions: LONG_TILE_STAGES (three K/V buffers) where the SM is
-    # H100-sized, paged ones alone on their SM, contiguous ones where DRAM serves DEEP_GBPS_PER_SM per
-    # SM (an H200's, set here on any GPU); each sequence split in two and merged.
-    sms, chunk = hw.num_sms(device), decode_plan.LONG_TILE
+def _fast_memory_launch(case, device, monkeypatch, **knobs):
+    # triton_persistent's plan for case where DRAM serves DEEP_GBPS_PER_SM per SM (an H200's, set
+    # here on any GPU and in the interpreter)
+    sms = hw.num_sms(device)
     monkeypatch.setattr(hw, "peak_dram_gbps", lambda _: decode_plan.DEEP_GBPS_PER_SM * sms)
-    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout=layout)
     inputs = make_inputs(case, device)
     dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
                                               inputs["block_table"], None)
-    shared = hw.shared_memory_per_sm(device)  # an SM smaller than an H100's keeps NUM_STAGES
-    launch = decode_plan.plan_persistent(dims, sms, case.page_size if layout == "paged" else None,
-                                         shared_per_sm=shared, dram_gbps=hw.peak_dram_gbps(device), chunk=chunk)
-    assert launch.deep_pipeline == (shared >= decode_plan.SM_SHARED)
+    return decode_plan.plan_persistent(dims, sms, case.page_size if case.layout == "paged" else None,
+                                       shared_per_sm=hw.shared_memory_per_sm(device),
+                                       dram_gbps=hw.peak_dram_gbps(device), **knobs)
+
+
+def test_long_equal_tiles_take_a_deeper_pipeline(layout, device, monkeypatch):
+    # Equal tiles of LONG_TILE positions in BLOCK_N steps: LONG_TILE_STAGES (three K/V buffers) where
+    # the SM is H100-sized, paged ones alone on their SM, contiguous ones on fast memory; each
+    # sequence split in two and merged.
+    chunk, block_k = decode_plan.LONG_TILE, decode_plan.BLOCK_N
+    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout=layout)
+    launch = _fast_memory_launch(case, device, monkeypatch, chunk=chunk, block_k=block_k)
+    # an SM smaller than an H100's keeps NUM_STAGES
+    assert launch.deep_pipeline == (hw.shared_memory_per_sm(device) >= decode_plan.SM_SHARED)
+    _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk, block_k=block_k)
+
+
+def test_one_long_tile_per_sm_takes_long_steps_on_fast_memory(layout, device, monkeypatch):
+    # Equal tiles of LONG_STEP_TILE positions, one per program and SM, on fast memory: LONG_BLOCK_N
+    # steps at NUM_STAGES where the SM is H100-sized; each sequence split in two and merged.
+    chunk = decode_plan.LONG_STEP_TILE
+    case = DecodeCase((2 * chunk,) * 2, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.bfloat16, layout=layout)
+    launch = _fast_memory_launch(case, device, monkeypatch, chunk=chunk)
+    assert launch.grid == 4 and launch.programs_per_sm == 1 and not launch.deep_pipeline
+    full_sm = hw.shared_memory_per_sm(device) >= decode_plan.SM_SHARED
+    assert launch.block_k == (decode_plan.LONG_BLOCK_N if full_sm else decode_plan.BLOCK_N)
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
 
 

@@ -103,30 +103,59 @@ H100_DRAM_GBPS, H200_DRAM_GBPS = 3352, 4814  # hw.peak_dram_gbps on the device t
 
 
 def test_long_contiguous_tiles_take_a_deeper_pipeline_only_on_fast_memory():
-    # 4096+ positions per equal tile, at least DEEP_GBPS_PER_SM of peak DRAM bandwidth per SM
-    long_tiles, fast = _dims(16, 8, [4096] * 16), dict(dram_gbps=H200_DRAM_GBPS)
+    # 4096+ positions per equal tile in steps of at most BLOCK_N, at least DEEP_GBPS_PER_SM of peak
+    # DRAM bandwidth per SM
+    long_tiles, fast = _dims(16, 8, [4096] * 16), dict(dram_gbps=H200_DRAM_GBPS, block_k=decode_plan.BLOCK_N)
     assert H100_DRAM_GBPS / 132 < decode_plan.DEEP_GBPS_PER_SM <= H200_DRAM_GBPS / 132
     assert plan_persistent(long_tiles, 132, **fast).deep_pipeline
-    assert plan_persistent(_dims(64, 8, [16384] * 64), 132, **fast)[1:] == (
+    assert plan_persistent(_dims(64, 8, [16384] * 64), 132, dram_gbps=H200_DRAM_GBPS)[1:] == (
         decode_plan.SHORT_BLOCK_N, 256, decode_plan.NUM_WARPS, False, 2, decode_plan.MERGE_ROWS_PER_WARP, True)
     assert not plan_persistent(long_tiles, 132, dram_gbps=H100_DRAM_GBPS).deep_pipeline
     assert not plan_persistent(long_tiles, 132).deep_pipeline  # bandwidth unknown: an H100's plan
     assert hw.peak_dram_gbps("cpu") is None  # the interpreter's launches: unknown
     assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, **fast).deep_pipeline  # short tiles
-    assert not plan_persistent(_dims(64, 8, [1024] * 64), 132, **fast).deep_pipeline  # one-warp programs
+    assert not plan_persistent(_dims(64, 8, [1024] * 64), 132, dram_gbps=H200_DRAM_GBPS).deep_pipeline  # one warp
     assert not plan_persistent(_dims(2, 8, [4096, 4000]), 132, chunk=4096, **fast).deep_pipeline  # unequal
-    assert not plan_persistent(long_tiles, 132, block_k=128, **fast).deep_pipeline  # 4 x 64 KB buffers
+    assert not plan_persistent(long_tiles, 132, dram_gbps=H200_DRAM_GBPS, block_k=128).deep_pipeline  # 4 x 64 KB
     assert not plan_persistent(long_tiles, 132, shared_per_sm=100 * 1024, **fast).deep_pipeline  # smaller SMs
     assert not plan_persistent(long_tiles._replace(quant="int8"), 132, **fast).deep_pipeline
 
 
+def test_one_long_tile_per_sm_takes_long_steps_only_on_fast_memory():
+    # equal fp16/bf16 tiles of LONG_STEP_TILE+ positions, one per SM, at least DEEP_GBPS_PER_SM per SM:
+    # LONG_BLOCK_N steps at NUM_STAGES, contiguous or paged with hoisted tables
+    fast = dict(dram_gbps=H200_DRAM_GBPS)
+    for dims in (_dims(16, 8, [1024] * 16), _dims(4, 8, [4096] * 4), _dims(16, 8, [4096] * 16)):
+        for page_size in (None, 16):
+            assert plan_persistent(dims, 132, page_size, **fast)[1:3] == (decode_plan.LONG_BLOCK_N, 128)
+            assert not plan_persistent(dims, 132, page_size, **fast).deep_pipeline
+            assert plan_persistent(dims, 132, page_size, dram_gbps=H100_DRAM_GBPS).block_k == decode_plan.BLOCK_N
+    one_per_sm = _dims(4, 8, [4096] * 4)
+    assert plan_persistent(one_per_sm, 132).block_k == decode_plan.BLOCK_N  # bandwidth unknown
+    assert plan_persistent(_dims(4, 8, [1024] * 4), 132, **fast).block_k == decode_plan.BLOCK_N  # 256-position tiles
+    assert plan_persistent(_dims(64, 8, [4096] * 64), 132, **fast).block_k == decode_plan.SHORT_BLOCK_N  # 2 per SM
+    assert plan_persistent(_dims(2, 8, [4096, 4000]), 132, chunk=4096, **fast).block_k == decode_plan.BLOCK_N
+    assert plan_persistent(one_per_sm, 132, shared_per_sm=100 * 1024, **fast).block_k == decode_plan.BLOCK_N
+    assert plan_persistent(one_per_sm._replace(quant="int8"), 132, **fast).block_k == decode_plan.QUANT_BLOCK_N
+    per_step_table = plan_persistent(one_per_sm, 132, page_size=1, chunk=1024, **fast)  # 1024 pages a tile
+    assert per_step_table.block_k == decode_plan.BLOCK_N
+    assert plan_persistent(one_per_sm, 132, num_warps=8, **fast).block_k == decode_plan.BLOCK_N  # knobs given: kept
+    assert plan_persistent(one_per_sm, 132, block_k=32, **fast).block_k == 32
+
+
 def test_minimal_launches_on_an_h200():
-    # The same launches as an H100's but for 4 stages at the contiguous shapes of 4096+ positions per tile
+    # An H100's launches but for two rules on fast memory: 128-position steps at NUM_STAGES for tiles
+    # of 1024+ positions alone on their SM (both layouts), 4 stages for the contiguous ones of 4096+
+    # positions two per SM
     h100 = decode_launches.launches(sms=132, page_size=16)
     h200 = decode_launches.launches(sms=132, page_size=16, dram_gbps=H200_DRAM_GBPS)
-    deep = {(shape, "contiguous") for shape in ("B4-L16384-uniform", "B16-L4096-uniform", "B16-L16384-uniform",
-                                                "B64-L4096-uniform", "B64-L16384-uniform")}
-    assert {key for key in h100 if h100[key] != h200[key]} == deep
+    long_steps = {(shape, layout) for shape in ("B1-L16384-uniform", "B4-L4096-uniform", "B4-L16384-uniform",
+                                                "B16-L1024-uniform", "B16-L4096-uniform")
+                  for layout in ("contiguous", "paged")} | {("B16-L16384-uniform", "contiguous")}
+    deep = {("B64-L4096-uniform", "contiguous"), ("B64-L16384-uniform", "contiguous")}
+    assert {key for key in h100 if h100[key] != h200[key]} == long_steps | deep
+    assert all(h200[key] == (h100[key][0], decode_plan.LONG_BLOCK_N, h100[key][2], decode_plan.NUM_STAGES,
+                             *h100[key][4:]) for key in long_steps)
     assert all(h200[key] == (*h100[key][:3], decode_plan.LONG_TILE_STAGES, *h100[key][4:]) for key in deep)
 
 
