@@ -65,19 +65,19 @@ LONG_TILE_STAGES = 4
 # Equal contiguous tiles of LONG_TILE positions or more take the same 4 stages where the GPU's
 # peak DRAM bandwidth per SM (hw.peak_dram_gbps / SMs) reaches DEEP_GBPS_PER_SM: each SM must keep
 # more bytes in flight to draw its share. H200 (37 GB/s per SM), three interleaved medians, 3 vs 4
-# stages, us (SDPA): B16-L4096 69.0 vs 66.8 (68.7), B16-L16384 255.0 vs 243.3 (245.8), B64-L4096 253.1
-# vs 245.9 (247.5), B64-L16384 983.3 vs 950.3 (956.5); one-warp B64-L1024 66.7 vs 67.9 and B16-L1024
-# 22.5 vs 22.4 (shorter tiles: left at 3). H100 (25 GB/s per SM): level or slower (B16-L4096 94.4 vs
-# 94.8, B16-L16384 349.0 vs 352.9), so it stays at 3 there.
+# stages, us: B16-L4096 69.0 vs 66.8, B16-L16384 255.0 vs 243.3, B64-L4096 253.1 vs 245.9, B64-L16384
+# 983.3 vs 950.3; one-warp B64-L1024 66.7 vs 67.9 and B16-L1024 22.5 vs 22.4 (shorter tiles: left at
+# 3). H100 (25 GB/s per SM): level or slower (B16-L4096 94.4 vs 94.8, B16-L16384 349.0 vs 352.9), so it
+# stays at 3 there.
 DEEP_GBPS_PER_SM = 30
 # On such memory, equal fp16/bf16 tiles of LONG_STEP_TILE positions or more, one per SM (contiguous, or
-# paged with hoisted tables), take K/V steps of LONG_BLOCK_N positions at NUM_STAGES: two 64 KB buffers
-# keep more bytes in flight than three of 32 KB. H200, three interleaved medians of 30 cold rounds,
-# us, plan (64-position steps, 4 stages at 4096+ positions) vs 128-position steps at 3 stages (SDPA on a
-# contiguous cache): paged B4-L4096 25.8 vs 24.6 (27.2), B4-L16384 75.1 vs 69.4 (72.6), B16-L1024 24.0
-# vs 22.9 (24.3), B16-L4096 73.0 vs 67.9 (68.2); contiguous B4-L4096 24.2 vs 23.8 (28.0), B4-L16384 68.3
-# vs 67.7 (71.8), B16-L1024 22.5 vs 22.0 (24.1), B16-L4096 66.8 vs 66.3 (68.3), B16-L16384 243.3 vs
-# 243.0 (246.0). 128 x 2 and 4 stages, 256 x 2, and 8 warps were slower (.dbg/s21/sweep2.log). On the
+# paged with hoisted tables), take K/V steps of LONG_BLOCK_N positions at NUM_STAGES instead: two 64 KB
+# buffers keep more bytes in flight than three of 32 KB. H200, five interleaved medians of 30 cold
+# rounds, us, 64-position steps (4 stages at 4096+ positions) vs 128 at 3 stages: paged B4-L4096 25.6
+# vs 24.4, B4-L16384 75.0 vs 69.5, B16-L1024 23.9 vs 22.8, B16-L4096 73.6 vs 67.9; contiguous B1-L16384
+# 23.9 vs 23.5, B4-L4096 24.2 vs 23.7, B4-L16384 68.4 vs 67.8, B16-L1024 22.5 vs 22.0, B16-L4096 66.4
+# vs 66.2, B16-L16384 243.1 vs 242.8. 128 x 2 or 4 stages, 256 x 2 and 8 warps were slower, and so were
+# 128-position steps on tiles of 256 positions (B1-L4096 12.5 vs 12.8, paged 12.7 vs 13.5). On the
 # H100, paged B16-L4096 at 128 x 3 was no faster than 64 x 4 (notes/decode_attention.md, tenth session).
 LONG_BLOCK_N = 128
 LONG_STEP_TILE = 1024
