@@ -9,8 +9,9 @@ import warnings
 import torch
 
 from kernels import paged_read
-from kernels.sdpa_decode import BACKENDS
+from kernels.sdpa_decode import BACKENDS, sdpa
 from suite import reference
+from suite.decode_cases import check_output
 from suite.timing import measure
 
 
@@ -55,6 +56,16 @@ def sdpa_backends(make_launch, check, device, rounds, cold=True):
         timed[backend] = (launch, measure(timed_part(launch), device=device, rounds=rounds, cold=cold)
                           if device.type == "cuda" else 0.0)
     return timed
+
+
+def fastest_decode_sdpa(inputs, device, rounds, **options):
+    """(backend, launch, seconds) of the fastest SDPA backend that runs these decode inputs correctly,
+    timed as the decode benchmark times its anchor: no out= (SDPA allocates what it returns, and a
+    copy into out would be timed too); options go to kernels.sdpa_decode.sdpa."""
+    timed = sdpa_backends(lambda backend: sdpa(**inputs, backend=backend, **options),
+                          lambda out: check_output(out, inputs), device, rounds)
+    backend = min(timed, key=lambda b: timed[b][1])
+    return backend, *timed[backend]
 
 
 def check_partial_sums(partials, inputs):

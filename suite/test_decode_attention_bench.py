@@ -20,7 +20,7 @@ from suite import reference
 from suite.decode_cases import (LAYOUTS, NATIVE, PLANTED_LOGIT, VARIANTS, DecodeCase, block_edges, check_output,
                                 checked, make_case_tensors, make_inputs, plant_block_edges, poisoned_out, quant_params,
                                 quantization_loss, seeded_lengths)
-from suite.anchors import paged_read_floor, sdpa_backends
+from suite.anchors import fastest_decode_sdpa, paged_read_floor
 from suite.timing import measure, run_benchmark
 
 pytestmark = pytest.mark.decode
@@ -97,23 +97,14 @@ def _planted_inputs(case, device):
     return inputs
 
 
-def _fastest_sdpa(inputs, device, rounds, **options):
-    """(backend, launch, seconds) of the fastest SDPA backend that runs these inputs correctly."""
-    timed = sdpa_backends(lambda backend: VARIANTS[ANCHOR](**inputs, backend=backend, **options),
-                          lambda out: check_output(out, inputs), device, rounds)
-    timed = [(seconds, backend, launch) for backend, (launch, seconds) in timed.items()]
-    seconds, backend, launch = min(timed, key=lambda t: t[0])
-    return backend, launch, seconds
-
-
 def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf, rounds, pytestconfig):
     name, launcher = decode_variant
     gate_id = f"{WORKLOAD}/{name}/{layout}/{shape}"
     perf.skip_if_not_applicable(gate_id)
     case = shape.case(layout, pytestconfig.getoption("page_size"))
     inputs = _planted_inputs(case, device)
-    if name == ANCHOR:  # SDPA allocates what it returns: an out= would time a copy into it too
-        backend, launch, _ = _fastest_sdpa(inputs, device, rounds)
+    if name == ANCHOR:
+        backend, launch, _ = fastest_decode_sdpa(inputs, device, rounds)
         benchmark.extra_info["sdpa_backend"] = backend
     else:
         launch = launcher(**inputs, out=poisoned_out(inputs))
@@ -122,7 +113,7 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
 
     def anchor_seconds():
         anchor_inputs = inputs if layout == "contiguous" else _planted_inputs(shape.case("contiguous", 1), device)
-        return _fastest_sdpa(anchor_inputs, device, rounds)[2]
+        return fastest_decode_sdpa(anchor_inputs, device, rounds)[2]
 
     if name == ANCHOR:  # no speedup for the anchor itself; it is the variants' baseline
         perf.set_baseline(WORKLOAD, str(shape), seconds)
@@ -140,7 +131,7 @@ def test_decode_attention(benchmark, decode_variant, layout, shape, device, perf
     if layout == "paged" and device.type == "cuda":  # below 1: the fraction of the paged-read floor reached
         speedups["paged_read"] = perf.baseline(f"{WORKLOAD}/paged_read", str(shape),
                                                lambda: paged_read_floor(inputs, device, rounds))
-        speedups["gathered_sdpa"] = perf.baseline(f"{WORKLOAD}/gathered_sdpa", str(shape), lambda: _fastest_sdpa(
+        speedups["gathered_sdpa"] = perf.baseline(f"{WORKLOAD}/gathered_sdpa", str(shape), lambda: fastest_decode_sdpa(
             inputs, device, rounds, gather_in_launch=True)[2])
     perf.record(benchmark, gate_id, seconds, shape=dict(variant=name, layout=layout, case=str(shape),
                                                          seq_lens_sum=sum(case.seq_lens)),

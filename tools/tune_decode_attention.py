@@ -17,9 +17,8 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from kernels import decode_attention as da, decode_plan, hw
-from kernels.sdpa_decode import sdpa
-from suite.anchors import paged_read_floor, sdpa_backends
-from suite.decode_cases import DecodeCase, check_output, checked, make_inputs, plant_block_edges, seeded_lengths
+from suite.anchors import fastest_decode_sdpa, paged_read_floor
+from suite.decode_cases import DecodeCase, checked, make_inputs, plant_block_edges, seeded_lengths
 from suite.timing import measure
 from tools._args import decode_shape, require_cuda
 
@@ -48,12 +47,10 @@ def _bind(inputs, stages, **knobs):
 
 
 def _sdpa_seconds(case):
-    # SDPA on a contiguous cache of the same lengths, without out= (a copy into it would be timed too)
+    # SDPA on a contiguous cache of the same lengths
     dense = make_inputs(DecodeCase(case.seq_lens, case.q_heads, case.kv_heads, case.head_dim, case.dtype,
                                    "contiguous"), "cuda")
-    timed = sdpa_backends(lambda backend: sdpa(**dense, backend=backend), lambda out: check_output(out, dense),
-                          torch.device("cuda"), ROUNDS)
-    return min(seconds for _, seconds in timed.values())
+    return fastest_decode_sdpa(dense, torch.device("cuda"), ROUNDS)[2]
 
 
 def tune(batch, length, layout, quant):
