@@ -178,6 +178,32 @@ def test_one_long_tile_per_sm_takes_long_steps_on_fast_memory(layout, device, mo
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
 
 
+def test_a_program_per_whole_sequence(layout, device):
+    # A chunk that holds the cache's capacity and a program per (sequence, KV head): each program takes
+    # its tile without the work list and, paged, loads its block-table row whole. The entries past a
+    # sequence's pages are loaded too: here they name a page far outside the cache, which must never
+    # be read. Then the lengths advance in place (a decode loop's replay) and the launch runs again.
+    case = DecodeCase((1, 54, 97, 200), q_heads=6, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout,
+                      spare=40)
+    inputs = make_inputs(case, device)
+    if layout == "paged":
+        inputs["block_table"] = torch.where(inputs["block_table"] < 0, 2**31 - 1, inputs["block_table"])
+    knobs = dict(chunk=256, num_programs=2 * len(case.seq_lens))
+    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
+                                              inputs["block_table"], None)
+    page_size = case.page_size if layout == "paged" else None
+    assert decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, **knobs).tile_per_program
+    out = poisoned_out(inputs)
+    launch = decode_attention.triton_persistent(**inputs, out=out, **knobs)
+    launch()
+    check_output(out, inputs)
+    # to the end of each sequence's last page: (16, 64, 112, 208), within the contiguous capacity (240) too
+    inputs["seq_lens"].copy_((inputs["seq_lens"] + case.page_size - 1) // case.page_size * case.page_size)
+    out.fill_(float("nan"))
+    launch()
+    check_output(out, inputs)
+
+
 @pytest.mark.requires_cuda
 def test_the_gpu_reports_its_peak_dram_bandwidth():
     # 0 or junk would silently plan every GPU as an H100 (DEEP_GBPS_PER_SM): H100 SXM 3352, H200 4814

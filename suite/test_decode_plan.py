@@ -73,7 +73,7 @@ def test_minimal_launches_on_an_h100():
     assert len(launches) == 48
     assert launches["B64-L4096-uniform", "contiguous"][:2] == (256, da.SHORT_BLOCK_N)  # 2 equal tiles each
     # short equal tiles: a one-warp program each (ONE_WARP_MAX_TILE); every other launch has NUM_WARPS
-    assert launches["B64-L1024-uniform", "contiguous"] == (512, da.SHORT_BLOCK_N, 2048, da.NUM_STAGES, 1)
+    assert launches["B64-L1024-uniform", "contiguous"] == (512, da.SHORT_BLOCK_N, 2048, da.NUM_STAGES, 1, True)
     assert {key for key, launch in launches.items() if launch[4] != da.NUM_WARPS} == {("B64-L1024-uniform",
                                                                                        "contiguous")}
     assert launches["B64-L1024-uniform", "paged"][:2] == (512, da.SHORT_BLOCK_N)  # every tile resident
@@ -84,6 +84,11 @@ def test_minimal_launches_on_an_h100():
     assert {key for key, launch in launches.items() if launch[3] != da.NUM_STAGES} == {
         ("B16-L4096-uniform", "paged"), ("B4-L16384-uniform", "paged")}
     assert launches["B4-L16384-uniform", "paged"][:4] == (128, da.BLOCK_N, 4096, da.LONG_TILE_STAGES)
+    # a program per whole sequence and KV head: no work list
+    whole = {(shape, layout) for shape in ("B16-L1024-uniform", "B16-L4096-uniform", "B64-L1024-uniform",
+                                           "B64-L1024-var") for layout in ("contiguous", "paged")}
+    whole |= {("B16-L16384-uniform", "contiguous"), ("B64-L4096-uniform", "paged"), ("B16-L1024-var", "contiguous")}
+    assert {key for key, launch in launches.items() if launch[5]} == whole
 
 
 def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():
@@ -109,7 +114,7 @@ def test_long_contiguous_tiles_take_a_deeper_pipeline_only_on_fast_memory():
     assert H100_DRAM_GBPS / 132 < decode_plan.DEEP_GBPS_PER_SM <= H200_DRAM_GBPS / 132
     assert plan_persistent(long_tiles, 132, **fast).deep_pipeline
     assert plan_persistent(_dims(64, 8, [16384] * 64), 132, dram_gbps=H200_DRAM_GBPS)[1:] == (
-        decode_plan.SHORT_BLOCK_N, 256, decode_plan.NUM_WARPS, False, 2, decode_plan.MERGE_ROWS_PER_WARP, True)
+        decode_plan.SHORT_BLOCK_N, 256, decode_plan.NUM_WARPS, False, 2, decode_plan.MERGE_ROWS_PER_WARP, True, False)
     assert not plan_persistent(long_tiles, 132, dram_gbps=H100_DRAM_GBPS).deep_pipeline
     assert not plan_persistent(long_tiles, 132).deep_pipeline  # bandwidth unknown: an H100's plan
     assert hw.peak_dram_gbps("cpu") is None  # the interpreter's launches: unknown
@@ -159,6 +164,22 @@ def test_minimal_launches_on_an_h200():
     assert all(h200[key] == (*h100[key][:3], decode_plan.LONG_TILE_STAGES, *h100[key][4:]) for key in deep)
 
 
+def test_a_program_per_whole_sequence_only_where_any_lengths_keep_it_so():
+    # tile_per_program: the chunk holds the cache's capacity, so any lengths make one tile per sequence
+    # and KV head, and the grid has a program for each
+    for page_size in (None, 16):
+        assert plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size).tile_per_program  # 128 programs
+        assert plan_persistent(_dims(16, 8, [100, 1024] * 8), 132, page_size, chunk=1024).tile_per_program
+        assert not plan_persistent(_dims(1, 8, [4096]), 132, page_size).tile_per_program  # 16 chunks each
+        assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, chunk=512).tile_per_program
+        assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, num_programs=64).tile_per_program
+        # lengths within one chunk but a capacity beyond it: a later length may need two
+        spare = _dims(16, 8, [1024] * 16)._replace(capacity=2048)
+        assert not plan_persistent(spare, 132, page_size, chunk=1024).tile_per_program
+        assert plan_persistent(spare, 132, page_size, chunk=2048).tile_per_program
+    assert not plan_persistent(_dims(64, 8, [4096] * 64), 132).tile_per_program  # 512 tiles on 256 programs
+
+
 def test_plan_keeps_to_the_programs_an_sm_holds():
     # max_programs_per_sm: what the launcher found an SM's shared memory holds of the build
     sms = 132
@@ -178,7 +199,8 @@ def test_plan_keeps_to_the_programs_an_sm_holds():
 def test_plan_of_one_sequence_splits_it_over_the_sms():
     # B1-L4096, Hkv 8: 16 chunks of 256 per KV head, a program each on 128 of 132 SMs, merged in-kernel
     assert plan_persistent(_dims(1, 8, [4096]), 132) == PersistentLaunch(
-        256, decode_plan.BLOCK_N, 128, decode_plan.NUM_WARPS, True, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP, False)
+        256, decode_plan.BLOCK_N, 128, decode_plan.NUM_WARPS, True, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP, False,
+        False)
     paged = plan_persistent(_dims(1, 8, [4096]), 132, page_size=16)
     assert (paged.chunk, paged.grid, paged.one_wave) == (256, 128, True)
 
@@ -186,7 +208,8 @@ def test_plan_of_one_sequence_splits_it_over_the_sms():
 def test_plan_keeps_the_knobs_given():
     dims = _dims(1, 8, [4096])
     assert plan_persistent(dims, 132, chunk=512, block_k=32, num_programs=7, num_warps=2) == \
-        PersistentLaunch(512, 32, 7, 2, False, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP, False)  # 64 tiles, 7 programs
+        PersistentLaunch(512, 32, 7, 2, False, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP, False,
+                         False)  # 64 tiles, 7 programs
     assert plan_persistent(dims, 132, chunk=512, num_programs=10_000).grid == 64  # no more programs than tiles
 
 
@@ -209,8 +232,8 @@ def test_launch_list_compiles_each_launch_and_reports_its_registers():
     assert run.returncode == 0, run.stderr
     header, *rows = [line.split() for line in run.stdout.splitlines()]
     assert header[-3:] == ["cap", "regs", "stack"]
-    assert [(row[1], row[7], row[9]) for row in rows] == [("contiguous", "-", "0"), ("paged", "-", "0")]
-    assert all(int(row[8]) > 128 for row in rows), rows
+    assert [(row[1], row[8], row[10]) for row in rows] == [("contiguous", "-", "0"), ("paged", "-", "0")]
+    assert all(int(row[9]) > 128 for row in rows), rows
 
 
 def test_launches_on_a_100kb_sm_are_one_wave():
