@@ -61,14 +61,14 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
                   GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_POW2: tl.constexpr,
                   TABLE_PAGES: tl.constexpr = 0,  # 0 for the loops of kernels/decode_loop.py, paged_offload.py
-                  WHOLE_ROW: tl.constexpr = False, table_width=0):
+                  WIDTH_BOUND: tl.constexpr = False, table_width=0):
     # The GROUP query heads of KV head `kvh` over positions [start, end) of sequence b:
     # returns the unnormalized output [BLOCK_H, D], row max and row sum (log2 units).
     # TABLE_PAGES > 0 (paged): the tile's block-table entries, at most TABLE_PAGES, are loaded once
     # before the loop and each step picks its rows' pages from registers (tl.gather), so the loop's
-    # only global loads are the K and V tiles; 0: each step loads its rows' entries. WHOLE_ROW (a tile
-    # from position 0 whose chunk holds the cache's capacity): those entries are the row's table_width,
-    # a load that does not wait for `end` (seq_lens); entries past the sequence's pages are never used.
+    # only global loads are the K and V tiles; 0: each step loads its rows' entries. WIDTH_BOUND: those
+    # entries are bounded by the row's table_width, not by `end`, a load that does not wait for seq_lens
+    # (entries past the sequence's pages are loaded, never used).
     # Quantized caches (kernels/kv_quant.py): the dots run in fp16, which holds int8, int4 and e4m3
     # values exactly and converts from them cheaply (q, |q| < 65504, is converted once per chunk);
     # the K scale multiplies the scores' columns and the V scale folds into P.
@@ -100,7 +100,7 @@ def _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr
             n_pages = (end - 1) // page_size - first_page + 1
         offs_t = tl.arange(0, TABLE_PAGES)
         table = tl.load(block_table_ptr + b * stride_bt + first_page + offs_t,
-                        mask=offs_t < (table_width if WHOLE_ROW else n_pages), other=0)
+                        mask=offs_t < (table_width - first_page if WIDTH_BOUND else n_pages), other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
@@ -168,7 +168,7 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr,
                  stride_bt, page_size, page_shift,
                  GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, K_UNIT: tl.constexpr, V_UNIT: tl.constexpr,
-                 PAGE_POW2: tl.constexpr, TABLE_PAGES: tl.constexpr, WHOLE_ROW: tl.constexpr = False,
+                 PAGE_POW2: tl.constexpr, TABLE_PAGES: tl.constexpr, WIDTH_BOUND: tl.constexpr = False,
                  table_width=0):
     # A tile of either kernel: quantized caches read as 16-bit units go through kernels/kv_planes.py,
     # everything else (fp16/bf16, caches that do not view as units) through _attend_chunk.
@@ -176,7 +176,7 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr,
         return _attend_chunk(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start, end,
                              qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy,
                              stride_sh, stride_bt, page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H,
-                             BLOCK_N, PAGE_POW2, TABLE_PAGES, WHOLE_ROW, table_width)
+                             BLOCK_N, PAGE_POW2, TABLE_PAGES, WIDTH_BOUND, table_width)
     else:
         return _attend_chunk_planes(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh, start,
                                     end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_sx,
@@ -276,6 +276,28 @@ def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, 
                  num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
 
 
+@triton.jit
+def _finish_tile(part_o_ptr, part_lse_ptr, counters_ptr, out_ptr, stride_ob, stride_oh, b, kvh, chunk, nc,
+                 acc, m_i, l_i, num_q_heads, num_kv_heads, max_chunks,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+                 MERGE_C: tl.constexpr):
+    # A persistent tile, chunk `chunk` of the nc of (b, kvh): the output itself when nc == 1, else a
+    # partial, and the last of the nc tiles to finish merges them.
+    if nc == 1:
+        _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
+    else:
+        _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
+                       GROUP, HEAD_DIM, BLOCK_H)
+        # The barrier orders this program's partial stores before its release; the acq_rel counter
+        # makes every other tile's visible.
+        tl.debug_barrier()
+        counter = counters_ptr + b * num_kv_heads + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == nc - 1:
+            _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, nc,
+                         num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
 @triton.jit(do_not_specialize=VARYING_INTS + ("batch", "table_width"), do_not_specialize_on_alignment=SCALES)
 def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
                 part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
@@ -286,19 +308,37 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_G: tl.constexpr, MERGE_C: tl.constexpr, BLOCK_B: tl.constexpr,
                 K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr,
-                TABLE_PAGES: tl.constexpr, TILE_PER_PROGRAM: tl.constexpr):
+                TABLE_PAGES: tl.constexpr, TILE_PER_PROGRAM: tl.constexpr, WHOLE_SEQUENCES: tl.constexpr):
     if TILE_PER_PROGRAM:
-        # Every sequence is one chunk and the grid has a program per (sequence, KV head)
-        # (decode_plan.PersistentLaunch.tile_per_program): program t takes sequence t // Hkv, KV head
-        # t % Hkv, whatever the lengths, so its q, seq_lens entry and block-table row load at once.
-        b = tl.program_id(0) // num_kv_heads
-        kvh = tl.program_id(0) % num_kv_heads
-        acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
-                                     0, tl.load(seq_lens_ptr + b), qk_scale, stride_qb, stride_qh, stride_kx,
-                                     stride_ky, stride_kh, stride_sx, stride_sy, stride_sh, stride_bt, page_size,
-                                     page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT,
-                                     PAGE_POW2, TABLE_PAGES, True, table_width)
-        _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
+        # A program per tile of every sequence's capacity (decode_plan.PersistentLaunch.tile_per_program):
+        # program t takes sequence b, chunk c and KV head t % Hkv, in that order, from the grid alone,
+        # so its q, seq_lens entry and block-table entries load at once. WHOLE_SEQUENCES: one chunk
+        # holds the capacity (c = 0). A chunk past its sequence's end attends nothing and writes nothing.
+        t = tl.program_id(0)
+        kvh = t % num_kv_heads
+        if WHOLE_SEQUENCES:
+            b = t // num_kv_heads
+            seq_len = tl.load(seq_lens_ptr + b)
+            acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                         0, seq_len, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
+                                         stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift, GROUP,
+                                         PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2,
+                                         TABLE_PAGES, True, table_width)
+            _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
+        else:
+            b = t // (num_kv_heads * max_chunks)
+            chunk = t // num_kv_heads % max_chunks
+            seq_len = tl.load(seq_lens_ptr + b)
+            start = chunk * chunk_size
+            acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
+                                         start, tl.minimum(start + chunk_size, seq_len), qk_scale, stride_qb,
+                                         stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy, stride_sh,
+                                         stride_bt, page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H,
+                                         BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2, TABLE_PAGES, True, table_width)
+            if start < seq_len:
+                _finish_tile(part_o_ptr, part_lse_ptr, counters_ptr, out_ptr, stride_ob, stride_oh, b, kvh, chunk,
+                             tl.cdiv(seq_len, chunk_size), acc, m_i, l_i, num_q_heads, num_kv_heads, max_chunks,
+                             GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
         return
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
     # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
@@ -321,19 +361,8 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                                      stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift,
                                      GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2,
                                      TABLE_PAGES)
-        if nc == 1:
-            _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
-        else:
-            _store_partial(part_o_ptr, part_lse_ptr, b, kvh, chunk, acc, m_i, l_i, num_q_heads, max_chunks,
-                           GROUP, HEAD_DIM, BLOCK_H)
-            # The last tile of (b, kvh) to finish merges: the barrier orders this program's partial
-            # stores before its release; the acq_rel counter makes every other tile's visible.
-            tl.debug_barrier()
-            counter = counters_ptr + b * num_kv_heads + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == nc - 1:
-                _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, nc,
-                             num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        _finish_tile(part_o_ptr, part_lse_ptr, counters_ptr, out_ptr, stride_ob, stride_oh, b, kvh, chunk, nc,
+                     acc, m_i, l_i, num_q_heads, num_kv_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
 
 
 class DecodeDims(NamedTuple):
@@ -508,7 +537,8 @@ def triton_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scal
         bound = _bind(_persistent, lambda _: (launch.grid,),
                       lambda out: (counters, out, out.stride(0), out.stride(1), batch, table_width),
                       dict(BLOCK_B=1 if batch == 1 else max(MIN_BLOCK_B, triton.next_power_of_2(batch)),
-                           TILE_PER_PROGRAM=launch.tile_per_program),
+                           TILE_PER_PROGRAM=launch.tile_per_program,
+                           WHOLE_SEQUENCES=launch.tile_per_program and launch.chunk >= dims.capacity),
                       q, k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, out, launch.chunk, dims,
                       fused_merge=True, block_k=launch.block_k, one_wave=launch.one_wave,
                       resident_per_sm=launch.programs_per_sm, num_warps=launch.num_warps,

@@ -229,7 +229,7 @@ class PersistentLaunch(NamedTuple):
     programs_per_sm: int  # what the register cap must let share an SM
     merge_rows: int  # partials per warp in each step of the merge
     deep_pipeline: bool  # LONG_TILE_STAGES, not the cache format's default
-    tile_per_program: bool  # every sequence one chunk, a program per (sequence, KV head): no work list
+    tile_per_program: bool  # a program per (sequence, chunk, KV head) of the capacity: no work list
 
 
 def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_gbps=None, chunk=None,
@@ -292,13 +292,17 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_
         deep = long_tiles and hoisted and tiles <= grid and per_sm == 1
     else:
         deep = long_tiles and num_warps > 1 and fast_memory
-    # A program per whole sequence and KV head maps itself to its tile without reading seq_lens first.
-    # H200, five interleaved medians of 30 cold rounds, us, work list vs program per tile (cuDNN SDPA on
-    # the contiguous cache): contiguous B16-L1024 22.03 vs 21.66 (21.89), B16-L4096 65.98 vs 65.73
-    # (65.98), B64-L1024 67.36 vs 66.62, B16-L1024 var 21.04 vs 20.48; paged B16-L1024 22.78 vs 22.34
-    # (21.92), B64-L1024 68.34 vs 67.46, B64-L4096 248.99 vs 248.02 (.dbg/s22/one.py). Not for programs
-    # of several whole sequences: B64-L4096 contiguous on 256 programs took 245.7 us with the work list,
-    # 257.3 mapped so with a seq_lens load per tile, 248.2 with the lengths loaded as the work list loads
-    # them (one3.py).
-    tile_per_program = chunk >= dims.capacity and grid == max_tiles
+    # Where the grid has a program per tile of every sequence's capacity, each maps itself to its tile
+    # without reading seq_lens first, for whole sequences and for one sequence's chunks. H200, five
+    # interleaved medians of 30 cold rounds, us, work list vs program per tile (cuDNN SDPA on the
+    # contiguous cache; .dbg/s22/one.py, chunked.py): whole sequences, contiguous B16-L1024 22.03 vs
+    # 21.66 (21.89), B16-L4096 65.98 vs 65.73 (65.98), B64-L1024 67.36 vs 66.62, B16-L1024 var 21.04 vs
+    # 20.48, paged B16-L1024 22.78 vs 22.34 (21.92), B64-L1024 68.34 vs 67.46, B64-L4096 248.99 vs
+    # 248.02; one sequence's chunks, contiguous / paged B1-L1024 9.25 / 9.66 vs 9.02 / 9.47, B1-L4096
+    # 12.54 / 12.67 vs 12.24 / 12.29, B1-L16384 23.26 / 24.10 vs 22.96 / 23.52. Not for several
+    # sequences' chunks (B4-L1024 contiguous 12.69 vs 13.10, paged 13.07 vs 13.04; B4-L4096 23.54 /
+    # 24.22 vs 23.57 / 24.43) nor for programs of several whole sequences: B64-L4096 contiguous on 256
+    # programs took 245.7 us with the work list, 257.3 mapped so with a seq_lens load per tile, 248.2
+    # with the lengths loaded as the work list loads them (one3.py).
+    tile_per_program = grid == max_tiles and (chunk >= dims.capacity or dims.batch == 1)
     return PersistentLaunch(chunk, block_k, grid, num_warps, tiles <= grid, per_sm, merge_rows, deep, tile_per_program)

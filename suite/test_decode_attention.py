@@ -178,29 +178,35 @@ def test_one_long_tile_per_sm_takes_long_steps_on_fast_memory(layout, device, mo
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
 
 
-def test_a_program_per_whole_sequence(layout, device):
-    # A chunk that holds the cache's capacity and a program per (sequence, KV head): each program takes
-    # its tile without the work list and, paged, loads its block-table row whole. The entries past a
-    # sequence's pages are loaded too: here they name a page far outside the cache, which must never
-    # be read. Then the lengths advance in place (a decode loop's replay) and the launch runs again.
-    case = DecodeCase((1, 54, 97, 200), q_heads=6, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout,
-                      spare=40)
+@pytest.mark.parametrize("seq_lens, chunk", [((1, 54, 97, 200), 512), ((200,), 64)],
+                         ids=["whole sequences", "one sequence's chunks"])
+def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk):
+    # A grid with a program per (sequence, chunk, KV head) of the cache's capacity: each program takes
+    # its tile without the work list and, paged, loads its block-table entries up to the row's width.
+    # The contiguous cache has 64 spare positions and the table 4 spare columns, so a sequence's last
+    # chunks may lie past its end (they must write nothing), and every table entry past a sequence's
+    # pages names a page far outside the cache, which must never be read. Then the lengths advance in
+    # place (a decode loop's replay) and the launch runs again.
+    case = DecodeCase(seq_lens, q_heads=6, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout, spare=64)
     inputs = make_inputs(case, device)
     if layout == "paged":
-        inputs["block_table"] = torch.where(inputs["block_table"] < 0, 2**31 - 1, inputs["block_table"])
-    knobs = dict(chunk=256, num_programs=2 * len(case.seq_lens))
+        table = inputs["block_table"]
+        table = torch.cat([table, torch.full_like(table[:, :4], -1)], dim=1)
+        inputs["block_table"] = torch.where(table < 0, 2**31 - 1, table)
+    knobs = dict(chunk=chunk, num_programs=10_000)
     dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
                                               inputs["block_table"], None)
     page_size = case.page_size if layout == "paged" else None
-    assert decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, **knobs).tile_per_program
+    launch = decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, **knobs)
+    assert launch.tile_per_program and launch.grid == dims.batch * dims.num_kv_heads * -(-dims.capacity // chunk)
     out = poisoned_out(inputs)
-    launch = decode_attention.triton_persistent(**inputs, out=out, **knobs)
-    launch()
+    bound = decode_attention.triton_persistent(**inputs, out=out, **knobs)
+    bound()
     check_output(out, inputs)
-    # to the end of each sequence's last page: (16, 64, 112, 208), within the contiguous capacity (240) too
+    # to the end of each sequence's last page: 200 -> 208 (and 1, 54, 97 -> 16, 64, 112)
     inputs["seq_lens"].copy_((inputs["seq_lens"] + case.page_size - 1) // case.page_size * case.page_size)
     out.fill_(float("nan"))
-    launch()
+    bound()
     check_output(out, inputs)
 
 

@@ -84,10 +84,12 @@ def test_minimal_launches_on_an_h100():
     assert {key for key, launch in launches.items() if launch[3] != da.NUM_STAGES} == {
         ("B16-L4096-uniform", "paged"), ("B4-L16384-uniform", "paged")}
     assert launches["B4-L16384-uniform", "paged"][:4] == (128, da.BLOCK_N, 4096, da.LONG_TILE_STAGES)
-    # a program per whole sequence and KV head: no work list
+    # a program per tile of the capacity, whole sequences or one sequence's chunks: no work list
     whole = {(shape, layout) for shape in ("B16-L1024-uniform", "B16-L4096-uniform", "B64-L1024-uniform",
                                            "B64-L1024-var") for layout in ("contiguous", "paged")}
     whole |= {("B16-L16384-uniform", "contiguous"), ("B64-L4096-uniform", "paged"), ("B16-L1024-var", "contiguous")}
+    whole |= {(f"B1-L{n}-{kind}", layout) for n in (1024, 4096, 16384) for kind in ("uniform", "var")
+              for layout in ("contiguous", "paged")}  # one sequence's chunks
     assert {key for key, launch in launches.items() if launch[5]} == whole
 
 
@@ -164,16 +166,18 @@ def test_minimal_launches_on_an_h200():
     assert all(h200[key] == (*h100[key][:3], decode_plan.LONG_TILE_STAGES, *h100[key][4:]) for key in deep)
 
 
-def test_a_program_per_whole_sequence_only_where_any_lengths_keep_it_so():
-    # tile_per_program: the chunk holds the cache's capacity, so any lengths make one tile per sequence
-    # and KV head, and the grid has a program for each
+def test_a_program_per_tile_of_the_capacity_only_for_whole_sequences_or_one_sequence():
+    # tile_per_program: the grid has a program per (sequence, chunk, KV head) of the capacity, whatever
+    # the lengths, and the chunk holds the capacity or the batch is one sequence
     for page_size in (None, 16):
         assert plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size).tile_per_program  # 128 programs
         assert plan_persistent(_dims(16, 8, [100, 1024] * 8), 132, page_size, chunk=1024).tile_per_program
-        assert not plan_persistent(_dims(1, 8, [4096]), 132, page_size).tile_per_program  # 16 chunks each
+        assert plan_persistent(_dims(1, 8, [4096]), 132, page_size).tile_per_program  # 16 chunks of 256 each
+        assert not plan_persistent(_dims(4, 8, [1024] * 4), 132, page_size).tile_per_program  # 4 chunks each
         assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, chunk=512).tile_per_program
         assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, num_programs=64).tile_per_program
-        # lengths within one chunk but a capacity beyond it: a later length may need two
+        assert not plan_persistent(_dims(1, 8, [4096]), 132, page_size, num_programs=64).tile_per_program
+        # lengths within one chunk but a capacity beyond it: a program per tile would need twice the grid
         spare = _dims(16, 8, [1024] * 16)._replace(capacity=2048)
         assert not plan_persistent(spare, 132, page_size, chunk=1024).tile_per_program
         assert plan_persistent(spare, 132, page_size, chunk=2048).tile_per_program
@@ -197,10 +201,11 @@ def test_plan_keeps_to_the_programs_an_sm_holds():
 
 
 def test_plan_of_one_sequence_splits_it_over_the_sms():
-    # B1-L4096, Hkv 8: 16 chunks of 256 per KV head, a program each on 128 of 132 SMs, merged in-kernel
+    # B1-L4096, Hkv 8: 16 chunks of 256 per KV head, a program each on 128 of 132 SMs (mapped from the grid,
+    # no work list), merged in-kernel
     assert plan_persistent(_dims(1, 8, [4096]), 132) == PersistentLaunch(
         256, decode_plan.BLOCK_N, 128, decode_plan.NUM_WARPS, True, 1, decode_plan.SINGLE_MERGE_ROWS_PER_WARP, False,
-        False)
+        True)
     paged = plan_persistent(_dims(1, 8, [4096]), 132, page_size=16)
     assert (paged.chunk, paged.grid, paged.one_wave) == (256, 128, True)
 
