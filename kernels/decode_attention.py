@@ -12,9 +12,10 @@ chunks of a sequence are merged by their log-sum-exp.
   (kernels/decode_plan.py chooses unless num_programs is given; `python -m tools.decode_launches`
   lists the grids), all resident at once (registers are capped where a build needs more); each program
   walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens, so every
-  program gets the same number of equal-sized tiles however unequal the lengths are. Where every
-  sequence is one chunk and the grid has a program per (sequence, KV head), program t takes
-  sequence t // Hkv, KV head t % Hkv instead, with no work list before its first loads. A
+  program gets the same number of equal-sized tiles however unequal the lengths are. Where the
+  grid has a program per (sequence, chunk, KV head) of the capacity and the chunk holds it or the
+  batch is one sequence, program t takes its tile from t alone, with no work list before its first
+  loads. A
   single-chunk tile writes the output directly; otherwise the last tile of a (sequence, KV head)
   to finish merges its partials.
 

@@ -85,12 +85,12 @@ def test_minimal_launches_on_an_h100():
         ("B16-L4096-uniform", "paged"), ("B4-L16384-uniform", "paged")}
     assert launches["B4-L16384-uniform", "paged"][:4] == (128, da.BLOCK_N, 4096, da.LONG_TILE_STAGES)
     # a program per tile of the capacity, whole sequences or one sequence's chunks: no work list
-    whole = {(shape, layout) for shape in ("B16-L1024-uniform", "B16-L4096-uniform", "B64-L1024-uniform",
-                                           "B64-L1024-var") for layout in ("contiguous", "paged")}
-    whole |= {("B16-L16384-uniform", "contiguous"), ("B64-L4096-uniform", "paged"), ("B16-L1024-var", "contiguous")}
-    whole |= {(f"B1-L{n}-{kind}", layout) for n in (1024, 4096, 16384) for kind in ("uniform", "var")
-              for layout in ("contiguous", "paged")}  # one sequence's chunks
-    assert {key for key, launch in launches.items() if launch[5]} == whole
+    direct = {(shape, layout) for shape in ("B16-L1024-uniform", "B16-L4096-uniform", "B64-L1024-uniform",
+                                            "B64-L1024-var") for layout in ("contiguous", "paged")}
+    direct |= {("B16-L16384-uniform", "contiguous"), ("B64-L4096-uniform", "paged"), ("B16-L1024-var", "contiguous")}
+    direct |= {(f"B1-L{n}-{kind}", layout) for n in (1024, 4096, 16384) for kind in ("uniform", "var")
+               for layout in ("contiguous", "paged")}  # one sequence's chunks
+    assert {key for key, launch in launches.items() if launch[5]} == direct
 
 
 def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():

@@ -1,7 +1,7 @@
 """The launch triton_persistent picks for each minimal decode-attention shape on a GPU of N SMs:
-grid, K/V step (BLOCK_N), chunk, stages and warps per program, and whether each program takes one whole
-sequence and KV head (no work list), from the launcher alone (no GPU;
-for an H100-sized SM nothing compiled). With --registers each launch is also compiled
+grid, K/V step (BLOCK_N), chunk, stages and warps per program, and whether each program takes its tile
+from the grid alone ("direct": a program per tile of the capacity, no work list), from the launcher alone
+(no GPU; for an H100-sized SM nothing compiled). With --registers each launch is also compiled
 (suite/kernel_ir.py, no GPU either, a few minutes): its register cap (the launcher's, "-" for
 none), registers per thread and stack bytes (spills show as a stack). --gpu sm_120 plans for a
 100 KB SM (GB10: --sms 48), which compiles the builds: how many share an SM decides the launch.
@@ -43,7 +43,7 @@ def _inputs(lens, layout, page_size):
 
 
 def launches(sms, page_size, registers=False, shapes=None, gpu="sm_90", dram_gbps=None):
-    """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps, whole)} over the minimal profile's decode shapes
+    """{(shape, layout): (grid, BLOCK_N, chunk, stages, warps, direct)} over the minimal profile's decode shapes
     (or those named in `shapes`) on the named GPU (suite.kernel_ir.GPUS); registers: each compiled for
     it, with (cap, registers, stack bytes), on a GPU of dram_gbps peak DRAM bandwidth (None: an H100's
     plan). Off an H100-sized SM the launcher's builds are compiled anyway: how many share an SM decides
@@ -96,13 +96,13 @@ def main():
                      f"L{{1024,4096,16384}}-{{uniform,var}}")
     if hw.interpreting():  # the launcher skips its register and shared-memory fit there: other launches
         parser.error(f"run without {INTERPRET_ENV}=1: the launches it lists would not be the GPU's")
-    columns = "shape               layout      grid  BLOCK_N  chunk  stages  warps  whole"
+    columns = "shape               layout      grid  BLOCK_N  chunk  stages  warps  direct"
     print(columns + ("  cap  regs  stack" if args.registers else ""))
     for (shape, layout), launch in launches(args.sms, args.page_size, args.registers, args.shapes, args.gpu,
                                             args.dram_gbps).items():
-        grid, block_n, chunk, stages, warps, whole = launch[:6]
+        grid, block_n, chunk, stages, warps, direct = launch[:6]
         line = (f"{shape:19s} {layout:10s} {grid:5d} {block_n:8d} {chunk:6d} {stages:7d} {warps:6d} "
-                f"{'yes' if whole else '-':>6}")
+                f"{'yes' if direct else '-':>7}")
         if args.registers:
             cap, regs, stack = launch[6:]
             line += f" {cap or '-':>4} {regs:5d} {stack:6d}"
