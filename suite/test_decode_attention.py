@@ -178,20 +178,25 @@ def test_one_long_tile_per_sm_takes_long_steps_on_fast_memory(layout, device, mo
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=chunk)
 
 
-@pytest.mark.parametrize("seq_lens, chunk", [((1, 54, 97, 200), 512), ((200,), 64)],
+@pytest.mark.parametrize("seq_lens, chunk, advanced", [((1, 54, 97, 200), 512, (16, 64, 112, 208)),
+                                                     ((200,), 32, (250,))],
                          ids=["whole sequences", "one sequence's chunks"])
-def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk):
+def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk, advanced):
     # A grid with a program per (sequence, chunk, KV head) of the cache's capacity: each program takes
     # its tile without the work list and, paged, loads its block-table entries up to the row's width.
     # The contiguous cache has 64 spare positions and the table 4 spare columns, so a sequence's last
-    # chunks may lie past its end (they must write nothing), and every table entry past a sequence's
-    # pages names a page far outside the cache, which must never be read. Then the lengths advance in
-    # place (a decode loop's replay) and the launch runs again.
+    # chunks lie past its end (they must write nothing), and every table entry past a sequence's pages
+    # names a page far outside the cache, which must never be read; only the pages the advance below
+    # reaches are real. Then the lengths advance in place (a decode loop's replay), one sequence's into
+    # a chunk that was past its end, and the launch runs again.
     case = DecodeCase(seq_lens, q_heads=6, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout, spare=64)
     inputs = make_inputs(case, device)
     if layout == "paged":
-        table = inputs["block_table"]
-        table = torch.cat([table, torch.full_like(table[:, :4], -1)], dim=1)
+        table = torch.cat([inputs["block_table"], torch.full_like(inputs["block_table"][:, :4], -1)], dim=1)
+        free = sorted(set(range(inputs["k_cache"].shape[0])) - set(table.flatten().tolist()))
+        for row, n in enumerate(advanced):
+            for col in range(-(-seq_lens[row] // case.page_size), -(-n // case.page_size)):
+                table[row, col] = free.pop()
         inputs["block_table"] = torch.where(table < 0, 2**31 - 1, table)
     knobs = dict(chunk=chunk, num_programs=10_000)
     dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
@@ -203,8 +208,7 @@ def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk):
     bound = decode_attention.triton_persistent(**inputs, out=out, **knobs)
     bound()
     check_output(out, inputs)
-    # to the end of each sequence's last page: 200 -> 208 (and 1, 54, 97 -> 16, 64, 112)
-    inputs["seq_lens"].copy_((inputs["seq_lens"] + case.page_size - 1) // case.page_size * case.page_size)
+    inputs["seq_lens"].copy_(torch.tensor(advanced, dtype=torch.int32))
     out.fill_(float("nan"))
     bound()
     check_output(out, inputs)
