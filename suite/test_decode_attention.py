@@ -181,15 +181,17 @@ def test_one_long_tile_per_sm_takes_long_steps_on_fast_memory(layout, device, mo
 @pytest.mark.parametrize("seq_lens, chunk, advanced", [((1, 54, 97, 200), 512, (16, 64, 112, 208)),
                                                      ((200,), 32, (250,))],
                          ids=["whole sequences", "one sequence's chunks"])
-def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk, advanced):
+@pytest.mark.parametrize("fmt", [pytest.param("none", id="bf16"), *quant_params(("int4",))])
+def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk, advanced, fmt):
     # A grid with a program per (sequence, chunk, KV head) of the cache's capacity: each program takes
     # its tile without the work list and, paged, loads its block-table entries up to the row's width.
     # The contiguous cache has 64 spare positions and the table 4 spare columns, so a sequence's last
     # chunks lie past its end (they must write nothing), and every table entry past a sequence's pages
     # names a page far outside the cache, which must never be read; only the pages the advance below
     # reaches are real. Then the lengths advance in place (a decode loop's replay), one sequence's into
-    # a chunk that was past its end, and the launch runs again.
-    case = DecodeCase(seq_lens, q_heads=6, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout, spare=64)
+    # a chunk that was past its end, and the launch runs again. int4: the quantized planes' tiles.
+    case = DecodeCase(seq_lens, q_heads=6, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout, spare=64,
+                      quant=fmt)
     inputs = make_inputs(case, device)
     if layout == "paged":
         table = torch.cat([inputs["block_table"], torch.full_like(inputs["block_table"][:, :4], -1)], dim=1)
@@ -200,7 +202,7 @@ def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk, adv
         inputs["block_table"] = torch.where(table < 0, 2**31 - 1, table)
     knobs = dict(chunk=chunk, num_programs=10_000)
     dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
-                                              inputs["block_table"], None)
+                                              inputs["block_table"], None, inputs.get("k_scale"), inputs.get("v_scale"))
     page_size = case.page_size if layout == "paged" else None
     launch = decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, **knobs)
     assert launch.tile_per_program and launch.grid == dims.batch * dims.num_kv_heads * -(-dims.capacity // chunk)
