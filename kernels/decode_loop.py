@@ -2,7 +2,7 @@
 
 One program (CTA) is pinned to each sequence and runs its T steps back to back: RMSNorm, the
 QKV projection, the KV append at position seq_len (quantized in-kernel when the cache is),
-attention over positions 0..seq_len with the dequantization fused (decode_attention's
+attention over positions 0..seq_len with the dequantization fused (decode_tiles'
 `_attend_chunk`), the output projection and the residual, whose result is the next step's input.
 Nothing returns to the host between steps; a step's vectors live in a per-sequence scratch
 row, and a CTA barrier orders each stage's stores before the next stage's loads.
@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kernels import kv_quant
 from kernels.checks import ATTENTION_DTYPES, check_power_of_two, check_tensor
-from kernels.decode_attention import _attend_chunk, _store_heads
+from kernels.decode_tiles import _attend_chunk, _store_heads
 from kernels.tiny_decoder import RMS_EPS, check_decode, decode_out
 
 BLOCK_N = 64  # KV positions per attention step (--block-k)

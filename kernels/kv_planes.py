@@ -265,7 +265,7 @@ def quant_units(fmt, k_cache, v_cache, head_dim, num_warps, paged):
     K; V: < 8 per warp, which several warps would compute at once: int4 at D=64) or where the caches
     do not view as units (a stride or the storage offset odd). (1, 1), for fp16/bf16 caches, caches
     that do not view as units and contiguous caches whose row offsets pass 32 bits (the planes
-    kernel's), means decode_attention's _attend_chunk. k_cache: [B, Hkv, L_max, D'] or paged."""
+    kernel's), means decode_tiles' _attend_chunk. k_cache: [B, Hkv, L_max, D'] or paged."""
     if fmt == "none" or (not paged and k_cache.stride(2) * k_cache.shape[2] >= 2 ** 31):
         return 1, 1
     k_unit = v_unit = UNIT_BYTES

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kernels import kv_quant
 from kernels.checks import check_head_dim, check_tensor, check_unit_stride_last
-from kernels.decode_attention import _attend_chunk
+from kernels.decode_tiles import _attend_chunk
 
 VARIANTS = ("baseline", "optimized")
 FORMATS = ("fp16", "fp8")  # fp16: the model dtype (fp16 or bf16), as SPEC 2.10 names it
