@@ -127,6 +127,12 @@ def test_many_chunks_per_sequence(variant, chunk, layout, device):
     _run_case((variant, VARIANTS[variant]), case, device, chunk=chunk)
 
 
+def _dims(inputs):
+    # what the launchers plan from: make_inputs' launcher arguments, checked
+    return decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
+                                              inputs["block_table"], None, inputs.get("k_scale"), inputs.get("v_scale"))
+
+
 def test_one_sequence_merges_many_partials(layout, device):
     # One sequence on one program per SM: triton_persistent merges SINGLE_MERGE_ROWS_PER_WARP
     # partials per warp and step; 2100 positions in chunks of 64 are 33 partials per KV head, one
@@ -134,8 +140,7 @@ def test_one_sequence_merges_many_partials(layout, device):
     case = DecodeCase((2100,), q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout)
     sms = hw.num_sms(device)
     inputs = make_inputs(case, device)
-    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
-                                              inputs.get("block_table"), None)
+    dims = _dims(inputs)
     assert decode_plan.plan_persistent(dims, sms, case.page_size if layout == "paged" else None, chunk=64,
                                        num_programs=sms).merge_rows == decode_plan.SINGLE_MERGE_ROWS_PER_WARP
     _run_case(("triton_persistent", VARIANTS["triton_persistent"]), case, device, chunk=64, num_programs=sms)
@@ -147,8 +152,7 @@ def _fast_memory_launch(case, device, monkeypatch, **knobs):
     sms = hw.num_sms(device)
     monkeypatch.setattr(hw, "peak_dram_gbps", lambda _: decode_plan.DEEP_GBPS_PER_SM * sms)
     inputs = make_inputs(case, device)
-    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
-                                              inputs["block_table"], None)
+    dims = _dims(inputs)
     return decode_plan.plan_persistent(dims, sms, case.page_size if case.layout == "paged" else None,
                                        shared_per_sm=hw.shared_memory_per_sm(device),
                                        dram_gbps=hw.peak_dram_gbps(device), **knobs)
@@ -201,8 +205,7 @@ def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk, adv
                 table[row, col] = free.pop()
         inputs["block_table"] = torch.where(table < 0, 2**31 - 1, table)
     knobs = dict(chunk=chunk, num_programs=10_000)
-    dims = decode_attention.check_decode_args(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["seq_lens"],
-                                              inputs["block_table"], None, inputs.get("k_scale"), inputs.get("v_scale"))
+    dims = _dims(inputs)
     page_size = case.page_size if layout == "paged" else None
     launch = decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, **knobs)
     assert launch.tile_per_program and launch.grid == dims.batch * dims.num_kv_heads * -(-dims.capacity // chunk)
