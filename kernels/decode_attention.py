@@ -13,11 +13,10 @@ chunks of a sequence are merged by their log-sum-exp.
   lists the grids), all resident at once (registers are capped where a build needs more); each program
   walks a work list of (sequence, KV head, chunk) tiles built in-kernel from seq_lens, so every
   program gets the same number of equal-sized tiles however unequal the lengths are. Where the
-  grid has a program per (sequence, chunk, KV head) of the capacity and the chunk holds it or the
-  batch is one sequence, program t takes its tile from t alone, with no work list before its first
-  loads. A
-  single-chunk tile writes the output directly; otherwise the last tile of a (sequence, KV head)
-  to finish merges its partials.
+  grid has a program per (sequence, chunk, KV head) of the capacity (decode_plan.DIRECT_CHUNK says
+  for which chunks), program t takes its tile from t alone, with no work list before its first
+  loads. A single-chunk tile writes the output directly; otherwise the last tile of a (sequence,
+  KV head) to finish merges its partials.
 
 Quantized caches (int8, fp8, int4) are read as 16-bit units split into fp16 planes
 (kernels/kv_planes.py) wherever they view as such, else byte by byte (_attend_chunk). A tile's
@@ -109,13 +108,14 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                 TABLE_PAGES: tl.constexpr, TILE_PER_PROGRAM: tl.constexpr, WHOLE_SEQUENCES: tl.constexpr):
     if TILE_PER_PROGRAM:
         # A program per tile of every sequence's capacity (decode_plan.PersistentLaunch.tile_per_program):
-        # program t takes sequence b, chunk c and KV head t % Hkv, in that order, from the grid alone,
-        # so its q, seq_lens entry and block-table entries load at once. WHOLE_SEQUENCES: one chunk
-        # holds the capacity (c = 0). A chunk past its sequence's end attends nothing and writes nothing.
+        # program t takes sequence b, KV head and chunk, in that order (a KV head's chunks on consecutive
+        # programs), from the grid alone, so its q, seq_lens entry and block-table entries load at once.
+        # WHOLE_SEQUENCES: one chunk holds the capacity. A chunk past its sequence's end attends nothing
+        # and writes nothing.
         t = tl.program_id(0)
-        kvh = t % num_kv_heads
         if WHOLE_SEQUENCES:
             b = t // num_kv_heads
+            kvh = t % num_kv_heads
             seq_len = tl.load(seq_lens_ptr + b)
             acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
                                          0, seq_len, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
@@ -125,7 +125,8 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
             _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
         else:
             b = t // (num_kv_heads * max_chunks)
-            chunk = t // num_kv_heads % max_chunks
+            kvh = t // max_chunks % num_kv_heads
+            chunk = t % max_chunks
             seq_len = tl.load(seq_lens_ptr + b)
             start = chunk * chunk_size
             acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,

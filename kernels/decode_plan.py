@@ -119,6 +119,28 @@ SHORT_PROGRAMS_PER_SM = 4
 # 351.28), paged ones too (B64-L1024 96.54 vs 96.13), and so did one or two warps at B1-B16, where
 # tiles are split or one per SM (0.5-15% slower; notes/decode_attention.md, sixth session).
 ONE_WARP_MAX_TILE = 1024
+# Where the grid has a program per (sequence, chunk, KV head) of the capacity, each takes its tile from
+# its program id (tile_per_program), with no work list built from seq_lens before its first loads:
+# whole sequences, one sequence's chunks, and several sequences' chunks of DIRECT_CHUNK positions or
+# more; a KV head's chunks lie on consecutive programs. H200, cuDNN SDPA on the contiguous cache in
+# brackets, us, work list vs program per tile (.dbg/s22/one.py, chunked.py: five interleaved medians of
+# 30 cold rounds; .dbg/s23/order*.py: three sessions' runs of 5-9, ranges):
+# - whole sequences: contiguous B16-L1024 22.03 vs 21.66 (21.89), B16-L4096 65.98 vs 65.73 (65.98),
+#   B64-L1024 67.36 vs 66.62, B16-L1024 var 21.04 vs 20.48; paged B16-L1024 22.78 vs 22.34 (21.92),
+#   B64-L1024 68.34 vs 67.46, B64-L4096 248.99 vs 248.02;
+# - one sequence's chunks: contiguous / paged B1-L1024 9.25 / 9.66 vs 9.02 / 9.47, B1-L4096 12.54 /
+#   12.67 vs 12.24 / 12.29, B1-L16384 23.26 / 24.10 vs 22.96 / 23.52 (taken chunk-major then; a KV
+#   head's chunks on consecutive programs were level: B1-L4096 12.05-12.10 vs 12.11-12.18 contiguous,
+#   12.16-12.21 vs 12.16-12.22 paged; B1-L16384 0.2 us faster contiguous, 0.2 slower paged);
+# - several sequences' chunks: B4-L4096 23.41-23.65 vs 23.30-23.54 contiguous, 24.45-24.48 vs
+#   23.94-24.11 paged (25.5); B4-L16384 67.52-67.86 vs 67.38-67.68 contiguous, 68.98-69.52 vs
+#   68.51-69.17 paged (68.4-69.4); paged B16-L16384 249.70 vs 247.18 (238.86). Taken chunk-major (a
+#   chunk's KV heads on consecutive programs) they were level with the work list. Shorter chunks lost:
+#   B4-L1024 (256 positions) 12.64-12.77 vs 12.82-12.86 contiguous, 13.07-13.09 vs 13.30 paged.
+# Programs of several whole sequences keep the work list: contiguous B64-L4096 on 256 programs took
+# 245.7 us with it, 257.3 mapped from the program id with a seq_lens load per tile, 248.2 with the
+# lengths loaded as the work list loads them.
+DIRECT_CHUNK = 1024
 # Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
 # registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged
 # B4-L16384 var: 54.2 us uncapped, 42.7 capped at 168). A cap is set only where the build needs it:
@@ -292,17 +314,5 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_
         deep = long_tiles and hoisted and tiles <= grid and per_sm == 1
     else:
         deep = long_tiles and num_warps > 1 and fast_memory
-    # Where the grid has a program per tile of every sequence's capacity, each maps itself to its tile
-    # without reading seq_lens first, for whole sequences and for one sequence's chunks. H200, five
-    # interleaved medians of 30 cold rounds, us, work list vs program per tile (cuDNN SDPA on the
-    # contiguous cache; .dbg/s22/one.py, chunked.py): whole sequences, contiguous B16-L1024 22.03 vs
-    # 21.66 (21.89), B16-L4096 65.98 vs 65.73 (65.98), B64-L1024 67.36 vs 66.62, B16-L1024 var 21.04 vs
-    # 20.48, paged B16-L1024 22.78 vs 22.34 (21.92), B64-L1024 68.34 vs 67.46, B64-L4096 248.99 vs
-    # 248.02; one sequence's chunks, contiguous / paged B1-L1024 9.25 / 9.66 vs 9.02 / 9.47, B1-L4096
-    # 12.54 / 12.67 vs 12.24 / 12.29, B1-L16384 23.26 / 24.10 vs 22.96 / 23.52. Not for several
-    # sequences' chunks (B4-L1024 contiguous 12.69 vs 13.10, paged 13.07 vs 13.04; B4-L4096 23.54 /
-    # 24.22 vs 23.57 / 24.43) nor for programs of several whole sequences: B64-L4096 contiguous on 256
-    # programs took 245.7 us with the work list, 257.3 mapped so with a seq_lens load per tile, 248.2
-    # with the lengths loaded as the work list loads them (one3.py).
-    tile_per_program = grid == max_tiles and (chunk >= dims.capacity or dims.batch == 1)
+    tile_per_program = grid == max_tiles and (chunk >= min(dims.capacity, DIRECT_CHUNK) or dims.batch == 1)
     return PersistentLaunch(chunk, block_k, grid, num_warps, tiles <= grid, per_sm, merge_rows, deep, tile_per_program)

@@ -183,8 +183,9 @@ def test_one_long_tile_per_sm_takes_long_steps_on_fast_memory(layout, device, mo
 
 
 @pytest.mark.parametrize("seq_lens, chunk, advanced", [((1, 54, 97, 200), 512, (16, 64, 112, 208)),
-                                                     ((200,), 32, (250,))],
-                         ids=["whole sequences", "one sequence's chunks"])
+                                                     ((230,), 32, (250,)),
+                                                     ((3, 1000, 3050), 1024, (40, 1030, 3100))],
+                         ids=["whole sequences", "one sequence's chunks", "several sequences' chunks"])
 @pytest.mark.parametrize("fmt", [pytest.param("none", id="bf16"), *quant_params(("int4",))])
 def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk, advanced, fmt):
     # A grid with a program per (sequence, chunk, KV head) of the cache's capacity: each program takes
@@ -192,8 +193,10 @@ def test_a_program_per_tile_of_the_capacity(layout, device, seq_lens, chunk, adv
     # The contiguous cache has 64 spare positions and the table 4 spare columns, so a sequence's last
     # chunks lie past its end (they must write nothing), and every table entry past a sequence's pages
     # names a page far outside the cache, which must never be read; only the pages the advance below
-    # reaches are real. Then the lengths advance in place (a decode loop's replay), one sequence's into
-    # a chunk that was past its end, and the launch runs again. int4: the quantized planes' tiles.
+    # reaches are real. Then the lengths advance in place (a decode loop's replay), some into a chunk
+    # that was past their end, and the launch runs again. int4: the quantized planes' tiles. The chunk
+    # counts (10 and 4 of the capacity) share a factor with the 2 KV heads, so a program-to-tile map
+    # that misses tiles cannot pass by coincidence (t % 2, t % 3 would cover every pair).
     case = DecodeCase(seq_lens, q_heads=6, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout, spare=64,
                       quant=fmt)
     inputs = make_inputs(case, device)

@@ -84,10 +84,11 @@ def test_minimal_launches_on_an_h100():
     assert {key for key, launch in launches.items() if launch[3] != da.NUM_STAGES} == {
         ("B16-L4096-uniform", "paged"), ("B4-L16384-uniform", "paged")}
     assert launches["B4-L16384-uniform", "paged"][:4] == (128, da.BLOCK_N, 4096, da.LONG_TILE_STAGES)
-    # a program per tile of the capacity, whole sequences or one sequence's chunks: no work list
+    # a program per tile of the capacity, whole sequences, one sequence's chunks or long chunks: no work list
     direct = {(shape, layout) for shape in ("B16-L1024-uniform", "B16-L4096-uniform", "B64-L1024-uniform",
-                                            "B64-L1024-var") for layout in ("contiguous", "paged")}
-    direct |= {("B16-L16384-uniform", "contiguous"), ("B64-L4096-uniform", "paged"), ("B16-L1024-var", "contiguous")}
+                                            "B64-L1024-var", "B4-L4096-uniform", "B4-L16384-uniform",
+                                            "B16-L16384-uniform") for layout in ("contiguous", "paged")}
+    direct |= {("B64-L4096-uniform", "paged"), ("B16-L1024-var", "contiguous"), ("B16-L4096-var", "contiguous")}
     direct |= {(f"B1-L{n}-{kind}", layout) for n in (1024, 4096, 16384) for kind in ("uniform", "var")
                for layout in ("contiguous", "paged")}  # one sequence's chunks
     assert {key for key, launch in launches.items() if launch[5]} == direct
@@ -166,14 +167,16 @@ def test_minimal_launches_on_an_h200():
     assert all(h200[key] == (*h100[key][:3], decode_plan.LONG_TILE_STAGES, *h100[key][4:]) for key in deep)
 
 
-def test_a_program_per_tile_of_the_capacity_only_for_whole_sequences_or_one_sequence():
+def test_a_program_per_tile_of_the_capacity_only_for_whole_sequences_one_sequence_or_long_chunks():
     # tile_per_program: the grid has a program per (sequence, chunk, KV head) of the capacity, whatever
-    # the lengths, and the chunk holds the capacity or the batch is one sequence
+    # the lengths, and the chunk holds the capacity, the batch is one sequence or chunks are DIRECT_CHUNK+
     for page_size in (None, 16):
         assert plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size).tile_per_program  # 128 programs
         assert plan_persistent(_dims(16, 8, [100, 1024] * 8), 132, page_size, chunk=1024).tile_per_program
         assert plan_persistent(_dims(1, 8, [4096]), 132, page_size).tile_per_program  # 16 chunks of 256 each
-        assert not plan_persistent(_dims(4, 8, [1024] * 4), 132, page_size).tile_per_program  # 4 chunks each
+        assert plan_persistent(_dims(4, 8, [4096] * 4), 132, page_size).tile_per_program  # 4 chunks of 1024 each
+        assert not plan_persistent(_dims(4, 8, [1024] * 4), 132, page_size).tile_per_program  # 4 of 256 each
+        assert not plan_persistent(_dims(4, 8, [4096] * 4), 132, page_size, chunk=512, num_programs=256).tile_per_program
         assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, chunk=512).tile_per_program
         assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, num_programs=64).tile_per_program
         assert not plan_persistent(_dims(1, 8, [4096]), 132, page_size, num_programs=64).tile_per_program
