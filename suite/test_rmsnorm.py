@@ -11,7 +11,7 @@ from suite import reference
 
 TOLERANCE_F32 = 1e-5  # fp32 output: summation order only
 # fp16/bf16 output: the fp32 result rounded once, one ulp relative (in the Triton interpreter, 150
-# random cases came to 0.50 of it in fp16 and 0.99 in bf16); absolutely, fp16's subnormal spacing
+# random cases came to 0.50 of it in fp16 and in bf16); absolutely, fp16's subnormal spacing
 HALF_ATOL = 2.0**-24
 
 
