@@ -124,7 +124,7 @@ ONE_WARP_MAX_TILE = 1024
 # whole sequences, one sequence's chunks, and several sequences' chunks of DIRECT_CHUNK positions or
 # more; a KV head's chunks lie on consecutive programs. H200, cuDNN SDPA on the contiguous cache in
 # brackets, us, work list vs program per tile (.dbg/s22/one.py, chunked.py: five interleaved medians of
-# 30 cold rounds; .dbg/s23/order*.py: three sessions' runs of 5-9, ranges):
+# 30 cold rounds; .dbg/s23/order*.py: three runs of 5-9 on three machines, ranges):
 # - whole sequences: contiguous B16-L1024 22.03 vs 21.66 (21.89), B16-L4096 65.98 vs 65.73 (65.98),
 #   B64-L1024 67.36 vs 66.62, B16-L1024 var 21.04 vs 20.48; paged B16-L1024 22.78 vs 22.34 (21.92),
 #   B64-L1024 68.34 vs 67.46, B64-L4096 248.99 vs 248.02;
