@@ -176,7 +176,8 @@ def test_a_program_per_tile_of_the_capacity_only_for_whole_sequences_one_sequenc
         assert plan_persistent(_dims(1, 8, [4096]), 132, page_size).tile_per_program  # 16 chunks of 256 each
         assert plan_persistent(_dims(4, 8, [4096] * 4), 132, page_size).tile_per_program  # 4 chunks of 1024 each
         assert not plan_persistent(_dims(4, 8, [1024] * 4), 132, page_size).tile_per_program  # 4 of 256 each
-        assert not plan_persistent(_dims(4, 8, [4096] * 4), 132, page_size, chunk=512, num_programs=256).tile_per_program
+        short = plan_persistent(_dims(4, 8, [4096] * 4), 132, page_size, chunk=512, num_programs=256)
+        assert short.grid == 256 and not short.tile_per_program  # a program per tile, chunks of 512
         assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, chunk=512).tile_per_program
         assert not plan_persistent(_dims(16, 8, [1024] * 16), 132, page_size, num_programs=64).tile_per_program
         assert not plan_persistent(_dims(1, 8, [4096]), 132, page_size, num_programs=64).tile_per_program

@@ -1,4 +1,5 @@
-"""Sweep triton_persistent's launch knobs on the GPU, shape by shape, against its own plan, SDPA and the paged-read floor.
+"""Sweep triton_persistent's launch knobs on the GPU, shape by shape, against its own plan, SDPA and the
+paged-read floor.
 
     python -m tools.tune_decode_attention [--shapes 16x4096 64x4096] [--layouts contiguous paged] [--quant none int8]
 
