@@ -32,6 +32,18 @@ def check_unit_stride_last(name, t):
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
+def check_distinct_elements(name, t):
+    """Refuse a view whose elements share memory (expanded, or strides that overlap): a kernel writing
+    it would overwrite one element's value with another's. Dims by increasing stride: each stride must
+    pass the farthest element the smaller ones reach."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            raise ValueError(f"{name} has elements that share memory (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}): an output needs one place per element")
+        reach += stride * (size - 1)
+
+
 def check_head_dim(name, head_dim, supported=HEAD_DIMS):
     if head_dim not in supported:
         raise ValueError(f"{name}: head dim {head_dim} is not supported; supported: {supported}")

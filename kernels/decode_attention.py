@@ -40,7 +40,7 @@ import triton.language as tl
 from kernels import decode_plan as plan, hw, kv_quant
 from kernels.decode_tiles import _attend_tile, _finish_tile, _merge_heads, _store_heads, _store_partial
 from kernels.kv_planes import quant_units, unit_view
-from kernels.checks import (ATTENTION_DTYPES, check_head_dim, check_shape, check_tensor,
+from kernels.checks import (ATTENTION_DTYPES, check_distinct_elements, check_head_dim, check_shape, check_tensor,
                             check_unit_stride_last)
 
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
@@ -214,6 +214,7 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
         check_tensor("out", out, dtypes=(q.dtype,), device=q.device)
         check_shape("out", out, q.shape)
         check_unit_stride_last("out", out)
+        check_distinct_elements("out", out)
 
     # One sync for every value check: [min len, max len, total len, first bad block-table flat index].
     stats = [seq_lens.min(), seq_lens.max(), seq_lens.sum()]

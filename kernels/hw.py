@@ -73,7 +73,29 @@ def l2_bytes(device) -> int:
     return torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
 
 
-def _kernel_probe(min_capability, run_probe, what):
+class ProbeFailed(RuntimeError):
+    """A probe kernel failed where the hardware has its feature: a defect of the kernel, its build or the
+    driver, not a missing feature, so what needs the feature fails rather than skips."""
+
+
+@functools.cache
+def _probe(run_probe, what, where, *args):
+    # (True, what ran) or (False, why it failed) of run_probe(*args), once per process
+    try:
+        run_probe(*args)
+    except Exception as exc:  # kept: every call raises it as ProbeFailed
+        return False, f"{what} failed {where}: {type(exc).__name__}: {exc}"
+    return True, f"{what} ran exactly {where}"
+
+
+def _must_pass(run_probe, what, where, *args):
+    ok, probed = _probe(run_probe, what, where, *args)
+    if not ok:
+        raise ProbeFailed(probed)
+    return ok, probed
+
+
+def _kernel_probe(min_capability, run_probe, what, *args):
     ok, why = has_cuda()
     if not ok:
         return False, why
@@ -81,40 +103,30 @@ def _kernel_probe(min_capability, run_probe, what):
         return False, f"compute capability {capability()} < {min_capability}"
     if interpreting():
         return False, "TRITON_INTERPRET=1 does not compile for the device"
-    try:
-        run_probe()
-    except Exception as exc:  # the probe's failure is the finding: report it, don't raise
-        return False, f"{what} failed: {type(exc).__name__}: {exc}"
-    return True, f"{what} compiled and ran exactly"
+    return _must_pass(run_probe, what, f"on {torch.cuda.get_device_name(0)} (capability {capability()})", *args)
 
 
-@functools.cache
 def tma_ready():
     """Both ways the suite emits TMA: a CUDA kernel (NVRTC, cp.async.bulk.tensor) and Triton's
-    tensor descriptors."""
+    tensor descriptors. Raises ProbeFailed where either fails on sm_90+."""
     from kernels.probes import cuda_tma_probe, triton_tma_probe
 
     ok, cuda_probed = _kernel_probe((9, 0), cuda_tma_probe, "TMA probe kernel (CUDA, cp.async.bulk.tensor)")
     if not ok:
         return ok, cuda_probed
-    ok, triton_probed = _kernel_probe((9, 0), triton_tma_probe, "TMA probe kernel (Triton tensor descriptors)")
-    return ok, triton_probed if not ok else f"{cuda_probed}; {triton_probed}"
+    _, triton_probed = _kernel_probe((9, 0), triton_tma_probe, "TMA probe kernel (Triton tensor descriptors)")
+    return True, f"{cuda_probed}; {triton_probed}"
 
 
-@functools.cache
 def fp8_fused_ready():
-    # The probe checks values too, so a broken fused FP8 kernel reads as missing here; it still fails
-    # a run: suite/test_plugin.py asserts the probe passes from sm_89 and in the interpreter.
+    """The fused FP8 decode kernel with its values checked, from sm_89 and in the interpreter on the
+    CPU. Raises ProbeFailed where it runs and fails or is wrong."""
     from kernels.probes import fp8_decode_probe
 
     what = "the fused FP8 decode kernel (triton_persistent on an fp8-e4m3 cache)"
     if interpreting() and not torch.cuda.is_available():
-        try:
-            fp8_decode_probe("cpu")
-        except Exception as exc:  # the probe's failure is the finding: report it, don't raise
-            return False, f"{what} failed in the Triton interpreter: {type(exc).__name__}: {exc}"
-        return True, f"{what} ran correctly in the Triton interpreter (CPU)"
-    return _kernel_probe((8, 9), lambda: fp8_decode_probe("cuda"), what)
+        return _must_pass(fp8_decode_probe, what, "in the Triton interpreter (CPU)", "cpu")
+    return _kernel_probe((8, 9), fp8_decode_probe, what, "cuda")
 
 
 NODES = "/sys/devices/system/node"
@@ -259,7 +271,8 @@ def nvcc():
     return True, f"nvcc at {path}"
 
 
-# marker name -> predicate; conftest turns a False into a skip with "needs <feature>: <probe>".
+# marker name -> predicate; suite/plugin.py turns a False into a skip with "needs <feature>: <probe>", and
+# a ProbeFailed into a failure of each test that needs the feature.
 PREDICATES = {
     "requires_cuda": ("a CUDA device", has_cuda),
     "requires_tma": ("TMA (sm_90+ and a TMA probe kernel)", tma_ready),

@@ -184,6 +184,8 @@ def update(directory, key, measured: dict, *, margin: float, provenance: dict, a
                 continue
             if "why" in entry.get(metric, {}) or _is_ungated(entry.get(metric)):
                 continue  # a deliberate floor or no gate, with its reason: an update does not override it
+            if not math.isfinite(value):
+                raise ExpectationsError(f"{gate_id} {metric}: measured {value}, no floor derives from it")
             host = metric in (host_dependent or {}).get(gate_id, ())
             used = max(margin, HOST_MARGIN) if host else margin
             floor = _significant(value * (1 - used), 4)

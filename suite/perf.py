@@ -1,5 +1,6 @@
 """The `perf` fixture's recorder: metrics into extra_info, gates, baselines, the end-of-run table."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -136,6 +137,9 @@ class PerfRecorder:
                           if getattr(base, "host_in_timing", False)}
         host_dependent = sorted(m for m in metrics if host_timed or m in host_baselines)
         extra["host_dependent_metrics"] = host_dependent
+        broken = {m: v for m, v in metrics.items() if v is not None and not math.isfinite(v)}
+        if broken:  # neither a gate's measurement nor a floor's: the measuring itself went wrong
+            raise ValueError(f"{gate_id}: metrics that are not finite numbers: {broken}")
         verdicts = self.expectations.check(gate_id, metrics) if self.on_gpu and not self.quick else []
         failed = [v for v in verdicts if not v.ok]
         if self.updating and self.on_gpu:

@@ -29,6 +29,7 @@ FILE_TIMER = "kernel-suite-file-timer"
 SLOWEST_FILES = 12
 MOST_JIT_TESTS = 10
 CLOCK_BEFORE = pytest.StashKey[str]()
+PROBE_FAILED = pytest.StashKey[str]()  # on an item whose feature's probe failed where the hardware has it
 PROFILE_BEFORE = pytest.StashKey[str]()
 
 # minimal draws the same examples every run (derandomize), so a runner's Triton disk cache serves
@@ -156,15 +157,27 @@ class FileTimer:
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("require_fused_fp8"):  # asked for explicitly: abort rather than skip
-        ok, probed = hw.fp8_fused_ready()
+        try:
+            ok, probed = hw.fp8_fused_ready()
+        except hw.ProbeFailed as exc:
+            ok, probed = False, str(exc)
         if not ok:
             raise pytest.UsageError(f"--require-fused-fp8: fused FP8 decode is missing: {probed}")
     for item in items:
         for marker, (feature, predicate) in hw.PREDICATES.items():
             if item.get_closest_marker(marker):
-                ok, probed = predicate()
+                try:
+                    ok, probed = predicate()
+                except hw.ProbeFailed as exc:  # the hardware has the feature: a defect, so a failure
+                    item.stash[PROBE_FAILED] = f"{marker}: the hardware has {feature}, but {exc}"
+                    continue
                 if not ok:
                     item.add_marker(pytest.mark.skip(reason=f"needs {feature}: {probed}"))
+
+
+def pytest_runtest_setup(item):
+    if PROBE_FAILED in item.stash:
+        pytest.fail(item.stash[PROBE_FAILED], pytrace=False)
 
 
 @pytest.fixture(scope="session")

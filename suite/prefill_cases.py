@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from suite import reference
-from suite.decode_cases import PLANTED_LOGIT, TOLERANCE, block_edges
+from suite.decode_cases import PLANTED_LOGIT, block_edges, check_close
 
 
 def variant_params(names):
@@ -94,23 +94,23 @@ def plant_block_edges(inputs, case: PrefillCase):
 
 def check_output(out, inputs):
     """Every element of out against the float64 reference (tolerance from the dtype, as decode)."""
-    check_close(out, reference.prefill_attention(**inputs))
+    check_close(out, reference.prefill_attention(**inputs), reference.prefill_attention(**inputs, spread=True))
 
 
-def check_close(out, expected):
-    """Every element of out (any rows of a prefill output) against expected, the float64 reference of
-    those rows, to the tolerance of out's dtype."""
-    tol = TOLERANCE[out.dtype]
-    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+def check_rows(out, inputs, start, rows, n):
+    """out [len(rows), Hq, D] against those rows of the n-token prompt at packed row start, each
+    attending every key up to its own (rows_attention's), to the tolerance of out's dtype."""
+    check_close(out, rows_attention(inputs, start, rows, range(n)), rows_attention(inputs, start, rows, range(n), True))
 
 
-def rows_attention(inputs, start, rows, keys):
+def rows_attention(inputs, start, rows, keys, spread=False):
     """float64 attention of the queries at positions rows of the prompt at packed row start over the
     keys at positions keys, each seen by the queries at or after it -> [len(rows), Hq, D]. Any list of
     keys: one left out or listed twice is what a kernel that misses or repeats that row computes; -1 is
-    the previous prompt's last. keys = range(prompt length): those rows of reference.prefill_attention."""
+    the previous prompt's last. keys = range(prompt length): those rows of reference.prefill_attention
+    (spread: as reference.attention's)."""
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     rows, keys = (torch.tensor(list(x), dtype=torch.long, device=q.device) for x in (rows, keys))
     hidden = keys[None, :] > rows[:, None]
     return reference.attention(q[start + rows].transpose(0, 1), k[start + keys].transpose(0, 1),
-                               v[start + keys].transpose(0, 1), hidden).transpose(0, 1)
+                               v[start + keys].transpose(0, 1), hidden, spread).transpose(0, 1)

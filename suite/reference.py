@@ -29,16 +29,19 @@ def kv_products(k_cache, v_cache, seq_lens, block_table=None, absolute=False):
     return torch.stack(sums)
 
 
-def attention(q, k, v, hidden=None):
+def attention(q, k, v, hidden=None, spread=False):
     """softmax(q . k^T / sqrt(D)) . v in float64. q: [Hq, Sq, D]; k, v: [Hkv, Sk, D] (GQA).
-    hidden: [Sq, Sk] bool, True where a query must not see a key."""
+    hidden: [Sq, Sk] bool, True where a query must not see a key.
+    spread: sqrt(softmax(...)^2 . v^2) instead: how far the output moves per unit of independent
+    relative error in each softmax weight, its standard deviation (suite/decode_cases.py's tolerance)."""
     group = q.shape[0] // k.shape[0]
     k = k.double().repeat_interleave(group, dim=0)
     v = v.double().repeat_interleave(group, dim=0)
     scores = q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if hidden is not None:
         scores = scores.masked_fill(hidden, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    weights = torch.softmax(scores, dim=-1)
+    return (weights.square() @ v.square()).sqrt() if spread else weights @ v
 
 
 def dequantize_kv(cache, scale):
@@ -59,9 +62,9 @@ def prompt_slots(cu_seqlens, block_table, page_size):
     return torch.cat(slots)
 
 
-def prefill_attention(q, k, v, cu_seqlens, scores_bytes=SCORES_BYTES):
+def prefill_attention(q, k, v, cu_seqlens, scores_bytes=SCORES_BYTES, spread=False):
     """Causal attention inside each packed prompt: q [T, Hq, D], k, v [T, Hkv, D] -> [T, Hq, D]
-    float64. Queries go in blocks whose [Hq, rows, P] float64
+    float64 (spread: as attention's). Queries go in blocks whose [Hq, rows, P] float64
     scores fit scores_bytes; each row's softmax is its own, so blocks change nothing."""
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     offsets = cu_seqlens.tolist()
@@ -72,19 +75,20 @@ def prefill_attention(q, k, v, cu_seqlens, scores_bytes=SCORES_BYTES):
             r1 = min(e - s, r0 + rows)
             hidden = keys[None, :] > keys[r0:r1, None]  # keys after the query
             out[s + r0:s + r1] = attention(q[s + r0:s + r1].transpose(0, 1), k[s:e].transpose(0, 1),
-                                           v[s:e].transpose(0, 1), hidden).transpose(0, 1)
+                                           v[s:e].transpose(0, 1), hidden, spread).transpose(0, 1)
     return out
 
 
-def decode_attention(q, k_cache, v_cache, seq_lens, block_table=None, k_scale=None, v_scale=None):
-    """q: [B, Hq, D] -> [B, Hq, D] float64: each sequence attends its first seq_lens[b] positions."""
+def decode_attention(q, k_cache, v_cache, seq_lens, block_table=None, k_scale=None, v_scale=None, spread=False):
+    """q: [B, Hq, D] -> [B, Hq, D] float64: each sequence attends its first seq_lens[b] positions
+    (spread: as attention's)."""
     if k_scale is not None:
         k_cache, v_cache = dequantize_kv(k_cache, k_scale), dequantize_kv(v_cache, v_scale)
     out = []
     for b, seq_len in enumerate(seq_lens.tolist()):
         k = gather_kv(k_cache, seq_len, b, block_table)
         v = gather_kv(v_cache, seq_len, b, block_table)
-        out.append(attention(q[b, :, None, :], k, v)[:, 0, :])
+        out.append(attention(q[b, :, None, :], k, v, spread=spread)[:, 0, :])
     return torch.stack(out)
 
 

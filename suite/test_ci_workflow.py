@@ -30,6 +30,16 @@ def test_workflow_parses_into_a_scheduled_gpu_job():
     assert uploads and ".benchmarks/" in uploads[0]["with"]["path"] and "report/" in uploads[0]["with"]["path"]
 
 
+def test_ci_runs_the_readmes_test_command_after_its_installs():
+    # .ci/run: the README's tests line, its installs quiet and through python3 -m pip, then its test command
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    readme = next(line for line in (REPO / "README.md").read_text().splitlines()
+                  if line.startswith("pip install torch=="))
+    *installs, test = readme.split(" && ")
+    assert ci == [i.replace("pip install", "python3 -m pip install --quiet") for i in installs] + [test]
+
+
 @pytest.mark.parametrize("command", _commands())
 def test_every_command_is_in_the_readme(command):
     assert command in (REPO / "README.md").read_text()

@@ -131,6 +131,15 @@ def test_update_writes_no_floor_that_cannot_fail(tmp_path):
     assert "b/none" not in json.loads(path.read_text())["gates"]
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_update_refuses_a_measurement_that_is_not_a_number(tmp_path, value):
+    # NaN compares false with the old floor, so it would replace it; the file would then fail to load
+    update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0}}, margin=0.1, provenance=PROV_A)
+    with pytest.raises(ExpectationsError, match=f"{GATE} {SPEEDUP}: measured {value}, no floor derives from it"):
+        update(tmp_path, "h100", {GATE: {SPEEDUP: value}}, margin=0.1, provenance=PROV_A)
+    assert entry_of(tmp_path / "h100.json")[SPEEDUP]["floor"] == pytest.approx(0.9)
+
+
 def test_update_keeps_the_measured_value_and_provenance_of_a_kept_floor(tmp_path):
     update(tmp_path, "h100", {GATE: {SPEEDUP: 1.0}}, margin=0.0, provenance=PROV_A)
     entry = entry_of(update(tmp_path, "h100", {GATE: {SPEEDUP: 0.5}}, margin=0.0, provenance=PROV_B))
@@ -285,6 +294,21 @@ def test_expectations_from_runs_of_two_gpus_are_refused(tmp_path, monkeypatch, c
         expectations_from_run.main()
     assert exit_info.value.code == 2
     assert "from different GPUs" in capsys.readouterr().err and not list(tmp_path.glob("h100.json"))
+
+
+@pytest.mark.parametrize("verdict", ["quick: not gated", "smoke (no GPU)"])
+def test_expectations_from_a_quick_or_smoke_run_are_refused(tmp_path, monkeypatch, capsys, verdict):
+    # --quick saved with --benchmark-json (T=8, 10 rounds) or a CPU smoke run: nothing to calibrate with
+    from tools import expectations_from_run
+    run = json.loads(sorted((REPO / ".benchmarks" / "h100").glob("*/0002_*.json"))[-1].read_text())
+    run["benchmarks"][3]["extra_info"]["gate"] = verdict
+    path = tmp_path / "quick.json"
+    path.write_text(json.dumps(run))
+    monkeypatch.setattr("sys.argv", ["x", str(path), "--expectations-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        expectations_from_run.main()
+    assert exit_info.value.code == 2 and not list(tmp_path.glob("h100.json"))
+    assert f"its benchmarks say '{verdict}': not a measurement" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("margin", ["-0.5", "1.2"])

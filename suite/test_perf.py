@@ -82,6 +82,15 @@ def test_perf_gate_failure_names_gate_measured_floor_and_file_unless_updating(tm
     assert rec.measured[GATE] == pytest.approx({"roofline_fraction": 0.5, SPEEDUP: 1.2})
 
 
+@pytest.mark.parametrize("updating", [False, True])
+def test_perf_refuses_a_metric_that_is_not_a_number(tmp_path, updating):
+    # a NaN passes no comparison, so it would slip past a gate and into a floor: the measuring failed
+    rec, bench = gpu_recorder(tmp_path, updating=updating), FakeBenchmark()
+    with pytest.raises(ValueError, match=f"{GATE}: metrics that are not finite numbers: .*'{SPEEDUP}': nan"):
+        rec.record(bench, GATE, 1e-3, shape={}, bytes_moved=5e8, baseline_seconds=float("nan"))
+    assert rec.measured == {}
+
+
 def test_perf_gates_nothing_under_quick(tmp_path):
     # the same measurement that fails its gate above: --quick's shorter loops were never calibrated
     rec, bench = gpu_recorder(tmp_path, updating=False), FakeBenchmark()

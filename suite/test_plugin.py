@@ -55,6 +55,23 @@ def test_require_fused_fp8_aborts_instead_of_skipping(inner, monkeypatch):
     result.stderr.fnmatch_lines(["*--require-fused-fp8: fused FP8 decode is missing: compute capability (8, 0)*"])
 
 
+def test_a_probe_that_fails_where_the_hardware_has_the_feature_fails_the_tests(inner, monkeypatch):
+    # a broken fused FP8 kernel (or TMA build) on hardware that has the feature is a defect: the tests
+    # that need it fail (an error at setup), naming the probe's error, and the rest still run
+    inner.makepyfile("import pytest\n@pytest.mark.requires_fp8_fused\ndef test_x():\n    pass\n"
+                     "def test_y():\n    pass\n")
+
+    def broken():
+        raise hw.ProbeFailed("the fused FP8 decode kernel failed on a GPU: RuntimeError: wrong values")
+
+    monkeypatch.setitem(hw.PREDICATES, "requires_fp8_fused", (hw.PREDICATES["requires_fp8_fused"][0], broken))
+    result = inner.runpytest("-p", "suite.plugin")
+    result.assert_outcomes(errors=1, passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*requires_fp8_fused: the hardware has fused FP8 decode (sm_89+), but the fused "
+                                 "FP8 decode kernel failed on a GPU: RuntimeError: wrong values*"])
+
+
 @pytest.mark.parametrize("args", [
     ["--strict-markers"],
     [],

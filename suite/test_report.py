@@ -15,6 +15,12 @@ BASE = RUNS / "0004_0c468d9_20261126_193812.json"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def on_a_machine_without_a_gpu(monkeypatch):
+    # --latest's default is this machine's GPU: the runs these tests save belong to no machine
+    monkeypatch.setattr(report, "this_gpu", lambda: None)
+
+
 def _medians(path):
     return {b["extra_info"]["gate_id"]: b["stats"]["median"] for b in json.loads(path.read_text())["benchmarks"]}
 
@@ -94,6 +100,26 @@ def test_cli_latest_compares_with_the_previous_run_of_the_same_gpu(tmp_path, mon
     report.main()
     page = (tmp_path / "out" / "index.html").read_text()
     assert "0002_b.json" in page and "Compared with 0001_a.json" in page
+
+
+def test_cli_latest_is_the_newest_run_of_this_machines_gpu_or_of_gpu(tmp_path, monkeypatch, capsys):
+    # a nightly runner's report describes its own GPU's run, never a newer one another GPU saved
+    for gpu, name, when in (("h100", "0007_new.json", "2026-12-02"), ("h200", "0003_old.json", "2026-12-01")):
+        folder = tmp_path / ".benchmarks" / gpu / "Linux-CPython-3.12-64bit"
+        folder.mkdir(parents=True)
+        (folder / name).write_text(json.dumps(json.loads(RUN.read_text()) | {"datetime": f"{when}T03:00:00"}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "this_gpu", lambda: "h200")
+    for argv, picked in ((["--latest"], "0003_old.json"), (["--latest", "--gpu", "h100"], "0007_new.json")):
+        monkeypatch.setattr("sys.argv", ["report", *argv, "--out", "out"])
+        report.main()
+        assert picked in capsys.readouterr().out and picked in (tmp_path / "out" / "index.html").read_text()
+    monkeypatch.setattr(report, "this_gpu", lambda: "b200")
+    monkeypatch.setattr("sys.argv", ["report", "--latest", "--out", "out"])
+    with pytest.raises(SystemExit) as exit_info:
+        report.main()
+    assert exit_info.value.code == 2
+    assert "--latest: no saved run under .benchmarks/b200/ (this machine's GPU" in capsys.readouterr().err
 
 
 def test_stream_priority_timelines_are_embedded(tmp_path):
@@ -176,6 +202,7 @@ def test_cli_latest_leaves_out_trials_and_says_when_nothing_is_compared(tmp_path
 
 
 @pytest.mark.parametrize("argv", [[], [str(RUN), "--latest"], [str(RUN), "--compare-previous"],
+                                  [str(RUN), "--gpu", "h100"],
                                   ["--latest", "--compare-previous", "--compare", str(BASE)]])
 def test_cli_usage_errors(argv, monkeypatch, tmp_path):
     monkeypatch.setattr("sys.argv", ["report", *argv, "--out", str(tmp_path / "out")])

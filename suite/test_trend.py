@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from tools import trend
+from tools import report, trend
 
 RUNS = Path(__file__).parent.parent / ".benchmarks" / "h100" / "Linux-CPython-3.12-64bit"
 H100 = "NVIDIA H100 80GB HBM3"
 STABLE = (100.0, 101.0, 99.0, 100.5, 99.5, 100.0)  # us: six nights of one benchmark
+
+
+@pytest.fixture(autouse=True)
+def on_a_machine_without_a_gpu(monkeypatch):
+    # without a named run the newest of this machine's GPU is judged: the runs saved here belong to none
+    monkeypatch.setattr(report, "this_gpu", lambda: None)
 
 
 def _rows(*benchmarks):
@@ -112,6 +118,24 @@ def test_cli_lists_without_failing_and_judges_a_named_run(saved, monkeypatch, ca
         with pytest.raises(SystemExit) as exit_info:
             trend.main()
         assert exit_info.value.code == 1 and "1 slower" in capsys.readouterr().out
+
+
+def test_cli_judges_the_newest_run_of_this_machines_gpu_or_of_gpu(saved, monkeypatch, capsys):
+    _save(saved.parent.parent / "h200" / "Linux-CPython-3.12-64bit", "0001_y.json", "2026-12-09T03:00:00",
+          "NVIDIA H200", 60.0)  # the newest run of all, of another GPU
+    monkeypatch.setattr(report, "this_gpu", lambda: "h100")
+    for argv in (["trend"], ["trend", "--gpu", "h100"]):
+        monkeypatch.setattr("sys.argv", argv)
+        trend.main()
+        assert "0008_x.json: 1 GPU-timed benchmarks" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["trend", "--gpu", "h200"])
+    with pytest.raises(SystemExit) as exit_info:
+        trend.main()
+    assert exit_info.value.code == 0 and "0001_y.json: nothing judged" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["trend", "--gpu", "b200"])
+    with pytest.raises(SystemExit) as exit_info:
+        trend.main()
+    assert exit_info.value.code == 2 and "no saved run under .benchmarks/b200/" in capsys.readouterr().err
 
 
 def test_cli_says_when_too_few_runs_leave_nothing_to_judge(saved, monkeypatch, capsys):

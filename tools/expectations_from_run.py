@@ -20,6 +20,8 @@ from suite.expectations import METRICS, hardware_key, update
 from suite.options import fraction
 from tools.report import ReportError, read_run
 
+NOT_MEASUREMENTS = ("quick: not gated", "smoke (no GPU)")  # suite/perf.py's verdicts of runs that calibrate nothing
+
 
 def lowest(runs, metrics):
     """({gate_id: {metric: the lowest value the runs measured}}, {gate_id: metrics any run recorded as
@@ -59,6 +61,11 @@ def main():
         runs = [read_run(path) for path in args.runs]
     except ReportError as exc:
         parser.error(str(exc))
+    for path, run in zip(args.runs, runs):
+        unfit = sorted({b["extra_info"].get("gate") for b in run["benchmarks"]} & set(NOT_MEASUREMENTS))
+        if unfit:
+            parser.error(f"run {path}: its benchmarks say {', '.join(map(repr, unfit))}: not a measurement to "
+                         "derive floors from")
     keys = {path: hardware_key(run["machine_info"]["gpu"]["name"]) for path, run in zip(args.runs, runs)}
     if len(set(keys.values())) > 1:
         parser.error(f"runs: from different GPUs ({', '.join(f'{p}: {k}' for p, k in keys.items())}); "

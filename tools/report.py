@@ -248,17 +248,41 @@ def build(run_path, out_dir, base_path=None):
     return drawn
 
 
-def saved_runs(root=".benchmarks"):
-    """Saved runs under root (autosave's <gpu>/<machine>/NNNN_*.json, trials left out), oldest first
-    by the time each run recorded (a fresh checkout gives every file the same mtime)."""
-    return sorted((p for p in Path(root).glob("*/*/[0-9][0-9][0-9][0-9]_*.json") if p.parent.name != TRIALS),
+def saved_runs(root=".benchmarks", gpu=None):
+    """Saved runs under root (autosave's <gpu>/<machine>/NNNN_*.json, trials left out), of one GPU's
+    folder when gpu is given, oldest first by the time each run recorded (a fresh checkout gives every
+    file the same mtime)."""
+    found = Path(root).glob(f"{gpu or '*'}/*/[0-9][0-9][0-9][0-9]_*.json")
+    return sorted((p for p in found if p.parent.name != TRIALS),
                   key=lambda p: (read_run(p).get("datetime", ""), p.name))
+
+
+def this_gpu():
+    """The folder this machine's GPU saves its runs under (suite/plugin.py), None without a GPU."""
+    import torch
+
+    from suite.expectations import hardware_key
+
+    return hardware_key(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+
+
+def latest_of(gpu):
+    """(gpu's saved runs, oldest first; what --latest names) with gpu None for this machine's GPU, or
+    every GPU's runs without one. Raises ReportError when there is none."""
+    gpu = gpu or this_gpu()
+    runs = saved_runs(gpu=gpu)
+    if not runs:
+        where = f".benchmarks/{gpu}/ (this machine's GPU; --gpu names another)" if gpu else ".benchmarks/"
+        raise ReportError(f"no saved run under {where}")
+    return runs, f"the newest saved run of {gpu}" if gpu else "the newest saved run of any GPU"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", help="a saved run (JSON)")
-    parser.add_argument("--latest", action="store_true", help="the newest saved run under .benchmarks/")
+    parser.add_argument("--latest", action="store_true",
+                        help="the newest saved run of --gpu (by default this machine's GPU; any GPU without one)")
+    parser.add_argument("--gpu", help="with --latest: the GPU's folder under .benchmarks/ (h100, h200, b200, ...)")
     parser.add_argument("--compare", help="a second run to compare with")
     parser.add_argument("--compare-previous", action="store_true", help="with --latest: the run saved before it")
     parser.add_argument("--out", default="report")
@@ -267,18 +291,19 @@ def main():
         parser.error("give either a run or --latest")
     if args.compare_previous and (not args.latest or args.compare):
         parser.error("--compare-previous goes with --latest and without --compare")
+    if args.gpu and not args.latest:
+        parser.error("--gpu goes with --latest")
     for flag, path in (("run", args.run), ("--compare", args.compare)):
         if path and not Path(path).is_file():
             parser.error(f"{flag}: no such file: {path}")
     base = args.compare
     if args.latest:
         try:
-            runs = saved_runs()
+            runs, which = latest_of(args.gpu)
         except ReportError as exc:
-            parser.error(str(exc))
-        if not runs:
-            parser.error("--latest: no saved run under .benchmarks/")
+            parser.error(f"--latest: {exc}")
         args.run = runs[-1]
+        print(f"--latest: {args.run}, {which}")
         same_gpu = [r for r in runs[:-1] if r.parent == args.run.parent]
         if args.compare_previous:
             if same_gpu:

@@ -1,7 +1,7 @@
 """Drift that a compare with one run misses: the newest saved run of a GPU against the median of
 that GPU's earlier runs, benchmark by benchmark (GPU-timed ones).
 
-    python -m tools.trend [RUN] [--history 8] [--confirm 2] [--min-change 0.05] [--fail]
+    python -m tools.trend [RUN | --gpu KEY] [--history 8] [--confirm 2] [--min-change 0.05] [--fail]
 
 `--benchmark-compare-fail=median:10%` holds each run to the one saved before it. A step just under
 the threshold passes it, and so do small steps that add up over nights: the native decode loop
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tools._args import positive_int
-from tools.report import ReportError, load, read_run, saved_runs
+from tools.report import ReportError, latest_of, load, read_run
 
 NOISE_SIGMAS = 4.0  # the run-to-run spread (robust sigma from the MAD) a change must exceed
 MAD_TO_SIGMA = 1.4826  # MAD x this = sigma for normally distributed medians
@@ -90,7 +90,9 @@ def runs_of(latest):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", nargs="?", help="a saved run (default: the newest under .benchmarks/)")
+    parser.add_argument("run", nargs="?", help="a saved run (default: the newest of --gpu)")
+    parser.add_argument("--gpu", help="without a run: the GPU's folder under .benchmarks/ whose newest run is judged "
+                                      "(default: this machine's GPU; any GPU without one)")
     parser.add_argument("--history", type=positive_int, default=8, help="previous runs of the GPU to compare with")
     parser.add_argument("--min-change", type=float, default=0.05, help="smallest change called (0.05: 5%%)")
     parser.add_argument("--confirm", type=positive_int, default=2,
@@ -101,11 +103,10 @@ def main():
         parser.error(f"--min-change {args.min_change}: must be in (0, 1)")
     if args.run and not Path(args.run).is_file():
         parser.error(f"run: no such file: {args.run}")
+    if args.run and args.gpu:
+        parser.error("give either a run or --gpu")
     try:
-        runs = [] if args.run else saved_runs()
-        if not args.run and not runs:
-            parser.error("no saved run under .benchmarks/")
-        latest = Path(args.run) if args.run else runs[-1]
+        latest = Path(args.run) if args.run else latest_of(args.gpu)[0][-1]
         mine = runs_of(latest)
         recent, history = mine[-args.confirm:], mine[:-args.confirm][-args.history:]
         recent_rows, history_rows = [load(p)[1] for p in recent], [load(p)[1] for p in history]
