@@ -239,10 +239,12 @@ def test_the_gpu_reports_its_peak_dram_bandwidth():
 
 
 @pytest.mark.parametrize("variant", variant_params(FUSED_DEQUANT))
-@pytest.mark.parametrize("page_size,chunk,hoisted", [(1, 512, 0), (3, 64, 32), (5, 128, 32), (16, 128, 128)])
+@pytest.mark.parametrize("page_size,chunk,hoisted", [(1, 512, 0), (3, 1024, 0), (3, 64, 32), (5, 128, 32),
+                                                    (16, 128, 128)])
 def test_block_table_hoisted_or_loaded_per_step(variant, page_size, chunk, hoisted, device):
     # A tile's block-table entries are loaded once where they fit MAX_TABLE_PAGES (page sizes that
-    # do not divide the chunk straddle one more page), else every step: both paths meet the oracle.
+    # do not divide the chunk straddle one more page), else every step: both paths, with page sizes
+    # that are powers of two (a shift) and that are not (a division), meet the oracle.
     assert decode_plan.table_pages(chunk, page_size) == hoisted
     case = DecodeCase((600, 37, 301), q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float16, layout="paged",
                       page_size=page_size, spare=5)
@@ -504,9 +506,9 @@ def test_quantized_tiles_are_read_as_16_bit_units_where_they_can_be():
 
 @pytest.mark.parametrize("fmt", quant_params(QUANTIZED))
 @pytest.mark.parametrize("variant", FUSED_DEQUANT)
-def test_quantized_caches_that_are_not_units_are_read_as_bytes(variant, fmt, device):
+def test_quantized_caches_that_are_not_units_are_read_as_bytes(variant, fmt, layout, device):
     # An odd storage offset: the byte-by-byte path (_attend_chunk) against the same oracle.
-    case = DecodeCase((300, 77), q_heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout="paged",
+    case = DecodeCase((300, 77), q_heads=8, kv_heads=2, head_dim=64, dtype=torch.bfloat16, layout=layout,
                       quant=fmt)
     inputs = make_inputs(case, device)
     for name in ("k_cache", "v_cache"):
@@ -514,7 +516,7 @@ def test_quantized_caches_that_are_not_units_are_read_as_bytes(variant, fmt, dev
         odd = torch.empty(cache.numel() + 1, dtype=cache.dtype, device=device)[1:].view(cache.shape)
         inputs[name] = odd.copy_(cache)
     assert kv_planes.quant_units(fmt, inputs["k_cache"], inputs["v_cache"], 64, decode_plan.NUM_WARPS,
-                                 paged=True) == (1, 1)
+                                 paged=layout == "paged") == (1, 1)
     out = torch.full(inputs["q"].shape, float("nan"), dtype=case.dtype, device=device)
     VARIANTS[variant](**inputs, out=out)()
     check_output(out, inputs)
