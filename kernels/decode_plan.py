@@ -141,6 +141,14 @@ ONE_WARP_MAX_TILE = 1024
 # 245.7 us with it, 257.3 mapped from the program id with a seq_lens load per tile, 248.2 with the
 # lengths loaded as the work list loads them.
 DIRECT_CHUNK = 1024
+# Sequences of unequal length with at most one (sequence, KV head) per SM: in whole-sequence tiles the
+# longest sequence's program finishes last by far. Chunks of at most 1/UNEQUAL_SPLIT of the longest
+# spread it over that many programs of the work list. H200, contiguous, three interleaved medians of
+# 40 cold rounds (.dbg/s24/varsweep.py): B16-L1024 var 20.2 us at chunk 2048 (whole sequences) vs 18.1
+# at 256, 18.9 at 512; B16-L4096 var 49.2 at 2048 vs 45.2 at 1024, 47.5 at 512 (SDPA 29.9, 71.7).
+# Paged launches took those chunks already (PAGED_TILES_PER_SM). More sequences than SMs keep whole
+# ones: B64-L1024 var 46.8 at 2048 vs 52.7 at 256.
+UNEQUAL_SPLIT = 4
 # Registers per SM and the most per thread. Uncapped, paged builds at BLOCK_B < 64 take 186-204
 # registers, so only 2 of 3 programs per SM were resident and the third ran after them (H100, paged
 # B4-L16384 var: 54.2 us uncapped, 42.7 capped at 168). A cap is set only where the build needs it:
@@ -275,6 +283,9 @@ def plan_persistent(dims, sms, page_size=None, *, shared_per_sm=SM_SHARED, dram_
         per_sm = 1 if dims.quant == "none" else QUANT_EQUAL_TILES_PER_SM
         chunk = max(choose_chunk(dims, sms, per_sm, longest_equal_tile(dims, page_size)),
                     resolve_chunk(None, dims, sms, paged))
+    elif chunk is None and dims.batch * dims.num_kv_heads <= sms:
+        chunk = min(resolve_chunk(None, dims, sms, paged),
+                    max(SHORT_CHUNK, triton.next_power_of_2(dims.max_len) // UNEQUAL_SPLIT))
     chunk = resolve_chunk(chunk, dims, sms, paged)
     max_tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.capacity, chunk)
     tiles = dims.batch * dims.num_kv_heads * triton.cdiv(dims.max_len, chunk)  # at most, for these lengths

@@ -88,10 +88,24 @@ def test_minimal_launches_on_an_h100():
     direct = {(shape, layout) for shape in ("B16-L1024-uniform", "B16-L4096-uniform", "B64-L1024-uniform",
                                             "B64-L1024-var", "B4-L4096-uniform", "B4-L16384-uniform",
                                             "B16-L16384-uniform") for layout in ("contiguous", "paged")}
-    direct |= {("B64-L4096-uniform", "paged"), ("B16-L1024-var", "contiguous"), ("B16-L4096-var", "contiguous")}
+    direct |= {("B64-L4096-uniform", "paged")}
     direct |= {(f"B1-L{n}-{kind}", layout) for n in (1024, 4096, 16384) for kind in ("uniform", "var")
                for layout in ("contiguous", "paged")}  # one sequence's chunks
     assert {key for key, launch in launches.items() if launch[5]} == direct
+
+
+def test_unequal_sequences_at_most_one_per_sm_split_their_longest():
+    # B16 var: 128 (sequence, KV head) pairs on 132 SMs take chunks of a quarter of the longest, on the
+    # work list, paged or not; more pairs than SMs (B64) keep whole sequences
+    launches = decode_launches.launches(sms=132, page_size=16)
+    for n, chunk in ((1024, decode_plan.SHORT_CHUNK), (4096, 1024)):
+        for layout in ("contiguous", "paged"):
+            grid, _, planned, _, _, direct = launches[f"B16-L{n}-var", layout]
+            assert (planned, grid, direct) == (chunk, 3 * 132, False)
+    assert launches["B64-L1024-var", "contiguous"][2] == decode_plan.MAX_CHUNK
+    unequal = _dims(16, 8, [128 + 56 * i for i in range(16)])  # 128..968: a chunk given is kept
+    assert plan_persistent(unequal, 132).chunk == decode_plan.SHORT_CHUNK
+    assert plan_persistent(unequal, 132, chunk=2048).chunk == 2048
 
 
 def test_only_long_paged_tiles_alone_on_their_sm_take_a_deeper_pipeline():
