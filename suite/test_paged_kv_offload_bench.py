@@ -16,6 +16,7 @@ fp16 and extra_info says why."""
 import statistics
 
 import pytest
+import torch
 
 from kernels import hw, paged_offload
 from suite.offload_cases import ContextCase, check_context_output, make_context
@@ -36,13 +37,13 @@ TRACED = 5  # traced steps for the overlap
 ROOFLINE = {"baseline": "h2d_pageable", "optimized": "staged_h2d"}
 
 
-def _format(variant, fmt, device):
-    """(format the variant streams, why it differs from fmt or None)."""
+def _needs_fused_fp8(variant, fmt, device):
+    # the optimized variant attends an fp8 context in the fused FP8 kernel; the baseline dequantizes first
     if fmt == "fp8" and variant == "optimized" and device.type == "cuda":
         ok, probed = hw.fp8_fused_ready()
         if not ok:
-            return "fp16", f"no fused FP8 decode here ({probed}): fp16 streamed instead"
-    return fmt, None
+            feature, _ = hw.PREDICATES["requires_fp8_fused"]
+            pytest.skip(f"needs {feature}: {probed}")
 
 
 @pytest.mark.parametrize("fmt", paged_offload.FORMATS)
@@ -51,21 +52,21 @@ def test_paged_kv_offload(benchmark, variant, fmt, device, perf, rounds, pytestc
     case = DEFAULT if device.type == "cuda" else SMOKE
     gate_id = f"{WORKLOAD}/{variant}-{fmt}/{case}"
     perf.skip_if_not_applicable(gate_id)
-    used, why = _format(variant, fmt, device)
+    _needs_fused_fp8(variant, fmt, device)
     q, k, v = make_context(case, device)
-    host = paged_offload.store(k, v, case.chunk, used,
+    host = paged_offload.store(k, v, case.chunk, fmt,
                                page_file_path=tmp_path / "pages" if variant == "optimized" else None)
     try:
         decode = paged_offload.Decoder(variant, q, host)
         decode.out.fill_(float("nan"))
-        check_context_output(decode(), q, k, v, used)  # correctness before timing
+        check_context_output(decode(), q, k, v, fmt)  # correctness before timing
         del k, v
         cold = pytestconfig.getoption("page_cache") == "cold" and host.page_file is not None
         before = host.page_file.drop_from_page_cache if cold else None
         seconds = run_benchmark(benchmark, decode, device=device, rounds=rounds, cold=False, before=before,
                                 host_bound=True)
         metrics, speedups, rate = {}, {}, "smoke (no GPU)"
-        benchmark.extra_info.update(streamed_format=used, format_note=why, chunks=host.k.shape[0],
+        benchmark.extra_info.update(chunks=host.k.shape[0],
                                     page_cache=pytestconfig.getoption("page_cache") if host.page_file else "none",
                                     host_kv_bytes=host.bytes())
         if device.type == "cuda":
@@ -94,3 +95,11 @@ def test_paged_kv_offload(benchmark, variant, fmt, device, perf, rounds, pytestc
 def _traced_overlap(decode):
     decode(trace=True)
     return decode.hidden_attention()
+
+
+def test_optimized_fp8_without_fused_fp8_is_a_skip_naming_the_probe(monkeypatch):
+    # not fp16 streamed under the fp8 gate id: the workload's optimized fp8 path is the fused kernel
+    monkeypatch.setattr(hw, "fp8_fused_ready", lambda: (False, "compute capability (8, 0) < (8, 9)"))
+    with pytest.raises(pytest.skip.Exception, match=r"needs fused FP8 decode \(sm_89\+\): compute capability"):
+        _needs_fused_fp8("optimized", "fp8", torch.device("cuda"))
+    _needs_fused_fp8("baseline", "fp8", torch.device("cuda"))  # dequantizes first: runs anywhere
