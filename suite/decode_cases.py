@@ -46,14 +46,18 @@ SPREADS = 5
 FP16_SUBNORMAL_ERROR = 2.0**-25
 
 
+def rounding_bound(dtype, expected, spread, absolute=None):
+    """Per element: u * (|expected| + SPREADS * spread), plus SPREADS * absolute if given, u dtype's
+    UNIT_ROUNDOFF."""
+    bound = UNIT_ROUNDOFF[dtype] * (expected.abs() + SPREADS * spread)
+    return bound if absolute is None else bound + SPREADS * absolute
+
+
 def check_close(out, expected, spread, absolute=None):
-    """Every element of out (any attention output) within u * (|expected| + SPREADS * spread), plus
-    SPREADS * absolute if given, of the float64 expected, u out's dtype's UNIT_ROUNDOFF; a NaN anywhere
-    fails."""
+    """Every element of out (any attention output) within rounding_bound of the float64 expected; a NaN
+    anywhere fails."""
     assert out.shape == expected.shape, f"output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
-    bound = UNIT_ROUNDOFF[out.dtype] * (expected.abs() + SPREADS * spread)
-    if absolute is not None:
-        bound = bound + SPREADS * absolute
+    bound = rounding_bound(out.dtype, expected, spread, absolute)
     error = (out.double() - expected).abs()
     bad = ~(error <= bound)  # NaN compares false: an unwritten (poisoned) element fails
     if bad.any():
@@ -75,9 +79,14 @@ def poisoned_out(inputs):
 def check_output(out, inputs):
     """Every element of out against the float64 reference on the same inputs (a quantized cache
     as stored: dequantized)."""
+    check_close(out, *reference_and_spreads(inputs))
+
+
+def reference_and_spreads(inputs):
+    """check_close's (expected, spread, absolute) for decode attention on inputs: the float64 output, its
+    spread, and for a quantized cache fp16's subnormal error."""
     absolute = None if inputs.get("v_scale") is None else FP16_SUBNORMAL_ERROR * _stored_norm(inputs)
-    check_close(out, reference.decode_attention(**inputs), reference.decode_attention(**inputs, spread=True),
-                absolute)
+    return reference.decode_attention(**inputs), reference.decode_attention(**inputs, spread=True), absolute
 
 
 def _stored_norm(inputs):

@@ -14,7 +14,7 @@ import torch
 from suite.interpreter import INTERPRET_ENV
 
 GPU_TOOLS = ("tune_decode_attention", "tune_cuda_decode_attention", "tune_prefill_attention",
-             "persistence_crossover", "paged_placement")
+             "persistence_crossover", "paged_placement", "oracle_margin")
 
 BAD = [  # (tool, argv, what stderr must say)
     ("tune_decode_attention", ["--shapes", "64"], ["--shapes", "'64' is not BATCHxLENGTH"]),
@@ -34,6 +34,8 @@ BAD = [  # (tool, argv, what stderr must say)
     ("paged_placement", ["--rounds", "0"], ["--rounds", "must be >= 1, got 0"]),
     ("paged_placement", ["--shapes", "64"], ["--shapes", "is not BATCHxLENGTH"]),
     ("paged_placement", ["--shapes", "16x1000"], ["--shapes", "not a multiple of --page-size 16"]),
+    ("oracle_margin", ["--seconds", "0"], ["--seconds", "must be >= 1, got 0"]),
+    ("oracle_margin", ["--seed", "x"], ["--seed", "invalid int value: 'x'"]),
     ("decode_launches", ["--sms", "0"], ["--sms", "must be >= 1, got 0"]),
     ("decode_launches", ["--page-size", "-16"], ["--page-size", "must be >= 1, got -16"]),
     ("decode_launches", ["--gpu", "sm_1"], ["--gpu", "'sm_100', 'sm_120', 'sm_90'"]),
@@ -94,6 +96,7 @@ VALID = {  # a valid command of each GPU tool
     "tune_prefill_attention": ["--shapes", "1x1024", "--head-dim", "64"],
     "persistence_crossover": ["--batches", "1", "4", "--steps", "8"],
     "paged_placement": ["--shapes", "4x1024", "--page-size", "16", "--rounds", "3"],
+    "oracle_margin": ["--seconds", "5", "--seed", "1"],
 }
 
 
