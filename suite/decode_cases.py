@@ -53,16 +53,22 @@ def rounding_bound(dtype, expected, spread, absolute=None):
     return bound if absolute is None else bound + SPREADS * absolute
 
 
+def bound_ratio(out, expected, bound):
+    """Per element |out - expected| / bound: 0 where they agree exactly (a quantized v may be 0, and its
+    bound with it), NaN where out is NaN."""
+    error = (out.double() - expected).abs()
+    return torch.where(error == 0, 0.0, error / bound)
+
+
 def check_close(out, expected, spread, absolute=None):
     """Every element of out (any attention output) within rounding_bound of the float64 expected; a NaN
     anywhere fails."""
     assert out.shape == expected.shape, f"output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
     bound = rounding_bound(out.dtype, expected, spread, absolute)
-    error = (out.double() - expected).abs()
-    bad = ~(error <= bound)  # NaN compares false: an unwritten (poisoned) element fails
+    ratio = bound_ratio(out, expected, bound).nan_to_num(float("inf"))  # an unwritten (poisoned) element fails
+    bad = ratio > 1
     if bad.any():
-        excess = torch.where(bad, (error / bound).nan_to_num(float("inf")), 0.0)  # a quantized v may be 0
-        worst = tuple(int(i) for i in torch.unravel_index(excess.argmax(), out.shape))
+        worst = tuple(int(i) for i in torch.unravel_index(ratio.argmax(), out.shape))
         raise AssertionError(
             f"{int(bad.sum())} of {out.numel()} elements beyond the rounding bound; worst at {worst}: "
             f"{out[worst].item():.6g}, expected {expected[worst].item():.6g}, bound {bound[worst].item():.3g} "

@@ -10,6 +10,8 @@ from suite import roofline
 from suite.expectations import Expectations
 from suite.timing import count_launches
 
+SMOKE = "smoke (no GPU)"  # verdicts of measurements that are not gated and calibrate nothing
+QUICK = "quick: not gated"
 NOISY = 0.10  # interquartile range over median above which a measurement is flagged
 # A passing gate within this factor of its floor is flagged in the table: the next few percent of
 # drift fail it. Run 0009 let a 10% regression of the native decode loop through (the compare
@@ -147,9 +149,9 @@ class PerfRecorder:
             self.host_dependent[gate_id] = set(host_dependent)
             verdict = "recorded"
         elif not self.on_gpu:
-            verdict = "smoke (no GPU)"
+            verdict = SMOKE
         elif self.quick:
-            verdict = "quick: not gated"
+            verdict = QUICK
         elif not verdicts:
             verdict = "no gate"
         else:

@@ -100,7 +100,8 @@ def check_output(out, inputs):
 def check_rows(out, inputs, start, rows, n):
     """out [len(rows), Hq, D] against those rows of the n-token prompt at packed row start, each
     attending every key up to its own (rows_attention's), to the tolerance of out's dtype."""
-    check_close(out, rows_attention(inputs, start, rows, range(n)), rows_attention(inputs, start, rows, range(n), True))
+    keys = range(n)
+    check_close(out, rows_attention(inputs, start, rows, keys), rows_attention(inputs, start, rows, keys, True))
 
 
 def rows_attention(inputs, start, rows, keys, spread=False):

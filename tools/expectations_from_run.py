@@ -18,9 +18,10 @@ import os
 
 from suite.expectations import METRICS, hardware_key, update
 from suite.options import fraction
+from suite.perf import QUICK, SMOKE
 from tools.report import ReportError, read_run
 
-NOT_MEASUREMENTS = ("quick: not gated", "smoke (no GPU)")  # suite/perf.py's verdicts of runs that calibrate nothing
+NOT_MEASUREMENTS = (QUICK, SMOKE)
 
 
 def lowest(runs, metrics):

@@ -17,8 +17,8 @@ import time
 import torch
 
 from kernels.checks import HEAD_DIMS
-from suite.decode_cases import (VARIANTS, DecodeCase, block_edges, make_case_tensors, plant_dominant_keys,
-                                poisoned_out, reference_and_spreads, rounding_bound)
+from suite.decode_cases import (VARIANTS, DecodeCase, block_edges, bound_ratio, make_case_tensors,
+                                plant_dominant_keys, poisoned_out, reference_and_spreads, rounding_bound)
 from tools._args import positive_int, require_cuda
 
 PAGE_SIZES = (1, 3, 16, 54, 64)
@@ -44,9 +44,8 @@ def margin(launcher, case, planted, device):
         plant_dominant_keys(inputs, [block_edges(n, case.page_size) for n in case.seq_lens])
     out = launcher(**inputs, out=poisoned_out(inputs))()
     expected, spread, absolute = reference_and_spreads(inputs)
-    error = (out.double() - expected).abs()
-    bound = rounding_bound(case.dtype, expected, spread, absolute)
-    return torch.where(error == 0, 0.0, error / bound).nan_to_num(float("inf")).max().item()
+    return bound_ratio(out, expected, rounding_bound(case.dtype, expected, spread, absolute)).nan_to_num(
+        float("inf")).max().item()
 
 
 def main():
