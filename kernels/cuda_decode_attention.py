@@ -32,7 +32,7 @@ class _Args(ctypes.Structure):  # decode_attention.cu's Args, field for field
         [(name, ctypes.c_int64) for name in
          ("stride_qb", "stride_qh", "stride_kx", "stride_ky", "stride_kh", "stride_bt", "stride_ob", "stride_oh")] + \
         [(name, ctypes.c_int32) for name in
-         ("page_size", "max_chunks", "num_q_heads", "num_kv_heads", "group", "chunk", "batch")]
+         ("page_size", "max_chunks", "num_q_heads", "num_kv_heads", "group", "chunk", "batch", "capacity")]
 
 
 def group_max(group):
@@ -92,7 +92,8 @@ def cuda_persistent(q, k_cache, v_cache, seq_lens, block_table=None, *, k_scale=
     args = _Args(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seq_lens.data_ptr(), table.data_ptr(),
                  part_o.data_ptr(), part_lse.data_ptr(), counters.data_ptr(), out.data_ptr(),
                  math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), kx, ky, kh, stride_bt,
-                 out.stride(0), out.stride(1), page_size, max_chunks, num_q_heads, num_kv_heads, group, chunk, batch)
+                 out.stride(0), out.stride(1), page_size, max_chunks, num_q_heads, num_kv_heads, group, chunk, batch,
+                 capacity)
     defines = (("ELEM_BF16", int(q.dtype == torch.bfloat16)), ("GROUP_MAX", group_max(group)),
                ("HEAD_DIM", head_dim), ("PAGED", int(paged)), ("STAGES", stages))
     kernel = cuda_build.kernel("decode_attention", "decode_persistent", q.device.index, defines)

@@ -26,8 +26,10 @@ loops and paged offload.
 Each launcher checks its arguments (one device sync for the value checks), takes its launch (chunk,
 K/V step, programs, warps) from kernels/decode_plan.py, allocates output and workspace, and returns
 a zero-argument `launch()` so benchmarks time kernel launches only. A launch() owns its workspace
-and merge counters: run it on one stream at a time; seq_lens may change between calls (the values
-were checked when bound; later ones must stay within the capacity and the checked table entries).
+and merge counters: run it on one stream at a time. seq_lens may change between calls: the kernels
+check each length against the capacity at every call (a sequence outside [1, capacity] gets NaN in
+all its outputs and reads nothing); the block table's entries were checked when bound, and a length
+may grow only into entries that name pages of the cache.
 """
 
 import math
@@ -53,25 +55,42 @@ MIN_BLOCK_B = 16
 # the minimal profile spent 149 of test_decode_attention.py's 166 s building 140 kernels). The K/V
 # strides stay specialized: their divisibility sets the width of the tile loads.
 VARYING_INTS = ("stride_sx", "stride_sy", "stride_sh", "stride_bt", "page_size", "page_shift", "max_chunks",
-                "num_q_heads", "num_kv_heads")
+                "num_q_heads", "num_kv_heads", "capacity")
 SCALES = ("k_scale_ptr", "v_scale_ptr")  # per-row fp32 loads: their alignment changes no load width
+
+
+@triton.jit
+def _fits(seq_len, capacity):
+    # A bound launch reads seq_lens again at every call, after its host check: a length that no longer
+    # fits the cache [1, capacity] gets NaN in all its outputs, with no read past the cache and no merge
+    # counter touched (SPEC 7: nothing is silently computed on wrong data); the launch's other
+    # sequences run as ever.
+    return (seq_len >= 1) & (seq_len <= capacity)
+
+
+@triton.jit
+def _store_nan_heads(out_ptr, stride_ob, stride_oh, b, kvh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, tl.full([BLOCK_H, HEAD_DIM], float("nan"), tl.float32),
+                 GROUP, HEAD_DIM, BLOCK_H)
 
 
 @triton.jit(do_not_specialize=VARYING_INTS, do_not_specialize_on_alignment=SCALES)
 def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
               part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
               stride_sx, stride_sy, stride_sh, stride_bt,
-              page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size,
+              page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size, capacity,
               GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
               K_UNIT: tl.constexpr, V_UNIT: tl.constexpr, PAGE_POW2: tl.constexpr, TABLE_PAGES: tl.constexpr):
-    # grid (B * Hkv, max_chunks): one tile each; tiles past the sequence's end exit.
+    # grid (B * Hkv, max_chunks): one tile each; tiles past the sequence's end exit, and so do all
+    # of a sequence that no longer fits the cache (_split_kv_merge writes its NaN).
     b = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
     chunk = tl.program_id(1)
     start = chunk * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
-    if start < seq_len:
+    if (start < seq_len) & (seq_len <= capacity):
         acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
                                      start, tl.minimum(start + chunk_size, seq_len), qk_scale,
                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
@@ -82,24 +101,27 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
                        GROUP, HEAD_DIM, BLOCK_H)
 
 
-@triton.jit(do_not_specialize=("num_q_heads", "max_chunks"))
+@triton.jit(do_not_specialize=("num_q_heads", "max_chunks", "capacity"))
 def _split_kv_merge(part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh,
-                    num_q_heads, max_chunks, chunk_size,
+                    num_q_heads, max_chunks, chunk_size, capacity,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                     MERGE_C: tl.constexpr):
     # grid (B, Hkv)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    n_chunks = tl.cdiv(tl.load(seq_lens_ptr + b), chunk_size)
-    _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, n_chunks,
-                 num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
+    seq_len = tl.load(seq_lens_ptr + b)
+    if _fits(seq_len, capacity):
+        _merge_heads(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kvh, tl.cdiv(seq_len, chunk_size),
+                     num_q_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_G, MERGE_C)
+    else:
+        _store_nan_heads(out_ptr, stride_ob, stride_oh, b, kvh, GROUP, HEAD_DIM, BLOCK_G)
 
 
 @triton.jit(do_not_specialize=VARYING_INTS + ("batch", "table_width"), do_not_specialize_on_alignment=SCALES)
 def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block_table_ptr, part_o_ptr,
                 part_lse_ptr, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
                 stride_sx, stride_sy, stride_sh, stride_bt,
-                page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size,
+                page_size, page_shift, max_chunks, num_q_heads, num_kv_heads, chunk_size, capacity,
                 counters_ptr, out_ptr, stride_ob, stride_oh, batch, table_width,
                 GROUP: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -111,23 +133,28 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
         # program t takes sequence b, KV head and chunk, in that order (a KV head's chunks on consecutive
         # programs), from the grid alone, so its q, seq_lens entry and block-table entries load at once.
         # WHOLE_SEQUENCES: one chunk holds the capacity. A chunk past its sequence's end attends nothing
-        # and writes nothing.
+        # and writes nothing. A sequence that no longer fits is read as its first row alone, a row that
+        # exists, in one chunk, and written as NaN.
         t = tl.program_id(0)
         if WHOLE_SEQUENCES:
             b = t // num_kv_heads
             kvh = t % num_kv_heads
             seq_len = tl.load(seq_lens_ptr + b)
+            fits = _fits(seq_len, capacity)
             acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
-                                         0, seq_len, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
-                                         stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift, GROUP,
-                                         PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2,
-                                         TABLE_PAGES, True, table_width)
-            _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
+                                         0, tl.where(fits, seq_len, 1), qk_scale, stride_qb, stride_qh, stride_kx,
+                                         stride_ky, stride_kh, stride_sx, stride_sy, stride_sh, stride_bt, page_size,
+                                         page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT,
+                                         PAGE_POW2, TABLE_PAGES, True, table_width)
+            _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, tl.where(fits, acc / l_i[:, None], float("nan")),
+                         GROUP, HEAD_DIM, BLOCK_H)
         else:
             b = t // (num_kv_heads * max_chunks)
             kvh = t // max_chunks % num_kv_heads
             chunk = t % max_chunks
             seq_len = tl.load(seq_lens_ptr + b)
+            fits = _fits(seq_len, capacity)
+            seq_len = tl.where(fits, seq_len, 1)
             start = chunk * chunk_size
             acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
                                          start, tl.minimum(start + chunk_size, seq_len), qk_scale, stride_qb,
@@ -136,13 +163,15 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                                          BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2, TABLE_PAGES, True, table_width)
             if start < seq_len:
                 _finish_tile(part_o_ptr, part_lse_ptr, counters_ptr, out_ptr, stride_ob, stride_oh, b, kvh, chunk,
-                             tl.cdiv(seq_len, chunk_size), acc, m_i, l_i, num_q_heads, num_kv_heads, max_chunks,
-                             GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
+                             tl.cdiv(seq_len, chunk_size), tl.where(fits, acc, float("nan")), m_i, l_i, num_q_heads,
+                             num_kv_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
         return
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
-    # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens.
+    # cdiv(len_b, chunk_size) * Hkv tiles, none for a sequence that no longer fits; every program
+    # derives it from seq_lens.
     offs_b = tl.arange(0, BLOCK_B)
     lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
+    lens = tl.where(_fits(lens, capacity), lens, 0)
     n_chunks = tl.cdiv(lens, chunk_size)
     tiles = n_chunks * num_kv_heads
     ends = tl.cumsum(tiles, 0)
@@ -162,6 +191,10 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                                      TABLE_PAGES)
         _finish_tile(part_o_ptr, part_lse_ptr, counters_ptr, out_ptr, stride_ob, stride_oh, b, kvh, chunk, nc,
                      acc, m_i, l_i, num_q_heads, num_kv_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
+    for b in tl.range(tl.program_id(0), batch, tl.num_programs(0)):  # after the tiles: off their path
+        if tl.sum(tl.where(offs_b == b, n_chunks, 0), 0) == 0:
+            for kvh in range(num_kv_heads):
+                _store_nan_heads(out_ptr, stride_ob, stride_oh, b, kvh, GROUP, HEAD_DIM, BLOCK_H)
 
 
 class DecodeDims(NamedTuple):
@@ -278,7 +311,7 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
     merge = dict(BLOCK_G=block_g, MERGE_C=max(1, merge_rows * num_warps // block_g))
     args = (q, k_cache, v_cache, k_scale, v_scale, seq_lens, table, part_o, part_lse,
             math.log2(math.e) / math.sqrt(head_dim), q.stride(0), q.stride(1), *strides,
-            page_size, page_size.bit_length() - 1, max_chunks, num_q_heads, num_kv_heads, chunk,
+            page_size, page_size.bit_length() - 1, max_chunks, num_q_heads, num_kv_heads, chunk, capacity,
             *extra_args(out))
     meta = dict(GROUP=group, PAGED=paged, QUANT=dims.quant, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=block_k,
                 K_UNIT=k_unit, V_UNIT=v_unit,
@@ -291,7 +324,8 @@ def _bind(kernel, grid, extra_args, extra_meta, q, k_cache, v_cache, k_scale, v_
         if registers > cap:
             meta["maxnreg"] = cap
         fits_per_sm = hw.shared_memory_per_sm(q.device) // (shared + plan.BLOCK_RESERVED_SHARED)
-    merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, max_chunks, chunk)
+    merge_args = (part_o, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_q_heads, max_chunks, chunk,
+                  capacity)
 
     def launch():
         kernel[grid(max_chunks)](*args, **meta)

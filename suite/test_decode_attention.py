@@ -442,6 +442,57 @@ def test_a_bound_launch_runs_again(variant, layout, device, bound_lens, new_lens
         check_output(out, inputs)
 
 
+def _one_sequence(inputs, b):
+    # make_inputs' launcher arguments for sequence b alone (its pages stay where they are)
+    rows = slice(b, b + 1)
+    one = dict(inputs, q=inputs["q"][rows], seq_lens=inputs["seq_lens"][rows])
+    if inputs["block_table"] is None:
+        return one | dict(k_cache=inputs["k_cache"][rows], v_cache=inputs["v_cache"][rows])
+    return one | dict(block_table=inputs["block_table"][rows])
+
+
+def _lengths_that_no_longer_fit(launcher, layout, device, lengths=(300, 45, 100), check_launch=lambda dims: None,
+                                **knobs):
+    # A launch bound at lengths that fit, called after seq_lens moved outside [1, capacity] for two of
+    # three sequences: those two get NaN in every output and the third its attention; the paged
+    # table's entries past a sequence's pages are -1, which a read past the capacity would follow.
+    # Then the bound lengths again: the merge counters and the workspace were left as they were.
+    case = DecodeCase(lengths, q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout)
+    inputs = make_inputs(case, device)
+    dims = _dims(inputs)
+    check_launch(dims)
+    out = torch.full_like(inputs["q"], 1.0)
+    launch = launcher(**inputs, out=out, **knobs)
+    for bad in ((dims.capacity + 1, lengths[1], 0), (2**31 - 1, lengths[1], -1)):
+        inputs["seq_lens"].copy_(torch.tensor(bad, dtype=torch.int32))
+        out.fill_(1.0)
+        launch()
+        assert out[[0, 2]].isnan().all(), f"seq_lens {bad}: a length outside [1, {dims.capacity}] was not NaN"
+        check_output(out[1:2], _one_sequence(inputs, 1))
+    inputs["seq_lens"].copy_(torch.tensor(case.seq_lens, dtype=torch.int32))
+    out.fill_(float("nan"))
+    launch()
+    check_output(out, inputs)
+
+
+@pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
+def test_a_length_that_no_longer_fits_is_nan_at_launch(variant, layout, device):
+    _lengths_that_no_longer_fit(VARIANTS[variant], layout, device, chunk=64)
+
+
+@pytest.mark.parametrize("lengths, chunk", [((3000, 45, 1100), 1024), ((300, 45, 100), 512)],
+                         ids=["a program per chunk", "a program per sequence"])
+def test_a_length_that_no_longer_fits_is_nan_with_a_program_per_tile(lengths, chunk, layout, device):
+    # triton_persistent's programs that take their tile from the grid (no work list)
+    def check_launch(dims):
+        page_size = 16 if layout == "paged" else None
+        assert decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, chunk=chunk,
+                                           num_programs=10_000).tile_per_program
+
+    _lengths_that_no_longer_fit(VARIANTS["triton_persistent"], layout, device, lengths, check_launch, chunk=chunk,
+                                num_programs=10_000)
+
+
 def test_persistent_batch_limit(device):
     batch = decode_attention.MAX_BATCH + 1
     inputs = make_inputs(DecodeCase((1,) * batch, 2, 1, 64, torch.float16, "contiguous"), device)

@@ -48,6 +48,7 @@ struct Args {
     float qk_scale;  // log2(e) / sqrt(D): scores in the exp2 domain
     long long stride_qb, stride_qh, stride_kx, stride_ky, stride_kh, stride_bt, stride_ob, stride_oh;
     int page_size, max_chunks, num_q_heads, num_kv_heads, group, chunk, batch;
+    int capacity;  // most positions a sequence may hold: L_max, or the block table's width x page_size
 };
 
 // ---- the work list ----
@@ -153,6 +154,13 @@ __device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
     return old;
 }
 
+// Every output of sequence b as NaN, by one thread: a length outside [1, capacity] at launch.
+__device__ void store_nan_sequence(const Args& a, int b) {
+    const float nan = __int_as_float(0x7fc00000);
+    for (int h = 0; h < a.num_q_heads; ++h)
+        for (int d = 0; d < HEAD_DIM; d += 4) store_out4(a, b, h, d, make_float4(nan, nan, nan, nan));
+}
+
 // Combine the warps' states in `merge` into the tile's result: the output (single chunk) or a
 // partial, then the cross-chunk merge by whichever tile of (b, kvh) finishes last. Threads take
 // (head, 4 consecutive d) items.
@@ -238,6 +246,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS) decode_persisten
     int counts[SCAN_PER_THREAD], running = 0;
 #pragma unroll
     for (int i = 0; i < SCAN_PER_THREAD; ++i) {
+        // A bound launch reads seq_lens again at every call: a length that no longer fits the cache gets
+        // no tiles (nothing read past the cache, no counter touched) and NaN outputs, from CTA b % grid.
+        const int b = threadIdx.x * SCAN_PER_THREAD + i;
+        if (lens[i] < 1 || lens[i] > a.capacity) {
+            if (b < a.batch && b % gridDim.x == blockIdx.x) store_nan_sequence(a, b);
+            lens[i] = 0;
+        }
         counts[i] = ((lens[i] + a.chunk - 1) >> chunk_shift) * a.num_kv_heads;
         running += counts[i];
     }
