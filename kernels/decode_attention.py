@@ -28,7 +28,7 @@ K/V step, programs, warps) from kernels/decode_plan.py, allocates output and wor
 a zero-argument `launch()` so benchmarks time kernel launches only. A launch() owns its workspace
 and merge counters: run it on one stream at a time. seq_lens may change between calls: the kernels
 check each length against the capacity at every call (a sequence outside [1, capacity] gets NaN in
-all its outputs and reads nothing); the block table's entries were checked when bound, and a length
+all its outputs and reads nothing past the cache); the block table's entries were checked when bound, and a length
 may grow only into entries that name pages of the cache.
 """
 

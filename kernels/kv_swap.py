@@ -150,7 +150,8 @@ class SwapRound:
 def bind(variant, step, k_pages, v_pages, out_pages, in_pages, *, peer=None):
     """A round of `variant`: step() (a decode step that reads neither out_pages nor in_pages), the
     swap out of out_pages to slots 0.. and the swap in of slots len(out_pages).. into in_pages
-    (int64 page indices on the caches' device). peer: the GPU holding the slots (variant peer)."""
+    (int64 page indices on the caches' device, copied here once checked: the round swaps those pages
+    whatever the caller's tensors become). peer: the GPU holding the slots (variant peer)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     n_out, n_in = out_pages.numel(), in_pages.numel()
@@ -171,4 +172,4 @@ def bind(variant, step, k_pages, v_pages, out_pages, in_pages, *, peer=None):
     streams = (torch.cuda.Stream(priority=highest), torch.cuda.Stream(priority=highest)) if optimized else ()
     peer_streams = tuple(torch.cuda.Stream(device=peer, priority=highest) for _ in range(2)) \
         if optimized and peer is not None else ()
-    return SwapRound(step, space, out_pages, in_pages, streams, peer_streams)
+    return SwapRound(step, space, out_pages.clone(), in_pages.clone(), streams, peer_streams)

@@ -70,6 +70,9 @@ def paged_read(q, k_cache, v_cache, seq_lens, block_table, *, chunk, k_scale=Non
     if dims.quant != "none":
         raise ValueError(f"k_cache: an {dims.quant} cache; paged_read reads fp16/bf16 caches")
     check_power_of_two("chunk", chunk)
+    # The lengths and pages as checked: a copy, so the read stays the bound one (n_chunks is the
+    # bound lengths') and inside the cache whatever the caller's tensors become.
+    seq_lens, block_table = seq_lens.clone(), block_table.clone()
     n_chunks = triton.cdiv(dims.max_len, chunk)
     partial = output(out, (dims.batch, dims.num_kv_heads, n_chunks), torch.float32, q.device)
     grid = (partial.numel(),)

@@ -12,6 +12,8 @@ without masks, the diagonal ones with the causal mask; query blocks are listed l
 - triton_tma: Q, K and V tiles through tensor descriptors (TMA on sm_90+), tile (BLOCK_M,
   BLOCK_N) from the caller (--tma-tile-size / TMA_TILE_SIZE). The output is stored through
   pointers: a descriptor store of a sequence's last block would write into the next sequence.
+A launch attends the prompts as bound: its query blocks come from cu_seqlens at bind, and the kernel
+reads a copy taken then, so cu_seqlens changed afterwards cannot move a read or a store (bind again).
 """
 
 import contextlib
@@ -146,6 +148,7 @@ def check_prefill_args(q, k, v, cu_seqlens, out):
 
 def _bind(q, k, v, cu_seqlens, out, tile, use_tma, num_stages):
     batch, q_heads, kv_heads, head_dim, lengths = check_prefill_args(q, k, v, cu_seqlens, out)
+    cu_seqlens = cu_seqlens.clone()  # the offsets checked and listed in blocks below, whatever the caller's become
     block_m, block_n = tile or TILE["triton_tma" if use_tma else "triton_cp_async"][head_dim]
     for name, size in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
         check_power_of_two(f"tile {name}", size)

@@ -6,6 +6,9 @@ quantized to int8 / fp8-e4m3 (kv_quant's formats, a float32 scale per token and 
 - native_cp_async: 16-byte cp.async staging through shared memory, 3 tiles in flight per CTA;
 - native_tma: cp.async.bulk.tensor loads and stores on tensor maps from cuTensorMapEncodeTiled,
   mbarrier completion, a 4-stage (quantized: 3-stage) pipeline.
+A launch writes the prompts as bound: the kernels read copies of cu_seqlens and block_table taken
+after the checks, so a table or offsets changed afterwards cannot send a write outside the cache or
+onto a page given twice (bind again for new ones).
 """
 
 import torch
@@ -101,6 +104,11 @@ def check_write_args(k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v
     return batch, kv_heads, head_dim, page_size, fmt
 
 
+def _as_checked(cu_seqlens, block_table):
+    # what the kernels read: copies of the checked values (a launch() runs long after the checks)
+    return cu_seqlens.clone(), block_table.clone()
+
+
 def _defines(dtype, head_dim, fmt):
     return (("CACHE_FMT", FORMAT_CODES[fmt]), ("ELEM_BF16", int(dtype == torch.bfloat16)), ("HEAD_DIM", head_dim))
 
@@ -124,6 +132,7 @@ def native_cp_async(k, v, cu_seqlens, block_table, k_cache, v_cache, *, k_scale=
     # k/v_cache: [pages, page_size, Hkv, D] (k/v_scale: [pages, page_size, Hkv] when quantized)
     batch, kv_heads, head_dim, page_size, fmt = check_write_args(
         k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v_scale)
+    cu_seqlens, block_table = _as_checked(cu_seqlens, block_table)
     kernel = _kernel("kv_write_cp_async", k, head_dim, fmt)
     tokens = tile_tokens(page_size, kv_heads * head_dim * k.element_size())
     smem = CP_STAGES * tokens * kv_heads * head_dim * k.element_size()
@@ -147,6 +156,7 @@ def native_tma(k, v, cu_seqlens, block_table, k_cache, v_cache, *, k_scale=None,
     # shapes as native_cp_async
     batch, kv_heads, head_dim, page_size, fmt = check_write_args(
         k, v, cu_seqlens, block_table, k_cache, v_cache, k_scale, v_scale)
+    cu_seqlens, block_table = _as_checked(cu_seqlens, block_table)
     quantized = fmt != "none"
     if kv_heads > tensor_maps.MAX_BOX:  # a box holds every KV head of a token
         raise ValueError(f"k: {kv_heads} KV heads exceed native_tma's {tensor_maps.MAX_BOX} (a TMA box side)")

@@ -24,9 +24,9 @@ VARIANTS = ("baseline", "optimized")
 
 @dataclass
 class Request:
-    prefill: Callable  # enqueue the prefill: the caches, seq_lens and h_last hold its results
+    prefill: Callable  # enqueue the prefill: the caches, seq_lens (the prompt lengths) and h_last hold its results
     decode: Callable  # enqueue T decode steps -> outputs [B, T, d_model]
-    reset: Callable  # seq_lens back to the prompt lengths (each decode advances them)
+    reset: Callable  # seq_lens back to the prompt lengths (each decode advances them), for decode() alone
     out: torch.Tensor  # [B, T, d_model]: what decode() writes and returns
     streams: tuple = ()  # optimized on a GPU: (prefill's low-priority, decode's high-priority)
 
@@ -45,7 +45,7 @@ class Request:
         return out
 
 
-def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm):
+def _prefill(weights, prompts, k_cache, v_cache, h_last, seq_lens, attention, tile, fused_norm):
     # prompts packed [T, d_model]; q, k, v views of one projection buffer, bound once
     w = weights
     h = torch.cat(prompts)
@@ -53,6 +53,7 @@ def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile, fused_
     device = h.device
     offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
     cu_seqlens = offsets.to(torch.int32)
+    prompt_lens = cu_seqlens[1:] - cu_seqlens[:-1]
     last = offsets[1:] - 1  # each prompt's last token: its output is the first decode input
     seq_ids = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device))
     positions = torch.arange(h.shape[0], device=device) - offsets[:-1][seq_ids]
@@ -70,6 +71,7 @@ def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile, fused_
         h_last.copy_(h[last] + attn[last].flatten(1) @ w.w_o)
         k_cache.transpose(1, 2)[seq_ids, positions] = k  # [B, L, Hkv, D] view of [B, Hkv, L, D]
         v_cache.transpose(1, 2)[seq_ids, positions] = v
+        seq_lens.copy_(prompt_lens)  # decode starts after the prompts, however often the request ran
 
     return launch
 
@@ -95,7 +97,8 @@ def bind(weights, prompts, steps, variant, *, tile=None):
     start_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
     seq_lens = start_lens.clone()
     attention = "triton_cp_async" if variant == "baseline" else "triton_tma"
-    prefill = _prefill(w, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm=variant == "optimized")
+    prefill = _prefill(w, prompts, k_cache, v_cache, h_last, seq_lens, attention, tile,
+                       fused_norm=variant == "optimized")
     if variant == "baseline":  # bound once, like the persistent loop: its checks' sync is not a step's
         decode = tiny_decoder.eager_loop(w, h_last, k_cache, v_cache, seq_lens, steps, out=out)
         streams = ()

@@ -3,6 +3,8 @@
 torch SDPA over the cache padded to the batch's longest sequence, with a boolean mask when the
 lengths differ. A paged cache is gathered into that padded layout once, before launch(); with
 gather_in_launch, inside it: what a user of a paged cache runs with torch alone, every step.
+The padded length and the mask are the lengths at bind: unlike the split variants, launch() does not
+read seq_lens again (bind again after the lengths move).
 """
 
 import contextlib

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernels import hw, kv_swap
-from suite.offload_cases import SwapCase, bind_case, check_round
+from suite.offload_cases import Bound, SwapCase, bind_case, check_round
 
 pytestmark = pytest.mark.offload
 
@@ -47,6 +47,17 @@ def test_any_swap_shape_attends_and_swaps_exactly(variant, device, data):
                     page_size=data.draw(st.sampled_from((1, 3, 8, 16)), label="page_size"),
                     dtype=data.draw(st.sampled_from((torch.float16, torch.bfloat16)), label="dtype"))
     check_round(case, bind_case(case, variant, device))
+
+
+def test_a_round_swaps_the_pages_it_was_bound_with(variant, device):
+    # The caller's page lists reordered in place after bind: a round reading them would put the
+    # leaving pages in other slots and the arriving slots in other pages.
+    case = SMALL[device.type]
+    bound = bind_case(case, variant, device)
+    as_bound = Bound(bound.inputs, bound.out, bound.round, bound.out_pages.clone(), bound.in_pages.clone())
+    for pages in (bound.out_pages, bound.in_pages):
+        pages.copy_(pages.roll(1))
+    check_round(case, as_bound)
 
 
 def test_round_trip_is_bit_identical(variant, device):

@@ -33,6 +33,19 @@ def test_reads_every_row_of_every_sequence(seq_lens, page_size, kv_heads, head_d
     _run_case(case, make_inputs(case, device), chunk)
 
 
+def test_a_launch_reads_the_lengths_it_was_bound_with(device):
+    # The read is the bound one (its chunks were counted from those lengths): the caller's seq_lens
+    # changed in place afterwards, here shorter, change nothing it reads.
+    case = DecodeCase((54, 300), 4, 2, 64, torch.float16, "paged", 16)
+    inputs = make_inputs(case, device)
+    launch = paged_read.paged_read(**inputs, chunk=64)
+    bound = inputs["seq_lens"].clone()
+    inputs["seq_lens"].fill_(1)
+    partial = launch()
+    inputs["seq_lens"].copy_(bound)
+    check_partial_sums([partial], inputs)
+
+
 def test_chunks_past_a_short_sequence_sum_nothing(device):
     # one chunk of 64 for the first sequence, five for the second: the first one's others are 0
     case = DecodeCase((54, 300), 4, 2, 64, torch.float16, "paged", 16)

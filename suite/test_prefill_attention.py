@@ -111,6 +111,22 @@ def test_fused_qkv_views(prefill_variant, device):
     _run_case(prefill_variant, case, device)
 
 
+def test_a_launch_attends_the_prompts_it_was_bound_with(prefill_variant, device):
+    # The caller's cu_seqlens moved in place after bind (still T tokens, other prompts): the query
+    # blocks were listed from the bound offsets, so a kernel reading the new ones would attend and
+    # store the wrong rows.
+    name, launcher = prefill_variant
+    inputs = make_inputs(PrefillCase((54, 97), 4, 2, 64, torch.bfloat16), device)
+    out = poisoned_out(inputs)
+    launch = launcher(**inputs, out=out, **({} if name == "sdpa" or device.type == "cuda"
+                                           else dict(tile=INTERPRETER_TILE)))
+    bound = inputs["cu_seqlens"].clone()
+    inputs["cu_seqlens"].copy_(torch.tensor([0, 97, 151], dtype=torch.int32))
+    launch()
+    inputs["cu_seqlens"].copy_(bound)
+    check_output(out, inputs)
+
+
 @pytest.mark.parametrize("keys", ["random", "planted"])
 @pytest.mark.parametrize("tile", [(32, 16), (16, 16), (64, 32)], ids=str)
 def test_tiles(tile, keys, device):

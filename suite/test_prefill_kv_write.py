@@ -31,8 +31,15 @@ def _run_case(kv_write_variant, case, device):
     launch = launcher(**inputs)
     launch()
     check_write(inputs)
-    poison(inputs)  # the bound launch is reusable: again, over a re-poisoned cache
+    # The bound launch is reusable: again, over a re-poisoned cache, and as bound though the caller's
+    # block table now names other pages of the cache (a launch reading it would write those).
+    poison(inputs)
+    table = inputs["block_table"]
+    bound_table = table.clone()
+    moved = torch.randperm(inputs["k_cache"].shape[0], device=table.device).to(table.dtype)
+    table.copy_(torch.where(table >= 0, moved[table.clamp(min=0).long()], table))
     launch()
+    table.copy_(bound_table)
     check_write(inputs)
 
 
