@@ -24,13 +24,14 @@ VARIANTS = ("baseline", "optimized")
 
 @dataclass
 class Request:
-    prefill: Callable  # enqueue the prefill: the caches, seq_lens (the prompt lengths) and h_last hold its results
-    decode: Callable  # enqueue T decode steps -> outputs [B, T, d_model]
-    reset: Callable  # seq_lens back to the prompt lengths (each decode advances them), for decode() alone
+    prefill: Callable  # enqueue the prefill: the caches and h_last hold its results
+    decode: Callable  # enqueue T decode steps from seq_lens -> outputs [B, T, d_model]
+    reset: Callable  # seq_lens back to the prompt lengths (each decode advances them)
     out: torch.Tensor  # [B, T, d_model]: what decode() writes and returns
     streams: tuple = ()  # optimized on a GPU: (prefill's low-priority, decode's high-priority)
 
-    def __call__(self):
+    def __call__(self):  # the whole request, from reset(): it runs again as it ran first
+        self.reset()
         if not self.streams:
             self.prefill()
             return self.decode()
@@ -45,7 +46,7 @@ class Request:
         return out
 
 
-def _prefill(weights, prompts, k_cache, v_cache, h_last, seq_lens, attention, tile, fused_norm):
+def _prefill(weights, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm):
     # prompts packed [T, d_model]; q, k, v views of one projection buffer, bound once
     w = weights
     h = torch.cat(prompts)
@@ -53,7 +54,6 @@ def _prefill(weights, prompts, k_cache, v_cache, h_last, seq_lens, attention, ti
     device = h.device
     offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
     cu_seqlens = offsets.to(torch.int32)
-    prompt_lens = cu_seqlens[1:] - cu_seqlens[:-1]
     last = offsets[1:] - 1  # each prompt's last token: its output is the first decode input
     seq_ids = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device))
     positions = torch.arange(h.shape[0], device=device) - offsets[:-1][seq_ids]
@@ -71,7 +71,6 @@ def _prefill(weights, prompts, k_cache, v_cache, h_last, seq_lens, attention, ti
         h_last.copy_(h[last] + attn[last].flatten(1) @ w.w_o)
         k_cache.transpose(1, 2)[seq_ids, positions] = k  # [B, L, Hkv, D] view of [B, Hkv, L, D]
         v_cache.transpose(1, 2)[seq_ids, positions] = v
-        seq_lens.copy_(prompt_lens)  # decode starts after the prompts, however often the request ran
 
     return launch
 
@@ -97,8 +96,7 @@ def bind(weights, prompts, steps, variant, *, tile=None):
     start_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
     seq_lens = start_lens.clone()
     attention = "triton_cp_async" if variant == "baseline" else "triton_tma"
-    prefill = _prefill(w, prompts, k_cache, v_cache, h_last, seq_lens, attention, tile,
-                       fused_norm=variant == "optimized")
+    prefill = _prefill(w, prompts, k_cache, v_cache, h_last, attention, tile, fused_norm=variant == "optimized")
     if variant == "baseline":  # bound once, like the persistent loop: its checks' sync is not a step's
         decode = tiny_decoder.eager_loop(w, h_last, k_cache, v_cache, seq_lens, steps, out=out)
         streams = ()

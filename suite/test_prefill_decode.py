@@ -25,7 +25,7 @@ def _run_case(variant, weights, prompt_lens, steps, device):
     tile = None if device.type == "cuda" else INTERPRETER_TILE
     request = request_path.bind(weights, prompts, steps, variant, tile=tile)
     expected = reference.decode_loop(weights, prompts, steps, tiny_decoder.RMS_EPS)
-    for _ in range(2):  # a bound request runs again as it ran first: its prefill sets seq_lens, no reset()
+    for _ in range(2):  # a bound request runs again as it ran first: it resets seq_lens itself
         request.out.fill_(float("nan"))  # poisoned: every step must write every element
         out = request()
         assert out is request.out

@@ -37,7 +37,7 @@ def test_prefill_decode(benchmark, request_variant, tier_name, device, perf, rou
     expected = reference.decode_loop(weights, prompts, steps, tiny_decoder.RMS_EPS)
     request = _checked_request(weights, prompts, steps, request_variant, expected,  # correctness before timing
                                tile=None if device.type == "cuda" else SMOKE_TILE)
-    seconds = run_benchmark(benchmark, request, device=device, rounds=rounds)  # prefill sets seq_lens
+    seconds = run_benchmark(benchmark, request, device=device, rounds=rounds)  # a request resets seq_lens
     speedups, rate = {}, "smoke (no GPU)"
     if device.type == "cuda":
         ttft = measure(request.prefill, device=device, rounds=rounds)
