@@ -2,8 +2,9 @@
 T steps), TTFT (the prefill alone) and TPOT (the decode alone, per step), optimized vs baseline.
 
 Each variant's decode outputs, and the baseline's when measured on demand, are checked against the
-float64 reference before timing. Every timed round restores the prompt lengths first (untimed);
-rounds start with the L2 flushed."""
+float64 reference before timing. A request restores the prompt lengths first (a copy of B int32s,
+inside its time); the decode alone is timed after an untimed restore. Rounds start with the L2
+flushed."""
 
 import pytest
 import torch
