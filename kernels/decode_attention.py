@@ -146,8 +146,8 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                                          stride_ky, stride_kh, stride_sx, stride_sy, stride_sh, stride_bt, page_size,
                                          page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT,
                                          PAGE_POW2, TABLE_PAGES, True, table_width)
-            _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, tl.where(fits, acc / l_i[:, None], float("nan")),
-                         GROUP, HEAD_DIM, BLOCK_H)
+            l_i = tl.where(fits, l_i, float("nan"))  # [BLOCK_H], the cheapest place for the NaN
+            _store_heads(out_ptr, stride_ob, stride_oh, b, kvh, acc / l_i[:, None], GROUP, HEAD_DIM, BLOCK_H)
         else:
             b = t // (num_kv_heads * max_chunks)
             kvh = t // max_chunks % num_kv_heads
@@ -163,16 +163,17 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
                                          BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2, TABLE_PAGES, True, table_width)
             if start < seq_len:
                 _finish_tile(part_o_ptr, part_lse_ptr, counters_ptr, out_ptr, stride_ob, stride_oh, b, kvh, chunk,
-                             tl.cdiv(seq_len, chunk_size), tl.where(fits, acc, float("nan")), m_i, l_i, num_q_heads,
+                             tl.cdiv(seq_len, chunk_size), acc, m_i, tl.where(fits, l_i, float("nan")), num_q_heads,
                              num_kv_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
         return
     # Work list: tile t -> (sequence b, KV head, chunk), sequences in order, each contributing
-    # cdiv(len_b, chunk_size) * Hkv tiles, none for a sequence that no longer fits; every program
-    # derives it from seq_lens.
+    # cdiv(len_b, chunk_size) * Hkv tiles; every program derives it from seq_lens. A sequence that no
+    # longer fits is listed with length -1: one tile per KV head, which reads its first row and writes
+    # NaN (no reduction beyond the work list's own).
     offs_b = tl.arange(0, BLOCK_B)
     lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
-    lens = tl.where(_fits(lens, capacity), lens, 0)
-    n_chunks = tl.cdiv(lens, chunk_size)
+    lens = tl.where(_fits(lens, capacity) | (offs_b >= batch), lens, -1)
+    n_chunks = tl.where(lens < 0, 1, tl.cdiv(lens, chunk_size))
     tiles = n_chunks * num_kv_heads
     ends = tl.cumsum(tiles, 0)
     for t in tl.range(tl.program_id(0), tl.sum(tiles, 0), tl.num_programs(0)):
@@ -183,18 +184,15 @@ def _persistent(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, blo
         kvh = local // nc
         chunk = local % nc
         start = chunk * chunk_size
-        end = tl.minimum(start + chunk_size, tl.sum(tl.where(this, lens, 0), 0))
+        seq_len = tl.sum(tl.where(this, lens, 0), 0)
         acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
-                                     start, end, qk_scale, stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
-                                     stride_sx, stride_sy, stride_sh, stride_bt, page_size, page_shift,
-                                     GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N, K_UNIT, V_UNIT, PAGE_POW2,
-                                     TABLE_PAGES)
+                                     start, tl.minimum(start + chunk_size, tl.abs(seq_len)), qk_scale, stride_qb,
+                                     stride_qh, stride_kx, stride_ky, stride_kh, stride_sx, stride_sy, stride_sh,
+                                     stride_bt, page_size, page_shift, GROUP, PAGED, QUANT, HEAD_DIM, BLOCK_H, BLOCK_N,
+                                     K_UNIT, V_UNIT, PAGE_POW2, TABLE_PAGES)
         _finish_tile(part_o_ptr, part_lse_ptr, counters_ptr, out_ptr, stride_ob, stride_oh, b, kvh, chunk, nc,
-                     acc, m_i, l_i, num_q_heads, num_kv_heads, max_chunks, GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
-    for b in tl.range(tl.program_id(0), batch, tl.num_programs(0)):  # after the tiles: off their path
-        if tl.sum(tl.where(offs_b == b, n_chunks, 0), 0) == 0:
-            for kvh in range(num_kv_heads):
-                _store_nan_heads(out_ptr, stride_ob, stride_oh, b, kvh, GROUP, HEAD_DIM, BLOCK_H)
+                     acc, m_i, tl.where(seq_len > 0, l_i, float("nan")), num_q_heads, num_kv_heads, max_chunks,
+                     GROUP, HEAD_DIM, BLOCK_H, BLOCK_G, MERGE_C)
 
 
 class DecodeDims(NamedTuple):
