@@ -28,8 +28,8 @@ K/V step, programs, warps) from kernels/decode_plan.py, allocates output and wor
 a zero-argument `launch()` so benchmarks time kernel launches only. A launch() owns its workspace
 and merge counters: run it on one stream at a time. seq_lens may change between calls: the kernels
 check each length against the capacity at every call (a sequence outside [1, capacity] gets NaN in
-all its outputs and reads nothing past the cache); the block table's entries were checked when bound, and a length
-may grow only into entries that name pages of the cache.
+all its outputs and reads nothing past the cache); the block table's entries were checked when
+bound, and a length may grow only into entries that name pages of the cache.
 """
 
 import math
@@ -90,7 +90,7 @@ def _split_kv(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, seq_lens_ptr, block
     chunk = tl.program_id(1)
     start = chunk * chunk_size
     seq_len = tl.load(seq_lens_ptr + b)
-    if (start < seq_len) & (seq_len <= capacity):
+    if (start < seq_len) & _fits(seq_len, capacity):
         acc, m_i, l_i = _attend_tile(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, b, kvh,
                                      start, tl.minimum(start + chunk_size, seq_len), qk_scale,
                                      stride_qb, stride_qh, stride_kx, stride_ky, stride_kh,
