@@ -46,6 +46,7 @@ from kernels.checks import (ATTENTION_DTYPES, check_distinct_elements, check_hea
                             check_unit_stride_last)
 
 MAX_BATCH = 1024  # the persistent kernel holds the whole batch's seq_lens in registers
+MAX_CAPACITY = 2**30  # positions are 32-bit in the kernels: a length plus a chunk must not wrap
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's y: triton_split_kv's chunks of the cache's capacity
 # seq_lens lanes of a batch > 1: batches 2..16 share one build, which costs nothing (H100, B2-B8:
 # 0.96-1.01x the time of exact lanes); a single sequence keeps its one-lane build (B1 not measured at 16).
@@ -236,6 +237,9 @@ def check_decode_args(q, k_cache, v_cache, seq_lens, block_table, out, k_scale=N
     else:
         check_shape("k_cache", k_cache, (batch, k_cache.shape[1], k_cache.shape[2], stored_dim))
         num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    if capacity > MAX_CAPACITY:
+        name, holds = ("block_table", "its width x page_size") if paged else ("k_cache", "its length")
+        raise ValueError(f"{name}: {holds}, {capacity} positions, exceeds the kernels' {MAX_CAPACITY} (32-bit positions)")
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"q has {num_q_heads} heads, not a multiple of k_cache's {num_kv_heads} KV heads")
     check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), ndim=1, device=q.device)

@@ -10,8 +10,8 @@ to replay the same T steps (the written cache positions are simply written again
 lengths not restored, past L_max - T, stops at the step that would append at position L_max: the
 steps are decode_step's, whose KV append indexes the cache, and torch's index kernel asserts (a
 device-side assert: the process's CUDA context is lost) before it writes, so no row lands outside
-the cache. A negative length is not refused (torch's indexing counts it from the cache's end: a wrong
-row of the cache, wrong outputs, no error; eager_loop says more). The replay adds no check of its own:
+the cache. A negative length down to -L_max is not refused (torch's indexing counts it from the cache's
+end: a wrong row of the cache, wrong outputs, no error; eager_loop says more). The replay adds no check of its own:
 that would be GPU work in a baseline.
 priority: the graph's kernels run at this stream priority (kernels/graph_priority.py says why a
 replay on a high-priority stream alone does not).

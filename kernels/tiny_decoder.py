@@ -195,9 +195,10 @@ def eager_loop(weights, h, k_cache, v_cache, seq_lens, steps, *, k_scale=None, v
     launch() adds no check: from lengths not reset (seq_lens past L_max - steps) it raises, as the
     KV append's indexing refuses position L_max (IndexError on the CPU, a device-side assert on a
     GPU, which ends the process's CUDA context), so no row lands outside the cache. A negative length
-    (no decode makes one: each step adds 1) is not refused: torch's indexing counts it from the cache's
-    end, so that sequence's row lands inside the cache at a wrong position and its outputs are wrong
-    without an error; the persistent loops write NaN for it."""
+    (no decode makes one: each step adds 1) down to -L_max is not refused: torch's indexing counts it
+    from the cache's end, so that sequence's row lands inside the cache at a wrong position and its
+    outputs are wrong without an error (below -L_max the indexing refuses it as above); the persistent
+    loops write NaN for it."""
     check_decode(weights, h, k_cache, v_cache, seq_lens, steps, k_scale, v_scale)
     quantized = bind_quantized(weights, k_cache, v_cache, k_scale, v_scale, seq_lens)
     out = decode_out(weights, h, steps, out)

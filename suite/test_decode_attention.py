@@ -365,6 +365,21 @@ def test_split_kv_refuses_more_chunks_than_a_grid_holds(device):
         VARIANTS["triton_split_kv"](q, cache, cache, lens, chunk=16)
 
 
+def test_a_capacity_past_32_bit_positions_is_refused(layout, device):
+    # zero-stride views: a 2**30 + 1 position cache, or 2**14 + 1 pages of 2**16 positions
+    q = torch.randn(1, 2, 64, dtype=torch.bfloat16, device=device)
+    lens = torch.tensor([5], dtype=torch.int32, device=device)
+    if layout == "contiguous":
+        cache, table, match = (torch.randn(1, 1, 1, 64, dtype=torch.bfloat16, device=device).expand(1, 1, 2**30 + 1, 64),
+                               None, r"k_cache: its length, 1073741825 positions, exceeds the kernels' 1073741824")
+    else:
+        cache = torch.randn(1, 1, 1, 64, dtype=torch.bfloat16, device=device).expand(1, 2**16, 1, 64)
+        table = torch.zeros(1, 2**14 + 1, dtype=torch.int32, device=device)
+        match = r"block_table: its width x page_size, 1073807360 positions, exceeds the kernels' 1073741824"
+    with pytest.raises(ValueError, match=match):
+        VARIANTS["triton_persistent"](q, cache, cache, lens, table)
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_cuda_persistent_pipeline_depths(stages, layout, device):
@@ -446,30 +461,41 @@ def _one_sequence(inputs, b):
     # make_inputs' launcher arguments for sequence b alone (its pages stay where they are)
     rows = slice(b, b + 1)
     one = dict(inputs, q=inputs["q"][rows], seq_lens=inputs["seq_lens"][rows])
-    if inputs["block_table"] is None:
-        return one | dict(k_cache=inputs["k_cache"][rows], v_cache=inputs["v_cache"][rows])
-    return one | dict(block_table=inputs["block_table"][rows])
+    if inputs["block_table"] is not None:
+        return one | dict(block_table=inputs["block_table"][rows])
+    per_sequence = ("k_cache", "v_cache", "k_scale", "v_scale")  # [B, Hkv, L_max, ...]
+    return one | {name: inputs[name][rows] for name in per_sequence if inputs.get(name) is not None}
 
 
-def _lengths_that_no_longer_fit(launcher, layout, device, lengths=(300, 45, 100), check_launch=lambda dims: None,
-                                **knobs):
-    # A launch bound at lengths that fit, called after seq_lens moved outside [1, capacity] for two of
-    # three sequences: those two get NaN in every output and the third its attention; the paged
-    # table's entries past a sequence's pages are -1, which a read past the capacity would follow.
-    # Then the bound lengths again: the merge counters and the workspace were left as they were.
-    case = DecodeCase(lengths, q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout)
+def _lengths_that_no_longer_fit(launcher, layout, device, lengths, bad=(0, 2), check_launch=lambda dims: None,
+                                quant="none", page_size=16, **knobs):
+    # A launch bound at lengths that fit, called after seq_lens moved outside [1, capacity] for the
+    # sequences `bad`: those get NaN in every output, the others their attention (sequences of several
+    # chunks, before, between and after them). Paged: the table is a column slice of a wider one whose
+    # hidden columns name a page far outside the cache, and its entries past a sequence's pages are -1,
+    # so a read past the capacity (or past a sequence's pages) faults. Then the bound lengths again:
+    # the merge counters and the workspace were left as they were.
+    case = DecodeCase(lengths, q_heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout,
+                      page_size=page_size, quant=quant)
     inputs = make_inputs(case, device)
+    if layout == "paged":
+        table = inputs["block_table"]
+        wide = torch.full((table.shape[0], table.shape[1] + 8), 2**30, dtype=table.dtype, device=device)
+        wide[:, : table.shape[1]] = table
+        inputs["block_table"] = wide[:, : table.shape[1]]
     dims = _dims(inputs)
     check_launch(dims)
     out = torch.full_like(inputs["q"], 1.0)
     launch = launcher(**inputs, out=out, **knobs)
-    for bad in ((dims.capacity + 1, lengths[1], 0), (2**31 - 1, lengths[1], -1)):
-        inputs["seq_lens"].copy_(torch.tensor(bad, dtype=torch.int32))
+    for outside in ((dims.capacity + 1, 0), (2**31 - 1, -1)):
+        moved = [outside[bad.index(b) % 2] if b in bad else n for b, n in enumerate(lengths)]
+        inputs["seq_lens"].copy_(torch.tensor(moved, dtype=torch.int32))
         out.fill_(1.0)
         launch()
-        assert out[[0, 2]].isnan().all(), f"seq_lens {bad}: a length outside [1, {dims.capacity}] was not NaN"
-        check_output(out[1:2], _one_sequence(inputs, 1))
-    inputs["seq_lens"].copy_(torch.tensor(case.seq_lens, dtype=torch.int32))
+        assert out[list(bad)].isnan().all(), f"seq_lens {moved}: a length outside [1, {dims.capacity}] was not NaN"
+        for b in set(range(len(lengths))) - set(bad):
+            check_output(out[b : b + 1], _one_sequence(inputs, b))
+    inputs["seq_lens"].copy_(torch.tensor(lengths, dtype=torch.int32))
     out.fill_(float("nan"))
     launch()
     check_output(out, inputs)
@@ -477,20 +503,39 @@ def _lengths_that_no_longer_fit(launcher, layout, device, lengths=(300, 45, 100)
 
 @pytest.mark.parametrize("variant", variant_params(SPLIT_VARIANTS))
 def test_a_length_that_no_longer_fits_is_nan_at_launch(variant, layout, device):
-    _lengths_that_no_longer_fit(VARIANTS[variant], layout, device, chunk=64)
+    _lengths_that_no_longer_fit(VARIANTS[variant], layout, device, (300, 145, 100, 200, 77), chunk=64)
 
 
-@pytest.mark.parametrize("lengths, chunk", [((3000, 45, 1100), 1024), ((300, 45, 100), 512)],
+@pytest.mark.parametrize("variant", FUSED_DEQUANT)
+def test_a_quantized_length_that_no_longer_fits_is_nan_at_launch(variant, layout, device):
+    # int8 through the 16-bit planes (kernels/kv_planes.py), pages of 54 positions
+    _lengths_that_no_longer_fit(VARIANTS[variant], layout, device, (300, 145, 100, 200), quant="int8", page_size=54,
+                                chunk=64)
+
+
+def test_one_sequence_that_no_longer_fits_is_nan_on_the_work_list(layout, device):
+    # batch 1 (a one-lane work list) on 3 programs, not the direct programs a lone sequence gets
+    def check_launch(dims):
+        page_size = 16 if layout == "paged" else None
+        assert not decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, chunk=64,
+                                               num_programs=3).tile_per_program
+
+    _lengths_that_no_longer_fit(VARIANTS["triton_persistent"], layout, device, (300,), bad=(0,),
+                                check_launch=check_launch, chunk=64, num_programs=3)
+
+
+@pytest.mark.parametrize("lengths, chunk, whole", [((3000, 1045, 1100, 2100), 1024, False),
+                                                   ((300, 45, 100, 200), 512, True)],
                          ids=["a program per chunk", "a program per sequence"])
-def test_a_length_that_no_longer_fits_is_nan_with_a_program_per_tile(lengths, chunk, layout, device):
+def test_a_length_that_no_longer_fits_is_nan_with_a_program_per_tile(lengths, chunk, whole, layout, device):
     # triton_persistent's programs that take their tile from the grid (no work list)
     def check_launch(dims):
         page_size = 16 if layout == "paged" else None
-        assert decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, chunk=chunk,
-                                           num_programs=10_000).tile_per_program
+        launch = decode_plan.plan_persistent(dims, hw.num_sms(device), page_size, chunk=chunk, num_programs=10_000)
+        assert launch.tile_per_program and (launch.chunk >= dims.capacity) == whole
 
-    _lengths_that_no_longer_fit(VARIANTS["triton_persistent"], layout, device, lengths, check_launch, chunk=chunk,
-                                num_programs=10_000)
+    _lengths_that_no_longer_fit(VARIANTS["triton_persistent"], layout, device, lengths, check_launch=check_launch,
+                                chunk=chunk, num_programs=10_000)
 
 
 def test_persistent_batch_limit(device):

@@ -33,16 +33,21 @@ def test_reads_every_row_of_every_sequence(seq_lens, page_size, kv_heads, head_d
     _run_case(case, make_inputs(case, device), chunk)
 
 
-def test_a_launch_reads_the_lengths_it_was_bound_with(device):
+def test_a_launch_reads_the_lengths_and_pages_it_was_bound_with(device):
     # The read is the bound one (its chunks were counted from those lengths): the caller's seq_lens
-    # changed in place afterwards, here shorter, change nothing it reads.
+    # and block table changed in place afterwards (shorter lengths, the pages renamed within the
+    # cache) change nothing it reads.
     case = DecodeCase((54, 300), 4, 2, 64, torch.float16, "paged", 16)
     inputs = make_inputs(case, device)
     launch = paged_read.paged_read(**inputs, chunk=64)
-    bound = inputs["seq_lens"].clone()
-    inputs["seq_lens"].fill_(1)
+    lengths, table = inputs["seq_lens"], inputs["block_table"]
+    bound = lengths.clone(), table.clone()
+    lengths.fill_(1)
+    renamed = torch.randperm(inputs["k_cache"].shape[0], device=device).to(table.dtype)
+    table.copy_(torch.where(table >= 0, renamed[table.clamp(min=0).long()], table))
     partial = launch()
-    inputs["seq_lens"].copy_(bound)
+    lengths.copy_(bound[0])
+    table.copy_(bound[1])
     check_partial_sums([partial], inputs)
 
 
