@@ -17,7 +17,9 @@ VARIANTS = {
     "cuda_persistent": cuda_decode_attention.cuda_persistent,
 }
 NATIVE = ("cuda_persistent",)  # CUDA C++: needs a GPU, never runs in the interpreter
+FUSED_DEQUANT = ("triton_split_kv", "triton_persistent")  # variants that read quantized caches
 LAYOUTS = ("contiguous", "paged")
+PAGE_SIZES = (1, 3, 16, 54, 64)  # drawn by the property tests: 1, primes, powers of two, neither
 
 
 def variant_params(names):

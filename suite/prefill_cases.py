@@ -93,13 +93,13 @@ def plant_block_edges(inputs, case: PrefillCase):
 
 
 def check_output(out, inputs):
-    """Every element of out against the float64 reference (tolerance from the dtype, as decode)."""
+    """Every element of out against the float64 reference, within the dtype's rounding bound (as decode)."""
     check_close(out, reference.prefill_attention(**inputs), reference.prefill_attention(**inputs, spread=True))
 
 
 def check_rows(out, inputs, start, rows, n):
     """out [len(rows), Hq, D] against those rows of the n-token prompt at packed row start, each
-    attending every key up to its own (rows_attention's), to the tolerance of out's dtype."""
+    attending every key up to its own (rows_attention's), within out's dtype's rounding bound."""
     keys = range(n)
     check_close(out, rows_attention(inputs, start, rows, keys), rows_attention(inputs, start, rows, keys, True))
 

@@ -8,15 +8,13 @@ from hypothesis import strategies as st
 from kernels import decode_attention, decode_plan, hw, kv_planes, kv_quant
 from kernels.checks import HEAD_DIMS
 from suite import reference
-from suite.decode_cases import (LAYOUTS, VARIANTS, DecodeCase, block_edges, check_output, every_block_edge,
-                                make_case_tensors, make_inputs, plant_dominant_keys, poisoned_out, quant_params,
-                                quantization_loss, variant_params)
+from suite.decode_cases import (FUSED_DEQUANT, LAYOUTS, PAGE_SIZES, VARIANTS, DecodeCase, block_edges, check_output,
+                                every_block_edge, make_case_tensors, make_inputs, plant_dominant_keys, poisoned_out,
+                                quant_params, quantization_loss, variant_params)
 from suite.views import misaligned, padded_rows
 
 pytestmark = pytest.mark.decode
 
-PAGE_SIZES = (1, 3, 16, 54, 64)
-FUSED_DEQUANT = ("triton_split_kv", "triton_persistent")  # variants that read quantized caches
 QUANTIZED = tuple(kv_quant.FORMATS)
 SPLIT_VARIANTS = ("triton_split_kv", "triton_persistent", "cuda_persistent")  # chunked, merged by LSE
 
@@ -87,7 +85,7 @@ def test_every_position_at_a_block_edge_is_attended(decode_variant, layout, devi
 
 def test_a_dropped_planted_row_fails_the_check(device):
     # what the test above relies on: dropping one planted row of a 1000-position sequence misses
-    # the reference by more than bf16's tolerance
+    # the reference by more than bf16's rounding bound
     case = DecodeCase((1000,), q_heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16, layout="contiguous")
     inputs = make_inputs(case, device)
     plant_dominant_keys(inputs, [{999} | set(_edges(1000, 16)[::20])])  # 999: the row dropped below

@@ -17,13 +17,12 @@ import time
 import torch
 
 from kernels.checks import HEAD_DIMS
-from suite.decode_cases import (VARIANTS, DecodeCase, block_edges, bound_ratio, make_case_tensors,
-                                plant_dominant_keys, poisoned_out, reference_and_spreads, rounding_bound)
+from suite.decode_cases import (FUSED_DEQUANT, PAGE_SIZES, VARIANTS, DecodeCase, block_edges, bound_ratio,
+                                make_case_tensors, plant_dominant_keys, poisoned_out, reference_and_spreads,
+                                rounding_bound)
 from tools._args import positive_int, require_cuda
 
-PAGE_SIZES = (1, 3, 16, 54, 64)
 FORMATS = ("none", "none", "int8", "int4", "fp8")  # half the cases unquantized
-QUANTIZING = ("triton_split_kv", "triton_persistent")  # the variants that read quantized caches
 
 
 def draw(rng):
@@ -59,7 +58,7 @@ def main():
     while time.monotonic() - start < args.seconds:
         case, planted = draw(rng)
         for name, launcher in VARIANTS.items():
-            if case.quant != "none" and name not in QUANTIZING:
+            if case.quant != "none" and name not in FUSED_DEQUANT:
                 continue
             try:
                 ratio = margin(launcher, case, planted, device)
